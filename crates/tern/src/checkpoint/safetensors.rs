@@ -1,0 +1,433 @@
+//! Memory-mapped safetensors files.
+//!
+//! We parse the header ourselves rather than through the `safetensors` crate so each kind of
+//! corruption (truncated file, header past the end, bad JSON, out-of-range or overlapping
+//! offsets, unknown dtype) becomes its own typed error naming the file and tensor, and so
+//! tensors are built straight from the mapped bytes.
+
+use crate::error::{Result, TernError};
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Where one tensor lives inside a safetensors file.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    /// Stored dtype.
+    pub dtype: DType,
+    /// Shape, row-major.
+    pub shape: Vec<usize>,
+    /// Byte range inside the data section.
+    pub start: usize,
+    /// End of the byte range (exclusive).
+    pub end: usize,
+}
+
+/// One mapped safetensors file with its validated header.
+#[derive(Debug)]
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    entries: HashMap<String, TensorEntry>,
+}
+
+#[derive(serde::Deserialize)]
+struct RawEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [usize; 2],
+}
+
+fn parse_dtype(s: &str) -> Option<DType> {
+    Some(match s {
+        "F32" => DType::F32,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        "F64" => DType::F64,
+        "I64" => DType::I64,
+        "I32" => DType::I32,
+        "U32" => DType::U32,
+        "U8" => DType::U8,
+        _ => return None,
+    })
+}
+
+impl SafetensorsFile {
+    /// Maps the file and validates its header and every tensor's offsets.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                TernError::MissingFile {
+                    path: path.to_path_buf(),
+                    hint: "weights file named by the checkpoint".into(),
+                }
+            } else {
+                TernError::io(path, e)
+            }
+        })?;
+        // SAFETY: the map is read-only; tern never writes checkpoint files in place (writers
+        // rename a fresh temp file over), so the bytes cannot change under us from our side.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| TernError::io(path, e))?;
+        let (data_start, entries) = parse_header(path, &mmap)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            data_start,
+            entries,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// All tensor entries by name.
+    pub fn entries(&self) -> &HashMap<String, TensorEntry> {
+        &self.entries
+    }
+
+    /// Size of the file in bytes.
+    pub fn len_bytes(&self) -> usize {
+        self.mmap.len()
+    }
+
+    /// The raw bytes of one tensor.
+    pub fn bytes(&self, name: &str) -> Result<(&TensorEntry, &[u8])> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| TernError::MissingTensor {
+                file: self.path.clone(),
+                tensor: name.to_string(),
+            })?;
+        Ok((
+            e,
+            &self.mmap[self.data_start + e.start..self.data_start + e.end],
+        ))
+    }
+
+    /// Builds a tensor on `device` in `dtype` from the mapped bytes (one copy, then a cast
+    /// only if the stored dtype differs).
+    pub fn tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let (e, bytes) = self.bytes(name)?;
+        let t = Tensor::from_raw_buffer(bytes, e.dtype, &e.shape, &Device::Cpu)?;
+        let t = if e.dtype == dtype {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        };
+        Ok(if device.is_cpu() {
+            t
+        } else {
+            t.to_device(device)?
+        })
+    }
+}
+
+/// Validates the header; returns the start of the data section and the entries.
+fn parse_header(path: &Path, buf: &[u8]) -> Result<(usize, HashMap<String, TensorEntry>)> {
+    let file = || path.to_path_buf();
+    if buf.len() < 8 {
+        return Err(TernError::Truncated {
+            file: file(),
+            detail: format!(
+                "{} bytes, too short for the 8-byte header length",
+                buf.len()
+            ),
+        });
+    }
+    let header_len = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+    let file_len = buf.len() as u64;
+    if header_len > file_len.saturating_sub(8) {
+        return Err(TernError::HeaderPastEnd {
+            file: file(),
+            header_len,
+            file_len,
+        });
+    }
+    let data_start = 8 + header_len as usize;
+    let raw: HashMap<String, serde_json::Value> = serde_json::from_slice(&buf[8..data_start])
+        .map_err(|e| TernError::HeaderNotJson {
+            file: file(),
+            detail: e.to_string(),
+        })?;
+    let data_len = buf.len() - data_start;
+    let mut entries = HashMap::with_capacity(raw.len());
+    for (name, value) in raw {
+        if name == "__metadata__" {
+            continue;
+        }
+        let r: RawEntry = serde_json::from_value(value).map_err(|e| TernError::HeaderNotJson {
+            file: file(),
+            detail: format!("entry `{name}`: {e}"),
+        })?;
+        let dtype = parse_dtype(&r.dtype).ok_or_else(|| TernError::UnknownDtype {
+            file: file(),
+            tensor: name.clone(),
+            dtype: r.dtype.clone(),
+        })?;
+        let [start, end] = r.data_offsets;
+        let numel = r
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|n| n.checked_mul(dtype.size_in_bytes()));
+        let bad = |detail: String| TernError::BadOffsets {
+            file: file(),
+            tensor: name.clone(),
+            detail,
+        };
+        if start > end {
+            return Err(bad(format!("start {start} is after end {end}")));
+        }
+        if end > data_len {
+            // A header whose offsets are fine but whose file is short is a truncated file;
+            // offsets beyond any plausible size are corruption. Both name the tensor.
+            return Err(TernError::Truncated {
+                file: file(),
+                detail: format!(
+                    "tensor `{name}` needs bytes {start}..{end} of the data section, which has {data_len}"
+                ),
+            });
+        }
+        match numel {
+            Some(n) if n == end - start => {}
+            _ => {
+                return Err(bad(format!(
+                    "{} bytes for shape {:?} of {}",
+                    end - start,
+                    r.shape,
+                    r.dtype
+                )))
+            }
+        }
+        entries.insert(
+            name,
+            TensorEntry {
+                dtype,
+                shape: r.shape,
+                start,
+                end,
+            },
+        );
+    }
+    let mut spans: Vec<(&String, &TensorEntry)> = entries.iter().collect();
+    spans.sort_by_key(|(_, e)| (e.start, e.end));
+    for w in spans.windows(2) {
+        let (a, ea) = w[0];
+        let (b, eb) = w[1];
+        if eb.start < ea.end && eb.end > eb.start && ea.end > ea.start {
+            return Err(TernError::OverlappingTensors {
+                file: file(),
+                first: a.clone(),
+                second: b.clone(),
+            });
+        }
+    }
+    Ok((data_start, entries))
+}
+
+/// Writes tensors to a safetensors file atomically (temp file in the same directory, then
+/// rename), so a failed write never leaves a half file under the final name.
+pub fn write_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    let mut blobs = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.to_device(&Device::Cpu)?.contiguous()?;
+        let dtype = match t.dtype() {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::F64 => "F64",
+            DType::I64 => "I64",
+            DType::U32 => "U32",
+            DType::U8 => "U8",
+            other => {
+                return Err(TernError::InvalidArgument(format!(
+                    "cannot write tensor `{name}` of dtype {other:?} to safetensors"
+                )))
+            }
+        };
+        let bytes = tensor_bytes(&t)?;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": t.dims(), "data_offsets": [offset, offset + bytes.len()]}),
+        );
+        offset += bytes.len();
+        blobs.push(bytes);
+    }
+    let mut head = serde_json::to_vec(&header).expect("json map serialises");
+    // Pad so the data section starts 8-byte aligned, as the reference writer does.
+    while (8 + head.len()) % 8 != 0 {
+        head.push(b' ');
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("tensors"),
+        std::process::id()
+    ));
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        f.write_all(&(head.len() as u64).to_le_bytes())?;
+        f.write_all(&head)?;
+        for b in &blobs {
+            f.write_all(b)?;
+        }
+        f.into_inner()?.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        TernError::io(path, e)
+    })
+}
+
+fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    fn to_bytes<T: candle_core::WithDType + Copy>(t: &Tensor) -> Result<Vec<u8>> {
+        let v = t.flatten_all()?.to_vec1::<T>()?;
+        let n = std::mem::size_of_val(v.as_slice());
+        // SAFETY: plain-old-data numeric slice reinterpreted as bytes of the same length.
+        let bytes = unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, n) };
+        Ok(bytes.to_vec())
+    }
+    match t.dtype() {
+        DType::F32 => to_bytes::<f32>(t),
+        DType::F16 => to_bytes::<half::f16>(t),
+        DType::BF16 => to_bytes::<half::bf16>(t),
+        DType::F64 => to_bytes::<f64>(t),
+        DType::I64 => to_bytes::<i64>(t),
+        DType::U32 => to_bytes::<u32>(t),
+        DType::U8 => to_bytes::<u8>(t),
+        other => Err(TernError::InvalidArgument(format!(
+            "cannot serialise dtype {other:?}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_raw(dir: &Path, header: &str, data: &[u8]) -> PathBuf {
+        let p = dir.join("m.safetensors");
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.extend_from_slice(data);
+        std::fs::write(&p, b).unwrap();
+        p
+    }
+
+    #[test]
+    fn round_trip_and_read_back() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.safetensors");
+        let t = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        write_atomic(&p, &[("w".into(), t.clone())]).unwrap();
+        let f = SafetensorsFile::open(&p).unwrap();
+        let back = f.tensor("w", DType::BF16, &Device::Cpu).unwrap();
+        assert_eq!(back.dtype(), DType::BF16);
+        let back = back.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(back, vec![vec![0., 1., 2.], vec![3., 4., 5.]]);
+        // no temp file left behind
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn each_corruption_has_its_own_error() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        // truncated before the header length
+        let p = dir.join("short.safetensors");
+        std::fs::write(&p, [1u8, 2, 3]).unwrap();
+        assert!(matches!(
+            SafetensorsFile::open(&p),
+            Err(TernError::Truncated { .. })
+        ));
+        // header length past the end
+        let p = dir.join("past.safetensors");
+        let mut b = 1000u64.to_le_bytes().to_vec();
+        b.extend_from_slice(b"{}");
+        std::fs::write(&p, b).unwrap();
+        assert!(matches!(
+            SafetensorsFile::open(&p),
+            Err(TernError::HeaderPastEnd {
+                header_len: 1000,
+                ..
+            })
+        ));
+        // header not json
+        let p = write_raw(dir, "{not json", &[]);
+        assert!(matches!(
+            SafetensorsFile::open(&p),
+            Err(TernError::HeaderNotJson { .. })
+        ));
+        // unknown dtype
+        let p = write_raw(
+            dir,
+            r#"{"w":{"dtype":"Q7","shape":[1],"data_offsets":[0,4]}}"#,
+            &[0; 4],
+        );
+        match SafetensorsFile::open(&p) {
+            Err(TernError::UnknownDtype { tensor, dtype, .. }) => {
+                assert_eq!((tensor.as_str(), dtype.as_str()), ("w", "Q7"))
+            }
+            other => panic!("{other:?}"),
+        }
+        // data section shorter than the offsets: truncated, naming the tensor
+        let p = write_raw(
+            dir,
+            r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+            &[0; 8],
+        );
+        let err = SafetensorsFile::open(&p).unwrap_err();
+        assert!(matches!(err, TernError::Truncated { .. }));
+        assert!(err.to_string().contains("`w`"));
+        // size inconsistent with shape
+        let p = write_raw(
+            dir,
+            r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+            &[0; 8],
+        );
+        assert!(matches!(
+            SafetensorsFile::open(&p),
+            Err(TernError::BadOffsets { .. })
+        ));
+        // overlapping tensors
+        let p = write_raw(
+            dir,
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+            &[0; 12],
+        );
+        assert!(matches!(
+            SafetensorsFile::open(&p),
+            Err(TernError::OverlappingTensors { .. })
+        ));
+        // missing tensor
+        let p = write_raw(
+            dir,
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            &[0; 8],
+        );
+        let f = SafetensorsFile::open(&p).unwrap();
+        assert!(matches!(
+            f.tensor("b", DType::F32, &Device::Cpu),
+            Err(TernError::MissingTensor { .. })
+        ));
+        // missing file
+        assert!(matches!(
+            SafetensorsFile::open(&dir.join("nope.safetensors")),
+            Err(TernError::MissingFile { .. })
+        ));
+    }
+}

@@ -1,0 +1,20 @@
+//! tern: load Hugging Face and GGUF checkpoints of the Llama/Qwen family and stream tokens
+//! from them; the library under the `tern` CLI and server.
+//!
+//! Modules go from the bottom up: `device` → `checkpoint` → `tokenizer` → `model` →
+//! `generate` → `bench`; each uses only the ones before it.
+#![warn(missing_docs)]
+
+pub mod bench;
+pub mod checkpoint;
+pub mod device;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod tokenizer;
+
+pub use device::DeviceKind;
+pub use error::{Result, TernError};
+pub use generate::{Completion, FinishReason, GenerateRequest, Prompt, SamplingParams, StreamToken};
+pub use model::{LoadOptions, LoadedModel, ModelConfig};
+pub use tokenizer::ChatMessage;

@@ -1,0 +1,119 @@
+//! Grouped-query attention with a KV cache, covering MHA (kv heads = heads), GQA and MQA,
+//! optional qkv bias (Qwen2), per-head q/k norms (Qwen3) and a sliding window (Mistral).
+
+use super::config::ModelConfig;
+use super::layers::{Linear, RmsNorm};
+use super::rope::Rope;
+use crate::checkpoint::Weights;
+use crate::error::Result;
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::kv_cache::KvCache;
+
+/// One attention block.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    window: Option<usize>,
+}
+
+impl Attention {
+    /// Loads `{prefix}.{q,k,v,o}_proj` (+ `q_norm`/`k_norm` when the config says so).
+    pub fn load(w: &Weights, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nq, nkv) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let norm = |n: &str| RmsNorm::load(w, &format!("{prefix}.{n}.weight"), hd, cfg.rms_norm_eps);
+        Ok(Self {
+            q: Linear::load(w, &format!("{prefix}.q_proj"), nq, h, cfg.qkv_bias)?,
+            k: Linear::load(w, &format!("{prefix}.k_proj"), nkv, h, cfg.qkv_bias)?,
+            v: Linear::load(w, &format!("{prefix}.v_proj"), nkv, h, cfg.qkv_bias)?,
+            o: Linear::load(w, &format!("{prefix}.o_proj"), h, nq, cfg.o_bias)?,
+            q_norm: if cfg.qk_norm { Some(norm("q_norm")?) } else { None },
+            k_norm: if cfg.qk_norm { Some(norm("k_norm")?) } else { None },
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: hd,
+            window: cfg.sliding_window,
+        })
+    }
+
+    /// Attends `x` `[b, s, hidden]` at positions `offset..offset+s`, appending to `cache`.
+    pub fn forward(&self, x: &Tensor, rope: &Rope, cache: &mut KvCache, offset: usize) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let hd = self.head_dim;
+        let split = |t: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let t = t.reshape((b, s, n, hd))?;
+            let t = match norm {
+                Some(nm) => nm.forward(&t)?,
+                None => t,
+            };
+            Ok(t.transpose(1, 2)?.contiguous()?)
+        };
+        let q = split(self.q.forward(x)?, self.heads, &self.q_norm)?;
+        let k = split(self.k.forward(x)?, self.kv_heads, &self.k_norm)?;
+        let v = split(self.v.forward(x)?, self.kv_heads, &None)?;
+        let q = rope.apply(&q, offset)?;
+        let k = rope.apply(&k, offset)?;
+        let (k, v) = cache.append(&k, &v)?;
+        let t = k.dim(2)?;
+        // Heads of one kv group are adjacent, so folding them into the row dimension lets one
+        // matmul per kv head serve the whole group without repeating k/v in memory.
+        let rep = self.heads / self.kv_heads;
+        let q = q.reshape((b, self.kv_heads, rep * s, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let k = k.contiguous()?;
+        let v = v.contiguous()?;
+        let mut att = (q.matmul(&k.t()?)? * scale)?;
+        if att.dtype() != DType::F32 {
+            att = att.to_dtype(DType::F32)?;
+        }
+        if let Some(mask) = self.mask(s, t, offset, att.device())? {
+            att = att
+                .reshape((b, self.kv_heads, rep, s, t))?
+                .broadcast_add(&mask)?
+                .reshape((b, self.kv_heads, rep * s, t))?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(v.dtype())?;
+        let y = att.matmul(&v)?; // [b, kv, rep*s, hd]
+        let y = y
+            .reshape((b, self.heads, s, hd))?
+            .transpose(1, 2)?
+            .reshape((b, s, self.heads * hd))?;
+        self.o.forward(&y)
+    }
+
+    /// Additive mask `[s, t]` (0 or -inf): causal, and windowed when the model slides.
+    fn mask(&self, s: usize, t: usize, offset: usize, dev: &Device) -> Result<Option<Tensor>> {
+        let windowed = self.window.is_some_and(|w| t > w);
+        if s == 1 && !windowed {
+            return Ok(None);
+        }
+        let w = self.window.unwrap_or(usize::MAX);
+        let mut m = vec![0f32; s * t];
+        for i in 0..s {
+            let pos = offset + i;
+            for j in 0..t {
+                if j > pos || pos - j >= w {
+                    m[i * t + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(m, (s, t), dev)?))
+    }
+}
+
+/// Softmax over the last dimension in f32 for callers outside attention.
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    let max = x.max_keepdim(D::Minus1)?;
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}

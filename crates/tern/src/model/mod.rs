@@ -1,0 +1,13 @@
+//! The model: config switches, layers, attention, the one decoder, and loading a whole
+//! checkpoint (weights + tokenizer + generation settings) into a ready-to-run bundle.
+
+pub mod attention;
+pub mod config;
+pub mod decoder;
+pub mod layers;
+pub mod load;
+pub mod rope;
+
+pub use config::{Family, ModelConfig, RopeScaling};
+pub use decoder::{Cache, Model};
+pub use load::{LoadOptions, LoadedModel};

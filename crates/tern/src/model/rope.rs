@@ -1,0 +1,111 @@
+//! Rotary position embeddings (rotate-halves, as `transformers` does), with the frequency
+//! scalings the supported checkpoints use.
+
+use super::config::{ModelConfig, RopeScaling};
+use crate::error::{Result, TernError};
+use candle_core::{DType, Device, Tensor};
+
+/// Precomputed cos/sin tables for every position up to the model's context length.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    max_len: usize,
+}
+
+/// Inverse frequencies after scaling, computed in f32 like `transformers` so tables match.
+pub fn inv_freqs(cfg: &ModelConfig, freq_factors: Option<&[f32]>) -> Result<Vec<f32>> {
+    let d = cfg.head_dim;
+    let base = cfg.rope_theta as f32;
+    let mut inv: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32))
+        .collect();
+    match &cfg.rope_scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => inv.iter_mut().for_each(|f| *f /= *factor as f32),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old,
+        } => {
+            let (factor, low, high, old) = (
+                *factor as f32,
+                *low_freq_factor as f32,
+                *high_freq_factor as f32,
+                *old as f32,
+            );
+            let low_wavelen = old / low;
+            let high_wavelen = old / high;
+            for f in inv.iter_mut() {
+                let wavelen = 2.0 * std::f32::consts::PI / *f;
+                if wavelen > low_wavelen {
+                    *f /= factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (old / wavelen - low) / (high - low);
+                    *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                }
+            }
+        }
+        RopeScaling::FreqFactors => {
+            let ff = freq_factors.ok_or_else(|| {
+                TernError::InvalidArgument("rope_freqs.weight is required for this GGUF".into())
+            })?;
+            if ff.len() != inv.len() {
+                return Err(TernError::InvalidArgument(format!(
+                    "rope_freqs.weight has {} entries, expected head_dim/2 = {}",
+                    ff.len(),
+                    inv.len()
+                )));
+            }
+            inv.iter_mut().zip(ff).for_each(|(f, k)| *f /= *k);
+        }
+    }
+    Ok(inv)
+}
+
+impl Rope {
+    /// Builds tables for `max_len` positions in `dtype` on `device`.
+    pub fn new(
+        cfg: &ModelConfig,
+        freq_factors: Option<&[f32]>,
+        max_len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let inv = inv_freqs(cfg, freq_factors)?;
+        let half = inv.len();
+        let mut cos = Vec::with_capacity(max_len * half);
+        let mut sin = Vec::with_capacity(max_len * half);
+        for p in 0..max_len {
+            for f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (max_len, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (max_len, half), device)?.to_dtype(dtype)?;
+        Ok(Self { cos, sin, max_len })
+    }
+
+    /// Longest sequence the tables cover.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Rotates `x` `[batch, heads, seq, head_dim]` for positions `offset..offset+seq`.
+    pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let seq = x.dim(2)?;
+        if offset + seq > self.max_len {
+            return Err(TernError::InvalidArgument(format!(
+                "sequence of {} tokens exceeds the model's context length {}",
+                offset + seq,
+                self.max_len
+            )));
+        }
+        let cos = self.cos.narrow(0, offset, seq)?;
+        let sin = self.sin.narrow(0, offset, seq)?;
+        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+    }
+}

@@ -1,0 +1,164 @@
+//! Rebuilds a `tokenizers` tokenizer from the vocabulary embedded in a GGUF file.
+//!
+//! We emit the equivalent `tokenizer.json` and let the `tokenizers` crate parse it, so the
+//! result is the same object a Hugging Face checkpoint would give. `gpt2`-type vocabularies
+//! (byte-level BPE with merges) are exact; the pre-tokenizer regex follows
+//! `tokenizer.ggml.pre` as llama.cpp does. `llama`-type (SentencePiece) vocabularies become a
+//! Unigram model over the stored scores with byte fallback.
+
+use super::Tokenizer;
+use crate::checkpoint::GgufFile;
+use crate::error::{Result, TernError};
+use candle_core::quantized::gguf_file::Value;
+use serde_json::{json, Value as Json};
+
+/// GGUF token types (llama.cpp `llama_token_type`).
+const TOKEN_CONTROL: i32 = 3;
+const TOKEN_USER_DEFINED: i32 = 4;
+
+const GPT2_REGEX: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+fn split(regex: &str) -> Json {
+    json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false})
+}
+
+fn byte_level(use_regex: bool) -> Json {
+    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
+}
+
+/// The pre-tokenizer matching llama.cpp's handling of `tokenizer.ggml.pre`.
+fn gpt2_pre_tokenizer(pre: &str) -> Json {
+    match pre {
+        "llama-bpe" | "llama3" | "smaug-bpe" => {
+            json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_REGEX), byte_level(false)]})
+        }
+        "qwen2" | "deepseek-r1-qwen" => {
+            json!({"type": "Sequence", "pretokenizers": [split(QWEN2_REGEX), byte_level(false)]})
+        }
+        "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        // "default", "gpt-2" and unknown names: the classic GPT-2 split.
+        _ => json!({"type": "Sequence", "pretokenizers": [split(GPT2_REGEX), byte_level(false)]}),
+    }
+}
+
+/// Builds the tokenizer stored in a GGUF file.
+pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer> {
+    let md = g.metadata();
+    let err = |key: &str, detail: &str| TernError::Config {
+        file: g.path().to_path_buf(),
+        key: key.into(),
+        detail: detail.into(),
+    };
+    let strings = |key: &str| -> Result<Vec<String>> {
+        match md.get(key) {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| v.to_string().cloned().map_err(|_| err(key, "expected strings")))
+                .collect(),
+            _ => Err(err(key, "missing (the GGUF has no embedded tokenizer)")),
+        }
+    };
+    let model = md
+        .get("tokenizer.ggml.model")
+        .and_then(|v| v.to_string().ok())
+        .ok_or_else(|| err("tokenizer.ggml.model", "missing (the GGUF has no embedded tokenizer)"))?
+        .clone();
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(a)) => a.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
+        _ => vec![1; tokens.len()],
+    };
+    let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
+    let flag = |k: &str| md.get(k).and_then(|v| v.to_bool().ok());
+    let tok = |i: Option<u32>| i.and_then(|i| tokens.get(i as usize)).cloned();
+    let bos = tok(id("tokenizer.ggml.bos_token_id"));
+    let eos = tok(id("tokenizer.ggml.eos_token_id"));
+    let added: Vec<Json> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(types.get(*i), Some(&TOKEN_CONTROL) | Some(&TOKEN_USER_DEFINED)))
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": types[i] == TOKEN_CONTROL})
+        })
+        .collect();
+    let (model_json, normalizer, pre_tokenizer, decoder, add_bos_default) = match model.as_str() {
+        "gpt2" => {
+            let merges = strings("tokenizer.ggml.merges")?;
+            let vocab: serde_json::Map<String, Json> =
+                tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+            let pre = md
+                .get("tokenizer.ggml.pre")
+                .and_then(|v| v.to_string().ok())
+                .cloned()
+                .unwrap_or_else(|| "default".into());
+            (
+                json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                       "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                       "ignore_merges": false, "vocab": vocab, "merges": merges}),
+                Json::Null,
+                gpt2_pre_tokenizer(&pre),
+                json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+                false,
+            )
+        }
+        "llama" => {
+            let scores: Vec<f64> = match md.get("tokenizer.ggml.scores") {
+                Some(Value::Array(a)) => a.iter().map(|v| v.to_f32().unwrap_or(0.0) as f64).collect(),
+                _ => vec![0.0; tokens.len()],
+            };
+            let vocab: Vec<Json> = tokens
+                .iter()
+                .zip(scores.iter().chain(std::iter::repeat(&0.0)))
+                .map(|(t, s)| json!([t, s]))
+                .collect();
+            let add_space = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+            let mut norm = vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})];
+            if add_space {
+                norm.insert(0, json!({"type": "Prepend", "prepend": "\u{2581}"}));
+            }
+            let mut dec = vec![
+                json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+                json!({"type": "ByteFallback"}),
+                json!({"type": "Fuse"}),
+            ];
+            if add_space {
+                dec.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+            }
+            (
+                json!({"type": "Unigram", "unk_id": id("tokenizer.ggml.unknown_token_id").unwrap_or(0),
+                       "vocab": vocab, "byte_fallback": true}),
+                json!({"type": "Sequence", "normalizers": norm}),
+                Json::Null,
+                json!({"type": "Sequence", "decoders": dec}),
+                true,
+            )
+        }
+        other => {
+            return Err(err(
+                "tokenizer.ggml.model",
+                &format!("tokenizer type `{other}` is not supported (supported: gpt2, llama)"),
+            ))
+        }
+    };
+    let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default);
+    let post = match (&bos, add_bos) {
+        (Some(b), true) => json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {b.as_str(): {"id": b, "ids": [id("tokenizer.ggml.bos_token_id")], "tokens": [b]}}}),
+        _ => Json::Null,
+    };
+    let doc = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": normalizer, "pre_tokenizer": pre_tokenizer, "post_processor": post,
+        "decoder": decoder, "model": model_json});
+    let bytes = serde_json::to_vec(&doc).expect("json value serialises");
+    let inner = tokenizers::Tokenizer::from_bytes(bytes)
+        .map_err(|e| TernError::Tokenizer(format!("{}: embedded tokenizer: {e}", g.path().display())))?;
+    Ok(Tokenizer::new(inner, bos, eos))
+}
