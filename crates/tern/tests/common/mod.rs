@@ -1,0 +1,37 @@
+//! Shared helpers for the integration tests: fixture paths and reference files.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+pub const ARCHS: &[&str] = &["llama", "llama3", "mistral", "qwen2", "qwen3", "smollm"];
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
+}
+
+#[derive(serde::Deserialize)]
+pub struct Chat {
+    pub messages: Vec<tern::ChatMessage>,
+    pub rendered: String,
+    pub input_ids: Vec<u32>,
+}
+
+#[derive(serde::Deserialize)]
+pub struct Reference {
+    pub prompt: String,
+    pub input_ids: Vec<u32>,
+    pub prompt_logprobs: Vec<Vec<f32>>,
+    pub greedy_ids: Vec<u32>,
+    pub greedy_logprobs: Vec<f32>,
+    pub chat: Chat,
+}
+
+pub fn reference(name: &str) -> Reference {
+    let p = fixture(name).join("reference.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}

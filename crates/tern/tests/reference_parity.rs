@@ -1,0 +1,131 @@
+//! Numerics against Hugging Face `transformers` (reference.json files made by
+//! scripts/fixtures/make_fixtures.py): every architecture's prompt log-probs within 1e-4
+//! (f32; the references are rounded to 6 significant digits, worth up to ~5e-5 of that),
+//! greedy ids identical, chat template rendering and tokenisation identical.
+
+mod common;
+
+use candle_core::Tensor;
+use common::*;
+use tern::model::attention::log_softmax_last;
+use tern::{GenerateRequest, LoadOptions, LoadedModel, Prompt};
+
+/// Tolerance on log-probabilities, f32.
+const TOL: f32 = 1e-4;
+
+fn load(name: &str) -> LoadedModel {
+    LoadedModel::load(&fixture(name), &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn prompt_logprobs_match_transformers() {
+    for name in ARCHS {
+        let lm = load(name);
+        let r = reference(name);
+        assert_eq!(lm.tokenizer.encode(&r.prompt, false).unwrap(), r.input_ids, "{name}: tokenisation");
+        let ids = Tensor::new(r.input_ids.as_slice(), lm.model.device()).unwrap().unsqueeze(0).unwrap();
+        let mut cache = lm.model.new_cache();
+        let logits = lm.model.forward_all(&ids, &mut cache).unwrap();
+        let lp = log_softmax_last(&logits).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(lp.len(), r.prompt_logprobs.len());
+        let worst = lp
+            .iter()
+            .zip(&r.prompt_logprobs)
+            .map(|(a, b)| max_abs_diff(a, b))
+            .fold(0.0, f32::max);
+        assert!(worst < TOL, "{name}: max |logprob - reference| = {worst}");
+    }
+}
+
+#[test]
+fn greedy_ids_and_logprobs_match_transformers() {
+    for name in ARCHS {
+        let lm = load(name);
+        let r = reference(name);
+        let mut req = GenerateRequest::new(r.input_ids.clone(), r.greedy_ids.len());
+        // The reference ran past EOS; so do we.
+        req.stop_at_eos = false;
+        let out = lm.generate_collect(req).unwrap();
+        assert_eq!(out.ids(), r.greedy_ids, "{name}: greedy ids");
+        let lps: Vec<f32> = out.tokens.iter().map(|t| t.logprob).collect();
+        let d = max_abs_diff(&lps, &r.greedy_logprobs);
+        assert!(d < TOL, "{name}: greedy logprob diff {d}");
+        assert_eq!(out.finish_reason, Some(tern::FinishReason::Length));
+        // The streamed pieces add up to decoding all ids at once.
+        assert_eq!(out.text, lm.tokenizer.decode(&out.ids()).unwrap(), "{name}: streamed text");
+    }
+}
+
+#[test]
+fn chat_template_renders_and_tokenises_like_transformers() {
+    for name in ARCHS {
+        let lm = load(name);
+        let r = reference(name);
+        let tmpl = lm.chat_template.as_ref().unwrap_or_else(|| panic!("{name}: no template"));
+        let text = tmpl
+            .render(&r.chat.messages, true, lm.tokenizer.bos_token.as_deref(), lm.tokenizer.eos_token.as_deref())
+            .unwrap();
+        assert_eq!(text, r.chat.rendered, "{name}");
+        let ids = lm.encode_prompt(&Prompt::Chat(r.chat.messages.clone())).unwrap();
+        assert_eq!(ids, r.chat.input_ids, "{name}");
+    }
+}
+
+#[test]
+fn chunked_prefill_equals_one_shot() {
+    // Running the prompt in two pieces exercises the cache offset and the offset causal mask.
+    let lm = load("llama3");
+    let r = reference("llama3");
+    let dev = lm.model.device();
+    let (a, b) = r.input_ids.split_at(10);
+    let mut cache = lm.model.new_cache();
+    lm.model.forward_all(&Tensor::new(a, dev).unwrap().unsqueeze(0).unwrap(), &mut cache).unwrap();
+    let logits = lm.model.forward_all(&Tensor::new(b, dev).unwrap().unsqueeze(0).unwrap(), &mut cache).unwrap();
+    let lp = log_softmax_last(&logits).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    for (i, row) in lp.iter().enumerate() {
+        let d = max_abs_diff(row, &r.prompt_logprobs[10 + i]);
+        assert!(d < TOL, "position {}: {d}", 10 + i);
+    }
+}
+
+#[test]
+fn eos_from_generation_config_list_stops_generation() {
+    // llama3's generation_config lists two eos ids; smollm's greedy continuation hits eos 2.
+    assert_eq!(load("llama3").eos_ids, vec![0, 2]);
+    let lm = load("smollm");
+    let r = reference("smollm");
+    let out = lm.generate_collect(GenerateRequest::new(r.input_ids.clone(), 64)).unwrap();
+    let first_eos = r.greedy_ids.iter().position(|i| lm.eos_ids.contains(i)).unwrap();
+    assert_eq!(out.ids(), r.greedy_ids[..=first_eos].to_vec());
+    assert_eq!(out.finish_reason, Some(tern::FinishReason::Stop));
+    // The EOS token adds no text of its own; what it flushes still decodes like the whole.
+    assert_eq!(out.text, lm.tokenizer.decode(&out.ids()).unwrap());
+}
+
+#[test]
+fn bf16_compute_stays_close() {
+    let lm = LoadedModel::load(
+        &fixture("qwen2"),
+        &LoadOptions { dtype: Some(candle_core::DType::BF16), ..Default::default() },
+    )
+    .unwrap();
+    let r = reference("qwen2");
+    let ids = Tensor::new(r.input_ids.as_slice(), lm.model.device()).unwrap().unsqueeze(0).unwrap();
+    let logits = lm.model.forward_all(&ids, &mut lm.model.new_cache()).unwrap();
+    let lp = log_softmax_last(&logits).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    // bf16 keeps 8 bits of mantissa: on average a few hundredths of a nat is what it can give,
+    // and the most likely token must not change.
+    let (mut sum, mut n) = (0f32, 0usize);
+    for (a, b) in lp.iter().zip(&r.prompt_logprobs) {
+        sum += a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>();
+        n += a.len();
+        let am = |v: &[f32]| tern::generate::sampler::argmax(v);
+        let mut sorted = b.clone();
+        sorted.sort_by(|x, y| y.total_cmp(x));
+        if sorted[0] - sorted[1] > 0.5 {
+            assert_eq!(am(a), am(b), "a clear winner changed under bf16");
+        }
+    }
+    assert!(sum / (n as f32) < 0.05, "bf16 mean diff {}", sum / n as f32);
+}
