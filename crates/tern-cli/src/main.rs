@@ -1,1 +1,72 @@
-fn main() {}
+//! `tern`: the command-line face of the tern library. Parsing arguments loads nothing; each
+//! subcommand loads what it needs.
+
+mod bench;
+mod generate;
+mod inspect;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Train, serve and ship LoRA adapters for open LLMs.
+#[derive(Parser, Debug)]
+#[command(name = "tern", version, about, long_about = None)]
+struct Cli {
+    /// Log more (-v: load report and timings; -vv: everything).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Stream tokens from a model (Hugging Face directory or .gguf file).
+    Generate(generate::GenerateArgs),
+    /// Describe a checkpoint: architecture, parameters, dtypes, files, tokenizer, template.
+    Inspect(inspect::InspectArgs),
+    /// Measure load, prompt and decode speed, memory and streaming overhead.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Print a shell completion script.
+    Completions {
+        /// Shell to complete for.
+        shell: clap_complete::Shell,
+    },
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "tern=debug,warn",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Bench(b) => bench::run(b),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "tern", &mut std::io::stdout());
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -8,6 +8,7 @@ use super::layers::{Linear, Mlp, RmsNorm};
 use super::rope::Rope;
 use crate::checkpoint::Weights;
 use crate::error::{Result, TernError};
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 
@@ -63,11 +64,23 @@ pub struct Model {
 impl Model {
     /// Builds the model straight from loaded weights (nothing is randomly initialised).
     pub fn new(cfg: &ModelConfig, w: &Weights) -> Result<Self> {
+        Self::with_head(cfg, w, false)
+    }
+
+    /// As [`Model::new`]; with `quantized_head`, a tied quantized embedding also serves as
+    /// the output head in quantized form (faster decode, int8-rounded logits).
+    pub fn with_head(cfg: &ModelConfig, w: &Weights, quantized_head: bool) -> Result<Self> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed = w.float("model.embed_tokens.weight", &[v, h])?;
         let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
-            // Tied: reuse the stored embedding, keeping it quantized for the matmul if it is.
-            Linear::new(w.matmul("model.embed_tokens.weight", &[v, h])?, None)
+            if quantized_head {
+                Linear::new(w.matmul("model.embed_tokens.weight", &[v, h])?, None)
+            } else {
+                // The float embedding is resident anyway for lookups; using it as the head
+                // keeps logits exact to the stored weights (int8 activation rounding in a
+                // quantized head flips near-tied greedy choices on small models).
+                Linear::new(QMatMul::Tensor(embed.clone()), None)
+            }
         } else {
             Linear::load(w, "lm_head", v, h, false)?
         };

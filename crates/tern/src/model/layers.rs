@@ -7,6 +7,15 @@ use crate::error::Result;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Tensor};
 
+/// Rows at or above which a quantized matmul dequantizes its weight and runs an f32 GEMM.
+///
+/// Quantized matmul rounds activations to 8 bits; over many layers the rounding turns
+/// float-order noise into logit noise of ~0.5 on small models, enough to flip near-tied first
+/// tokens. Prefill is compute-bound, so dequantizing one weight at a time there costs little
+/// and gives logits exact to the stored weights; decode (one row) keeps the int8 dot products
+/// that make it bandwidth-efficient.
+pub const DEQUANT_MIN_ROWS: usize = 8;
+
 /// `y = x W^T (+ b)`, with `W` float or quantized.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -36,10 +45,16 @@ impl Linear {
     /// Applies the layer to `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // Quantized matmul takes f32 activations; convert around it for other dtypes.
-        let y = if self.quantized && x.dtype() != DType::F32 {
-            self.w.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
-        } else {
-            self.w.forward(x)?
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
+        let y = match &self.w {
+            QMatMul::QTensor(q) if rows >= DEQUANT_MIN_ROWS => {
+                let w = q.dequantize(x.device())?.to_dtype(x.dtype())?;
+                x.broadcast_matmul(&w.t()?)?
+            }
+            _ if self.quantized && x.dtype() != DType::F32 => {
+                self.w.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
+            }
+            _ => self.w.forward(x)?,
         };
         match &self.b {
             Some(b) => Ok(y.broadcast_add(b)?),

@@ -18,6 +18,9 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
     /// Where to run.
     pub device: DeviceKind,
+    /// For GGUF models with tied embeddings: compute logits with the quantized embedding
+    /// (faster decode) instead of its exact float form.
+    pub quantized_head: bool,
 }
 
 /// A model ready to generate with.
@@ -92,7 +95,7 @@ impl LoadedModel {
                 cfg.vocab_size
             );
         }
-        let model = Model::new(&cfg, &weights)?;
+        let model = Model::with_head(&cfg, &weights, opts.quantized_head)?;
         // generation_config.json is what transformers stops on; without it, fall back to the
         // model config and the tokenizer's EOS token.
         let mut eos_ids = gen_eos;

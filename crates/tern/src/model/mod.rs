@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod inspect;
 pub mod decoder;
 pub mod layers;
 pub mod load;

@@ -1,0 +1,154 @@
+//! `tern generate`.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use std::io::Write;
+use std::path::PathBuf;
+use tern::{ChatMessage, GenerateRequest, LoadOptions, LoadedModel, Prompt, SamplingParams};
+
+/// How tokens are printed.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Output {
+    /// Plain text as it streams.
+    Text,
+    /// One JSON object per token, then a summary object.
+    Jsonl,
+}
+
+/// Arguments of `tern generate`.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Model: a Hugging Face checkpoint directory or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// LoRA adapter directory (PEFT format).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Raw prompt text.
+    #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+    pub prompt: Option<String>,
+    /// A user message, sent through the model's chat template.
+    #[arg(long)]
+    pub chat: Option<String>,
+    /// A system message for --chat.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Drop tokens below this fraction of the best token's probability (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Penalise tokens already seen (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when this text appears (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Compute dtype: f32, bf16 or f16 (for GGUF: dequantize to it; default keeps it quantized).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// GGUF with tied embeddings: use the quantized embedding as the output head (faster
+    /// decode; logits rounded through int8 activations).
+    #[arg(long)]
+    pub quantized_head: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// Runs `tern generate`.
+pub fn run(a: GenerateArgs) -> Result<()> {
+    if a.adapter.is_some() {
+        bail!("--adapter is not yet supported (LoRA adapters at inference are the next milestone)");
+    }
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+    };
+    sampling.validate()?;
+    let dtype = a.dtype.as_deref().map(tern::device::parse_dtype).transpose()?;
+    let lm = LoadedModel::load(&a.model, &LoadOptions { dtype, quantized_head: a.quantized_head, ..Default::default() })
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let prompt = match (&a.prompt, &a.chat) {
+        (Some(p), _) => Prompt::Text(p.clone()),
+        (None, Some(c)) => {
+            let mut m = Vec::new();
+            if let Some(s) = &a.system {
+                m.push(ChatMessage::new("system", s));
+            }
+            m.push(ChatMessage::new("user", c));
+            Prompt::Chat(m)
+        }
+        (None, None) => bail!("give --prompt TEXT or --chat TEXT"),
+    };
+    let ids = lm.encode_prompt(&prompt)?;
+    let mut req = GenerateRequest::new(ids, a.max_tokens);
+    req.sampling = sampling;
+    req.stop = a.stop.clone();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut io_err = None;
+    let done = lm.generate_with(req, |t| {
+        let r = match a.output {
+            Output::Text => write!(out, "{}", t.text).and_then(|_| out.flush()),
+            Output::Jsonl => writeln!(
+                out,
+                "{}",
+                serde_json::json!({"id": t.id, "text": t.text, "logprob": t.logprob})
+            ),
+        };
+        // A closed pipe (e.g. `| head`) ends generation quietly.
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                io_err = Some(e);
+                false
+            }
+        }
+    })?;
+    if let Some(e) = io_err {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            return Ok(());
+        }
+        return Err(e.into());
+    }
+    let s = done.stats;
+    match a.output {
+        Output::Text => writeln!(out)?,
+        Output::Jsonl => writeln!(
+            out,
+            "{}",
+            serde_json::json!({
+                "finish_reason": done.finish_reason.map(|f| f.as_str()).unwrap_or("stop"),
+                "prompt_tokens": s.prompt_tokens,
+                "completion_tokens": s.completion_tokens,
+            })
+        )?,
+    }
+    tracing::debug!(
+        "prompt {} tok in {:.1} ms, ttft {:.1} ms, {} tok decoded at {:.1} tok/s",
+        s.prompt_tokens,
+        s.prefill.as_secs_f64() * 1e3,
+        s.time_to_first_token.as_secs_f64() * 1e3,
+        s.completion_tokens,
+        (s.completion_tokens.saturating_sub(1)) as f64 / s.decode.as_secs_f64().max(1e-9)
+    );
+    Ok(())
+}
