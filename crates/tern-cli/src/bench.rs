@@ -41,22 +41,51 @@ pub struct GenerateBenchArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Generate(a) => {
-            let dtype = a.dtype.as_deref().map(tern::device::parse_dtype).transpose()?;
+            let dtype = a
+                .dtype
+                .as_deref()
+                .map(tern::device::parse_dtype)
+                .transpose()?;
             let opts = GenerateBenchOptions {
                 prompt_tokens: a.prompt_tokens,
                 gen_tokens: a.gen_tokens,
                 runs: a.runs,
             };
-            let r = tern::bench::generate::run(&a.model, &LoadOptions { dtype, quantized_head: a.quantized_head, ..Default::default() }, &opts)
-                .with_context(|| format!("benchmarking {}", a.model.display()))?;
+            let r = tern::bench::generate::run(
+                &a.model,
+                &LoadOptions {
+                    dtype,
+                    quantized_head: a.quantized_head,
+                    ..Default::default()
+                },
+                &opts,
+            )
+            .with_context(|| format!("benchmarking {}", a.model.display()))?;
             let rows = [
                 ("model", r.model.clone()),
                 ("load path", r.load_path.clone()),
-                ("load", format!("{:.3} s ({:.1} MB, {:.2} GB/s)", r.load_s, r.load_bytes as f64 / 1e6, r.load_gb_s)),
-                ("prompt", format!("{:.1} tok/s ({} tokens)", r.prompt_tok_s, r.prompt_tokens)),
+                (
+                    "load",
+                    format!(
+                        "{:.3} s ({:.1} MB, {:.2} GB/s)",
+                        r.load_s,
+                        r.load_bytes as f64 / 1e6,
+                        r.load_gb_s
+                    ),
+                ),
+                (
+                    "prompt",
+                    format!("{:.1} tok/s ({} tokens)", r.prompt_tok_s, r.prompt_tokens),
+                ),
                 ("first token", format!("{:.1} ms", r.ttft_ms)),
-                ("decode", format!("{:.1} tok/s ({} tokens)", r.decode_tok_s, r.gen_tokens)),
-                ("decode stream", format!("{:.1} tok/s", r.decode_tok_s_streamed)),
+                (
+                    "decode",
+                    format!("{:.1} tok/s ({} tokens)", r.decode_tok_s, r.gen_tokens),
+                ),
+                (
+                    "decode stream",
+                    format!("{:.1} tok/s", r.decode_tok_s_streamed),
+                ),
                 ("stream cost", format!("{:+.2} %", r.streaming_overhead_pct)),
                 ("peak RSS", format!("{:.0} MB", r.peak_rss_mb)),
             ];

@@ -83,9 +83,20 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
     };
     sampling.validate()?;
-    let dtype = a.dtype.as_deref().map(tern::device::parse_dtype).transpose()?;
-    let lm = LoadedModel::load(&a.model, &LoadOptions { dtype, quantized_head: a.quantized_head, ..Default::default() })
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let dtype = a
+        .dtype
+        .as_deref()
+        .map(tern::device::parse_dtype)
+        .transpose()?;
+    let lm = LoadedModel::load(
+        &a.model,
+        &LoadOptions {
+            dtype,
+            quantized_head: a.quantized_head,
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("loading {}", a.model.display()))?;
     let prompt = match (&a.prompt, &a.chat) {
         (Some(p), _) => Prompt::Text(p.clone()),
         (None, Some(c)) => {

@@ -26,9 +26,15 @@ pub fn run(a: InspectArgs) -> Result<()> {
         ("format", i.format.clone()),
         ("architecture", i.architecture.clone()),
         ("shape", i.shape.clone()),
-        ("parameters", format!("{:.1} M ({})", i.parameters as f64 / 1e6, i.parameters)),
+        (
+            "parameters",
+            format!("{:.1} M ({})", i.parameters as f64 / 1e6, i.parameters),
+        ),
         ("dtypes", dtypes.join(", ")),
-        ("files", format!("{} ({:.1} MB)", i.files.join(", "), i.bytes as f64 / 1e6)),
+        (
+            "files",
+            format!("{} ({:.1} MB)", i.files.join(", "), i.bytes as f64 / 1e6),
+        ),
         ("tokenizer", i.tokenizer.clone()),
         ("chat template", i.chat_template.clone()),
     ];

@@ -5,15 +5,21 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn tern(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tern")).args(args).output().expect("run tern")
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(args)
+        .output()
+        .expect("run tern")
 }
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tern/tests/fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tern/tests/fixtures/models")
+        .join(name)
 }
 
 fn reference(name: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap())
+        .unwrap()
 }
 
 #[test]
@@ -26,7 +32,17 @@ fn help_and_completions_need_no_model() {
     }
     let o = tern(&["generate", "--help"]);
     let s = String::from_utf8(o.stdout).unwrap();
-    for flag in ["--model", "--chat", "--system", "--top-p", "--min-p", "--repetition-penalty", "--seed", "--dtype", "--output"] {
+    for flag in [
+        "--model",
+        "--chat",
+        "--system",
+        "--top-p",
+        "--min-p",
+        "--repetition-penalty",
+        "--seed",
+        "--dtype",
+        "--output",
+    ] {
         assert!(s.contains(flag), "missing {flag}");
     }
     for shell in ["bash", "zsh", "fish"] {
@@ -40,8 +56,17 @@ fn jsonl_output_matches_the_reference() {
     let r = reference("llama");
     let model = fixture("llama");
     let o = tern(&[
-        "generate", "--model", model.to_str().unwrap(), "--prompt", r["prompt"].as_str().unwrap(),
-        "--temperature", "0", "--max-tokens", "8", "--output", "jsonl",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        r["prompt"].as_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "--output",
+        "jsonl",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let lines: Vec<serde_json::Value> = String::from_utf8(o.stdout)
@@ -59,7 +84,10 @@ fn jsonl_output_matches_the_reference() {
     }
     let last = &lines[8];
     assert_eq!(last["finish_reason"], "length");
-    assert_eq!(last["prompt_tokens"], r["input_ids"].as_array().unwrap().len());
+    assert_eq!(
+        last["prompt_tokens"],
+        r["input_ids"].as_array().unwrap().len()
+    );
     assert_eq!(last["completion_tokens"], 8);
 }
 
@@ -67,34 +95,105 @@ fn jsonl_output_matches_the_reference() {
 fn text_output_streams_the_same_tokens() {
     let r = reference("qwen2");
     let model = fixture("qwen2");
-    let jsonl = tern(&["generate", "--model", model.to_str().unwrap(), "--prompt", r["prompt"].as_str().unwrap(),
-        "--temperature", "0", "--max-tokens", "6", "--output", "jsonl"]);
+    let jsonl = tern(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        r["prompt"].as_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "6",
+        "--output",
+        "jsonl",
+    ]);
     let pieces: String = String::from_utf8(jsonl.stdout)
         .unwrap()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| v["text"].as_str().map(String::from))
         .collect();
-    let text = tern(&["generate", "--model", model.to_str().unwrap(), "--prompt", r["prompt"].as_str().unwrap(),
-        "--temperature", "0", "--max-tokens", "6"]);
+    let text = tern(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        r["prompt"].as_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "6",
+    ]);
     assert!(text.status.success());
-    assert_eq!(String::from_utf8(text.stdout).unwrap(), format!("{pieces}\n"));
+    assert_eq!(
+        String::from_utf8(text.stdout).unwrap(),
+        format!("{pieces}\n")
+    );
 }
 
 #[test]
 fn chat_and_sampling_flags_work() {
     let model = fixture("smollm");
-    let o = tern(&["generate", "--model", model.to_str().unwrap(), "--chat", "Hi there", "--system", "You are terse.",
-        "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--min-p", "0.05", "--repetition-penalty", "1.1",
-        "--seed", "3", "--max-tokens", "5", "--output", "jsonl"]);
+    let o = tern(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--chat",
+        "Hi there",
+        "--system",
+        "You are terse.",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+        "--min-p",
+        "0.05",
+        "--repetition-penalty",
+        "1.1",
+        "--seed",
+        "3",
+        "--max-tokens",
+        "5",
+        "--output",
+        "jsonl",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let again = tern(&["generate", "--model", model.to_str().unwrap(), "--chat", "Hi there", "--system", "You are terse.",
-        "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--min-p", "0.05", "--repetition-penalty", "1.1",
-        "--seed", "3", "--max-tokens", "5", "--output", "jsonl"]);
+    let again = tern(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--chat",
+        "Hi there",
+        "--system",
+        "You are terse.",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+        "--min-p",
+        "0.05",
+        "--repetition-penalty",
+        "1.1",
+        "--seed",
+        "3",
+        "--max-tokens",
+        "5",
+        "--output",
+        "jsonl",
+    ]);
     assert_eq!(o.stdout, again.stdout, "same seed, same tokens");
-    let last: serde_json::Value = serde_json::from_str(String::from_utf8(o.stdout).unwrap().lines().last().unwrap()).unwrap();
+    let last: serde_json::Value =
+        serde_json::from_str(String::from_utf8(o.stdout).unwrap().lines().last().unwrap()).unwrap();
     let r = reference("smollm");
-    assert_eq!(last["prompt_tokens"], r["chat"]["input_ids"].as_array().unwrap().len());
+    assert_eq!(
+        last["prompt_tokens"],
+        r["chat"]["input_ids"].as_array().unwrap().len()
+    );
 }
 
 #[test]
@@ -102,7 +201,12 @@ fn inspect_describes_without_loading() {
     let o = tern(&["inspect", fixture("llama3").to_str().unwrap()]);
     assert!(o.status.success());
     let s = String::from_utf8(o.stdout).unwrap();
-    assert!(s.contains("Llama") && s.contains("model-00003-of-00003.safetensors") && s.contains("heads 4/2"), "{s}");
+    assert!(
+        s.contains("Llama")
+            && s.contains("model-00003-of-00003.safetensors")
+            && s.contains("heads 4/2"),
+        "{s}"
+    );
     let o = tern(&["inspect", "--json", fixture("qwen3").to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["dtypes"]["f16"].as_u64().unwrap() > 0, true);
@@ -113,11 +217,52 @@ fn errors_are_one_clear_line() {
     let llama = fixture("llama");
     let llama = llama.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["generate", "--model", "/no/such/model", "--prompt", "x"], "/no/such/model"),
-        (vec!["generate", "--model", llama, "--prompt", "x", "--temperature", "-1"], "temperature"),
-        (vec!["generate", "--model", llama, "--prompt", "x", "--dtype", "f8"], "f8"),
-        (vec!["generate", "--model", llama, "--prompt", "x", "--adapter", "a"], "not yet supported"),
-        (vec!["generate", "--model", llama, "--prompt", "x", "--max-tokens", "0"], "max_tokens"),
+        (
+            vec!["generate", "--model", "/no/such/model", "--prompt", "x"],
+            "/no/such/model",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                llama,
+                "--prompt",
+                "x",
+                "--temperature",
+                "-1",
+            ],
+            "temperature",
+        ),
+        (
+            vec![
+                "generate", "--model", llama, "--prompt", "x", "--dtype", "f8",
+            ],
+            "f8",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                llama,
+                "--prompt",
+                "x",
+                "--adapter",
+                "a",
+            ],
+            "not yet supported",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                llama,
+                "--prompt",
+                "x",
+                "--max-tokens",
+                "0",
+            ],
+            "max_tokens",
+        ),
     ];
     for (args, needle) in cases {
         let o = tern(&args);

@@ -34,7 +34,9 @@ pub enum TernError {
         tensor: String,
     },
     /// A tensor's shape does not match what the config implies.
-    #[error("{file}: tensor `{tensor}` has shape {actual:?}, expected {expected:?} from config.json")]
+    #[error(
+        "{file}: tensor `{tensor}` has shape {actual:?}, expected {expected:?} from config.json"
+    )]
     WrongShape {
         /// File holding the tensor.
         file: PathBuf,

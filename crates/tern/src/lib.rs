@@ -15,6 +15,8 @@ pub mod tokenizer;
 
 pub use device::DeviceKind;
 pub use error::{Result, TernError};
-pub use generate::{Completion, FinishReason, GenerateRequest, Prompt, SamplingParams, StreamToken};
+pub use generate::{
+    Completion, FinishReason, GenerateRequest, Prompt, SamplingParams, StreamToken,
+};
 pub use model::{LoadOptions, LoadedModel, ModelConfig};
 pub use tokenizer::ChatMessage;

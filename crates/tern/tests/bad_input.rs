@@ -24,7 +24,8 @@ fn load(p: &Path) -> TernError {
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let p = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(&p, v.to_string()).unwrap();
 }
@@ -35,17 +36,26 @@ fn missing_files() {
     let d = copy_fixture("llama", t.path());
     std::fs::remove_file(d.join("tokenizer.json")).unwrap();
     let e = load(&d);
-    assert!(matches!(&e, TernError::MissingFile { path, .. } if path.ends_with("tokenizer.json")), "{e}");
+    assert!(
+        matches!(&e, TernError::MissingFile { path, .. } if path.ends_with("tokenizer.json")),
+        "{e}"
+    );
     std::fs::remove_file(d.join("config.json")).unwrap();
     let e = load(&d);
-    assert!(matches!(&e, TernError::MissingFile { path, .. } if path.ends_with("config.json")), "{e}");
+    assert!(
+        matches!(&e, TernError::MissingFile { path, .. } if path.ends_with("config.json")),
+        "{e}"
+    );
     let e = load(&t.path().join("nowhere"));
     assert!(matches!(e, TernError::MissingFile { .. }), "{e}");
     // A shard named in the index that is not on disk.
     let d = copy_fixture("llama3", t.path());
     std::fs::remove_file(d.join("model-00002-of-00003.safetensors")).unwrap();
     let e = load(&d);
-    assert!(matches!(&e, TernError::MissingFile { path, .. } if path.ends_with("model-00002-of-00003.safetensors")), "{e}");
+    assert!(
+        matches!(&e, TernError::MissingFile { path, .. } if path.ends_with("model-00002-of-00003.safetensors")),
+        "{e}"
+    );
 }
 
 #[test]
@@ -58,12 +68,21 @@ fn missing_tensor_names_it() {
         .entries()
         .keys()
         .filter(|n| n.as_str() != "model.layers.1.mlp.up_proj.weight")
-        .map(|n| (n.clone(), st.tensor(n, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap()))
+        .map(|n| {
+            (
+                n.clone(),
+                st.tensor(n, candle_core::DType::F32, &candle_core::Device::Cpu)
+                    .unwrap(),
+            )
+        })
         .collect();
     drop(st);
     write_atomic(&p, &kept).unwrap();
     let e = load(&d);
-    assert!(matches!(&e, TernError::MissingTensor { tensor, .. } if tensor == "model.layers.1.mlp.up_proj.weight"), "{e}");
+    assert!(
+        matches!(&e, TernError::MissingTensor { tensor, .. } if tensor == "model.layers.1.mlp.up_proj.weight"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -73,7 +92,12 @@ fn wrong_shape_names_tensor_and_both_shapes() {
     edit_config(&d, |v| v["intermediate_size"] = 96.into());
     let e = load(&d);
     match &e {
-        TernError::WrongShape { tensor, expected, actual, .. } => {
+        TernError::WrongShape {
+            tensor,
+            expected,
+            actual,
+            ..
+        } => {
             assert!(tensor.contains("mlp"), "{tensor}");
             assert_ne!(expected, actual);
         }
@@ -87,13 +111,19 @@ fn unsupported_architecture_and_bad_fields() {
     let d = copy_fixture("llama", t.path());
     edit_config(&d, |v| v["model_type"] = "gpt_neox".into());
     let e = load(&d);
-    assert!(matches!(&e, TernError::UnsupportedArchitecture { arch, .. } if arch == "gpt_neox"), "{e}");
+    assert!(
+        matches!(&e, TernError::UnsupportedArchitecture { arch, .. } if arch == "gpt_neox"),
+        "{e}"
+    );
     edit_config(&d, |v| {
         v["model_type"] = "llama".into();
         v["num_hidden_layers"] = "two".into();
     });
     let e = load(&d);
-    assert!(matches!(&e, TernError::Config { key, .. } if key == "num_hidden_layers"), "{e}");
+    assert!(
+        matches!(&e, TernError::Config { key, .. } if key == "num_hidden_layers"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -104,7 +134,10 @@ fn truncated_and_corrupt_weight_files() {
     let bytes = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &bytes[..bytes.len() - 100]).unwrap();
     let e = load(&d);
-    assert!(matches!(&e, TernError::Truncated { file, .. } if file == &shard), "{e}");
+    assert!(
+        matches!(&e, TernError::Truncated { file, .. } if file == &shard),
+        "{e}"
+    );
     std::fs::write(&shard, b"\xff\xff\xff\xff\xff\xff\xff\x7fjunk").unwrap();
     assert!(matches!(load(&d), TernError::HeaderPastEnd { .. }));
 }
@@ -119,18 +152,34 @@ fn bad_gguf_files() {
     let mut f = std::fs::File::create(&p).unwrap();
     let md = candle_core::quantized::gguf_file::Value::String("phi3".into());
     let w = candle_core::quantized::QTensor::quantize(
-        &candle_core::Tensor::zeros((4, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+        &candle_core::Tensor::zeros((4, 32), candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap(),
         candle_core::quantized::GgmlDType::Q8_0,
     )
     .unwrap();
-    candle_core::quantized::gguf_file::write(&mut f, &[("general.architecture", &md)], &[("token_embd.weight", &w)]).unwrap();
+    candle_core::quantized::gguf_file::write(
+        &mut f,
+        &[("general.architecture", &md)],
+        &[("token_embd.weight", &w)],
+    )
+    .unwrap();
     drop(f);
     let e = load(&p);
-    assert!(matches!(&e, TernError::UnsupportedArchitecture { arch, .. } if arch == "phi3"), "{e}");
+    assert!(
+        matches!(&e, TernError::UnsupportedArchitecture { arch, .. } if arch == "phi3"),
+        "{e}"
+    );
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() - 40]).unwrap();
-    assert!(matches!(load(&p), TernError::Truncated { .. }), "{}", load(&p));
+    assert!(
+        matches!(load(&p), TernError::Truncated { .. }),
+        "{}",
+        load(&p)
+    );
     std::fs::write(&p, &bytes[..30]).unwrap();
     let e = load(&p);
-    assert!(matches!(e, TernError::Truncated { .. } | TernError::Gguf { .. }), "{e}");
+    assert!(
+        matches!(e, TernError::Truncated { .. } | TernError::Gguf { .. }),
+        "{e}"
+    );
 }

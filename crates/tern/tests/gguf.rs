@@ -18,13 +18,19 @@ use tern::{LoadOptions, LoadedModel, Prompt};
 fn permute_rows(t: &Tensor, heads: usize) -> Tensor {
     let (rows, cols) = t.dims2().unwrap();
     let hd = rows / heads;
-    t.reshape((heads, 2, hd / 2, cols)).unwrap().transpose(1, 2).unwrap().reshape((rows, cols)).unwrap()
+    t.reshape((heads, 2, hd / 2, cols))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
 }
 
 /// Writes `fixture` as a llama-architecture GGUF with 2-d weights stored as `qtype`.
 fn write_gguf(fixture_name: &str, out: &Path, qtype: GgmlDType) {
     let dir = fixture(fixture_name);
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let heads = cfg["num_attention_heads"].as_u64().unwrap() as usize;
     let kv = cfg["num_key_value_heads"].as_u64().unwrap() as usize;
     let st = SafetensorsFile::open(&dir.join("model.safetensors")).unwrap();
@@ -39,10 +45,16 @@ fn write_gguf(fixture_name: &str, out: &Path, qtype: GgmlDType) {
         } else if g.ends_with("attn_k.weight") {
             t = permute_rows(&t, kv);
         }
-        let q = if t.rank() == 2 { QTensor::quantize(&t, qtype).unwrap() } else { QTensor::quantize(&t, GgmlDType::F32).unwrap() };
+        let q = if t.rank() == 2 {
+            QTensor::quantize(&t, qtype).unwrap()
+        } else {
+            QTensor::quantize(&t, GgmlDType::F32).unwrap()
+        };
         tensors.push((g, q));
     }
-    let tok: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap()).unwrap();
+    let tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+            .unwrap();
     let vocab = tok["model"]["vocab"].as_object().unwrap();
     let mut tokens = vec![String::new(); vocab.len()];
     for (t, id) in vocab {
@@ -57,11 +69,17 @@ fn write_gguf(fixture_name: &str, out: &Path, qtype: GgmlDType) {
         .unwrap()
         .iter()
         .map(|m| match m {
-            serde_json::Value::Array(p) => Value::String(format!("{} {}", p[0].as_str().unwrap(), p[1].as_str().unwrap())),
+            serde_json::Value::Array(p) => Value::String(format!(
+                "{} {}",
+                p[0].as_str().unwrap(),
+                p[1].as_str().unwrap()
+            )),
             s => Value::String(s.as_str().unwrap().to_string()),
         })
         .collect();
-    let tc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap())
+            .unwrap();
     let u = |k: &str| Value::U32(cfg[k].as_u64().unwrap() as u32);
     let md: Vec<(&str, Value)> = vec![
         ("general.architecture", Value::String("llama".into())),
@@ -71,17 +89,32 @@ fn write_gguf(fixture_name: &str, out: &Path, qtype: GgmlDType) {
         ("llama.feed_forward_length", u("intermediate_size")),
         ("llama.attention.head_count", u("num_attention_heads")),
         ("llama.attention.head_count_kv", u("num_key_value_heads")),
-        ("llama.rope.freq_base", Value::F32(cfg["rope_theta"].as_f64().unwrap() as f32)),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(cfg["rms_norm_eps"].as_f64().unwrap() as f32)),
+        (
+            "llama.rope.freq_base",
+            Value::F32(cfg["rope_theta"].as_f64().unwrap() as f32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(cfg["rms_norm_eps"].as_f64().unwrap() as f32),
+        ),
         ("tokenizer.ggml.model", Value::String("gpt2".into())),
         ("tokenizer.ggml.pre", Value::String("default".into())),
-        ("tokenizer.ggml.tokens", Value::Array(tokens.into_iter().map(Value::String).collect())),
-        ("tokenizer.ggml.token_type", Value::Array(types.into_iter().map(Value::I32).collect())),
+        (
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
         ("tokenizer.ggml.merges", Value::Array(merges)),
         ("tokenizer.ggml.bos_token_id", Value::U32(1)),
         ("tokenizer.ggml.eos_token_id", Value::U32(2)),
         ("tokenizer.ggml.add_bos_token", Value::Bool(false)),
-        ("tokenizer.chat_template", Value::String(tc["chat_template"].as_str().unwrap().into())),
+        (
+            "tokenizer.chat_template",
+            Value::String(tc["chat_template"].as_str().unwrap().into()),
+        ),
     ];
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -90,9 +123,17 @@ fn write_gguf(fixture_name: &str, out: &Path, qtype: GgmlDType) {
 }
 
 fn prompt_logprobs(lm: &LoadedModel, ids: &[u32]) -> Vec<Vec<f32>> {
-    let t = Tensor::new(ids, lm.model.device()).unwrap().unsqueeze(0).unwrap();
+    let t = Tensor::new(ids, lm.model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let logits = lm.model.forward_all(&t, &mut lm.model.new_cache()).unwrap();
-    log_softmax_last(&logits).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+    log_softmax_last(&logits)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
 }
 
 #[test]
@@ -104,10 +145,18 @@ fn f32_gguf_matches_its_safetensors_twin() {
     let r = reference("llama");
     // Embedded tokenizer and template reproduce the Hugging Face ones.
     assert_eq!(lm.tokenizer.encode(&r.prompt, false).unwrap(), r.input_ids);
-    assert_eq!(lm.encode_prompt(&Prompt::Chat(r.chat.messages.clone())).unwrap(), r.chat.input_ids);
+    assert_eq!(
+        lm.encode_prompt(&Prompt::Chat(r.chat.messages.clone()))
+            .unwrap(),
+        r.chat.input_ids
+    );
     assert_eq!(lm.eos_ids, vec![2]);
     let lp = prompt_logprobs(&lm, &r.input_ids);
-    let worst = lp.iter().zip(&r.prompt_logprobs).map(|(a, b)| max_abs_diff(a, b)).fold(0.0, f32::max);
+    let worst = lp
+        .iter()
+        .zip(&r.prompt_logprobs)
+        .map(|(a, b)| max_abs_diff(a, b))
+        .fold(0.0, f32::max);
     assert!(worst < 1e-4, "gguf f32 vs transformers: {worst}");
     let mut req = tern::GenerateRequest::new(r.input_ids.clone(), r.greedy_ids.len());
     req.stop_at_eos = false;
@@ -123,27 +172,57 @@ fn quantized_gguf_stays_quantized_and_close() {
         write_gguf("smollm", &p, qtype);
         let g = GgufFile::open(&p).unwrap();
         let (w, report) = g.load(None, &Device::Cpu).unwrap();
-        assert!(report.path_kind.contains("kept quantized"), "{}", report.path_kind);
+        assert!(
+            report.path_kind.contains("kept quantized"),
+            "{}",
+            report.path_kind
+        );
         let names: Vec<String> = w.names().cloned().collect();
         let q_proj = "model.layers.0.self_attn.q_proj.weight";
         assert!(names.contains(&q_proj.to_string()));
-        assert!(matches!(w.matmul(q_proj, &[64, 64]).unwrap(), candle_core::quantized::QMatMul::QTensor(_)));
+        assert!(matches!(
+            w.matmul(q_proj, &[64, 64]).unwrap(),
+            candle_core::quantized::QMatMul::QTensor(_)
+        ));
         let quant = LoadedModel::load(&p, &LoadOptions::default()).unwrap();
-        let deq = LoadedModel::load(&p, &LoadOptions { dtype: Some(DType::F32), ..Default::default() }).unwrap();
+        let deq = LoadedModel::load(
+            &p,
+            &LoadOptions {
+                dtype: Some(DType::F32),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         // Prefill dequantizes per weight, so quantized and dequantized loads agree exactly.
         let a = prompt_logprobs(&quant, &r.input_ids);
         let b = prompt_logprobs(&deq, &r.input_ids);
-        let same = a.iter().zip(&b).map(|(x, y)| max_abs_diff(x, y)).fold(0.0, f32::max);
-        assert!(same < 1e-4, "{qtype:?}: quantized vs dequantized prefill {same}");
+        let same = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| max_abs_diff(x, y))
+            .fold(0.0, f32::max);
+        assert!(
+            same < 1e-4,
+            "{qtype:?}: quantized vs dequantized prefill {same}"
+        );
         // Against the unquantized reference: a sanity bound only (the fixture's weights are
         // deliberately large, so it is very sensitive to rounding; measured means were 0.036
         // for Q8_0 and 0.52-0.59 for 4-bit). Exactness is checked above and in the f32 test.
-        let mean: f32 = a.iter().zip(&r.prompt_logprobs).map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()).sum::<f32>()).sum::<f32>()
+        let mean: f32 = a
+            .iter()
+            .zip(&r.prompt_logprobs)
+            .map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()).sum::<f32>())
+            .sum::<f32>()
             / (a.len() * a[0].len()) as f32;
         let bound = if qtype == GgmlDType::Q8_0 { 0.1 } else { 1.0 };
-        assert!(mean < bound, "{qtype:?}: mean |logprob diff| {mean} vs reference");
+        assert!(
+            mean < bound,
+            "{qtype:?}: mean |logprob diff| {mean} vs reference"
+        );
         // Decode runs the int8 path; it must still produce a sensible stream.
-        let out = quant.generate_collect(tern::GenerateRequest::new(r.input_ids.clone(), 4)).unwrap();
+        let out = quant
+            .generate_collect(tern::GenerateRequest::new(r.input_ids.clone(), 4))
+            .unwrap();
         assert!(!out.tokens.is_empty());
     }
 }
@@ -153,10 +232,25 @@ fn every_block_type_round_trips_with_unpermuted_rows() {
     // 256-wide rows so k-quants fit; rows are permuted like llama.cpp's q projection.
     let heads = 2;
     let t = Tensor::randn(0f32, 1.0, (16, 256), &Device::Cpu).unwrap();
-    for qtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+    for qtype in [
+        GgmlDType::F32,
+        GgmlDType::F16,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ] {
         let q = QTensor::quantize(&permute_rows(&t, heads), qtype).unwrap();
-        let expect = QTensor::quantize(&t, qtype).unwrap().dequantize(&Device::Cpu).unwrap();
-        let emb = QTensor::quantize(&Tensor::zeros((4, 256), DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+        let expect = QTensor::quantize(&t, qtype)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap();
+        let emb = QTensor::quantize(
+            &Tensor::zeros((4, 256), DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap();
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("t.gguf");
         let md = [
@@ -164,13 +258,36 @@ fn every_block_type_round_trips_with_unpermuted_rows() {
             ("llama.attention.head_count", Value::U32(heads as u32)),
         ];
         let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
-        gguf_file::write(&mut std::fs::File::create(&p).unwrap(), &md_refs, &[("blk.0.attn_q.weight", &q), ("token_embd.weight", &emb)]).unwrap();
-        let (w, _) = GgufFile::open(&p).unwrap().load(None, &Device::Cpu).unwrap();
-        let got = w.float("model.layers.0.self_attn.q_proj.weight", &[16, 256]).unwrap();
-        let diff = (&got - &expect).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        gguf_file::write(
+            &mut std::fs::File::create(&p).unwrap(),
+            &md_refs,
+            &[("blk.0.attn_q.weight", &q), ("token_embd.weight", &emb)],
+        )
+        .unwrap();
+        let (w, _) = GgufFile::open(&p)
+            .unwrap()
+            .load(None, &Device::Cpu)
+            .unwrap();
+        let got = w
+            .float("model.layers.0.self_attn.q_proj.weight", &[16, 256])
+            .unwrap();
+        let diff = (&got - &expect)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-6, "{qtype:?}: {diff}");
-        let kept = w.matmul("model.layers.0.self_attn.q_proj.weight", &[16, 256]).unwrap();
+        let kept = w
+            .matmul("model.layers.0.self_attn.q_proj.weight", &[16, 256])
+            .unwrap();
         let is_q = matches!(kept, candle_core::quantized::QMatMul::QTensor(_));
-        assert_eq!(is_q, !matches!(qtype, GgmlDType::F32 | GgmlDType::F16), "{qtype:?}");
+        assert_eq!(
+            is_q,
+            !matches!(qtype, GgmlDType::F32 | GgmlDType::F16),
+            "{qtype:?}"
+        );
     }
 }

@@ -23,11 +23,23 @@ fn prompt_logprobs_match_transformers() {
     for name in ARCHS {
         let lm = load(name);
         let r = reference(name);
-        assert_eq!(lm.tokenizer.encode(&r.prompt, false).unwrap(), r.input_ids, "{name}: tokenisation");
-        let ids = Tensor::new(r.input_ids.as_slice(), lm.model.device()).unwrap().unsqueeze(0).unwrap();
+        assert_eq!(
+            lm.tokenizer.encode(&r.prompt, false).unwrap(),
+            r.input_ids,
+            "{name}: tokenisation"
+        );
+        let ids = Tensor::new(r.input_ids.as_slice(), lm.model.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let mut cache = lm.model.new_cache();
         let logits = lm.model.forward_all(&ids, &mut cache).unwrap();
-        let lp = log_softmax_last(&logits).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        let lp = log_softmax_last(&logits)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(lp.len(), r.prompt_logprobs.len());
         let worst = lp
             .iter()
@@ -53,7 +65,11 @@ fn greedy_ids_and_logprobs_match_transformers() {
         assert!(d < TOL, "{name}: greedy logprob diff {d}");
         assert_eq!(out.finish_reason, Some(tern::FinishReason::Length));
         // The streamed pieces add up to decoding all ids at once.
-        assert_eq!(out.text, lm.tokenizer.decode(&out.ids()).unwrap(), "{name}: streamed text");
+        assert_eq!(
+            out.text,
+            lm.tokenizer.decode(&out.ids()).unwrap(),
+            "{name}: streamed text"
+        );
     }
 }
 
@@ -62,12 +78,22 @@ fn chat_template_renders_and_tokenises_like_transformers() {
     for name in ARCHS {
         let lm = load(name);
         let r = reference(name);
-        let tmpl = lm.chat_template.as_ref().unwrap_or_else(|| panic!("{name}: no template"));
+        let tmpl = lm
+            .chat_template
+            .as_ref()
+            .unwrap_or_else(|| panic!("{name}: no template"));
         let text = tmpl
-            .render(&r.chat.messages, true, lm.tokenizer.bos_token.as_deref(), lm.tokenizer.eos_token.as_deref())
+            .render(
+                &r.chat.messages,
+                true,
+                lm.tokenizer.bos_token.as_deref(),
+                lm.tokenizer.eos_token.as_deref(),
+            )
             .unwrap();
         assert_eq!(text, r.chat.rendered, "{name}");
-        let ids = lm.encode_prompt(&Prompt::Chat(r.chat.messages.clone())).unwrap();
+        let ids = lm
+            .encode_prompt(&Prompt::Chat(r.chat.messages.clone()))
+            .unwrap();
         assert_eq!(ids, r.chat.input_ids, "{name}");
     }
 }
@@ -80,9 +106,25 @@ fn chunked_prefill_equals_one_shot() {
     let dev = lm.model.device();
     let (a, b) = r.input_ids.split_at(10);
     let mut cache = lm.model.new_cache();
-    lm.model.forward_all(&Tensor::new(a, dev).unwrap().unsqueeze(0).unwrap(), &mut cache).unwrap();
-    let logits = lm.model.forward_all(&Tensor::new(b, dev).unwrap().unsqueeze(0).unwrap(), &mut cache).unwrap();
-    let lp = log_softmax_last(&logits).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    lm.model
+        .forward_all(
+            &Tensor::new(a, dev).unwrap().unsqueeze(0).unwrap(),
+            &mut cache,
+        )
+        .unwrap();
+    let logits = lm
+        .model
+        .forward_all(
+            &Tensor::new(b, dev).unwrap().unsqueeze(0).unwrap(),
+            &mut cache,
+        )
+        .unwrap();
+    let lp = log_softmax_last(&logits)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     for (i, row) in lp.iter().enumerate() {
         let d = max_abs_diff(row, &r.prompt_logprobs[10 + i]);
         assert!(d < TOL, "position {}: {d}", 10 + i);
@@ -95,8 +137,14 @@ fn eos_from_generation_config_list_stops_generation() {
     assert_eq!(load("llama3").eos_ids, vec![0, 2]);
     let lm = load("smollm");
     let r = reference("smollm");
-    let out = lm.generate_collect(GenerateRequest::new(r.input_ids.clone(), 64)).unwrap();
-    let first_eos = r.greedy_ids.iter().position(|i| lm.eos_ids.contains(i)).unwrap();
+    let out = lm
+        .generate_collect(GenerateRequest::new(r.input_ids.clone(), 64))
+        .unwrap();
+    let first_eos = r
+        .greedy_ids
+        .iter()
+        .position(|i| lm.eos_ids.contains(i))
+        .unwrap();
     assert_eq!(out.ids(), r.greedy_ids[..=first_eos].to_vec());
     assert_eq!(out.finish_reason, Some(tern::FinishReason::Stop));
     // The EOS token adds no text of its own; what it flushes still decodes like the whole.
@@ -107,13 +155,27 @@ fn eos_from_generation_config_list_stops_generation() {
 fn bf16_compute_stays_close() {
     let lm = LoadedModel::load(
         &fixture("qwen2"),
-        &LoadOptions { dtype: Some(candle_core::DType::BF16), ..Default::default() },
+        &LoadOptions {
+            dtype: Some(candle_core::DType::BF16),
+            ..Default::default()
+        },
     )
     .unwrap();
     let r = reference("qwen2");
-    let ids = Tensor::new(r.input_ids.as_slice(), lm.model.device()).unwrap().unsqueeze(0).unwrap();
-    let logits = lm.model.forward_all(&ids, &mut lm.model.new_cache()).unwrap();
-    let lp = log_softmax_last(&logits).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    let ids = Tensor::new(r.input_ids.as_slice(), lm.model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = lm
+        .model
+        .forward_all(&ids, &mut lm.model.new_cache())
+        .unwrap();
+    let lp = log_softmax_last(&logits)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     // bf16 keeps 8 bits of mantissa: on average a few hundredths of a nat is what it can give,
     // and the most likely token must not change.
     let (mut sum, mut n) = (0f32, 0usize);

@@ -66,7 +66,8 @@ pub fn run(path: &Path, load: &LoadOptions, o: &GenerateBenchOptions) -> Result<
     let lm = LoadedModel::load(path, load)?;
     let load_s = t.elapsed().as_secs_f64();
     // A deterministic prompt of the requested length: repeated ordinary text.
-    let text = "The quick brown fox jumps over the lazy dog while the river runs to the sea. ".repeat(o.prompt_tokens);
+    let text = "The quick brown fox jumps over the lazy dog while the river runs to the sea. "
+        .repeat(o.prompt_tokens);
     let mut ids = lm.tokenizer.encode(&text, false)?;
     ids.truncate(o.prompt_tokens.max(1));
     let req = || {

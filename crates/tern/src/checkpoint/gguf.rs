@@ -153,7 +153,11 @@ impl GgufFile {
     /// Loads every tensor under its Hugging Face name. With `dequantize = Some(dtype)` all
     /// weights become float tensors of that dtype; otherwise quantized matrices stay quantized
     /// and 1-d tensors (norms, biases) become f32.
-    pub fn load(&self, dequantize: Option<DType>, device: &Device) -> Result<(Weights, LoadReport)> {
+    pub fn load(
+        &self,
+        dequantize: Option<DType>,
+        device: &Device,
+    ) -> Result<(Weights, LoadReport)> {
         let start = Instant::now();
         let arch = self.architecture()?;
         let permute = PERMUTED_ARCHS.contains(&arch.as_str());
@@ -225,7 +229,10 @@ impl GgufFile {
                 }
             ),
         };
-        Ok((Weights::new(self.path.clone(), map, compute, device.clone()), report))
+        Ok((
+            Weights::new(self.path.clone(), map, compute, device.clone()),
+            report,
+        ))
     }
 
     fn read_tensor(
@@ -283,7 +290,9 @@ fn head_counts(g: &GgufFile, arch: &str) -> Result<(usize, usize)> {
 /// `s * half + j`.
 fn unpermute_rows(raw: &[u8], rows: usize, heads: usize) -> std::result::Result<Vec<u8>, String> {
     if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || raw.len() % rows != 0 {
-        return Err(format!("{rows} rows cannot be split into {heads} heads of even size"));
+        return Err(format!(
+            "{rows} rows cannot be split into {heads} heads of even size"
+        ));
     }
     let row_bytes = raw.len() / rows;
     let hd = rows / heads;

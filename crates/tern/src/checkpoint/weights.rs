@@ -78,7 +78,12 @@ pub struct Weights {
 
 impl Weights {
     /// Wraps an already-filled map.
-    pub fn new(source: PathBuf, map: HashMap<String, Weight>, dtype: DType, device: Device) -> Self {
+    pub fn new(
+        source: PathBuf,
+        map: HashMap<String, Weight>,
+        dtype: DType,
+        device: Device,
+    ) -> Self {
         Self {
             source,
             map,
@@ -109,7 +114,10 @@ impl Weights {
 
     /// Total parameter count.
     pub fn param_count(&self) -> usize {
-        self.map.values().map(|w| w.dims().iter().product::<usize>()).sum()
+        self.map
+            .values()
+            .map(|w| w.dims().iter().product::<usize>())
+            .sum()
     }
 
     fn get(&self, name: &str, shape: &[usize]) -> Result<&Weight> {

@@ -200,10 +200,14 @@ pub struct Generator<'a> {
 impl<'a> Generator<'a> {
     fn new(lm: &'a LoadedModel, req: GenerateRequest) -> Result<Self> {
         if req.prompt_ids.is_empty() {
-            return Err(TernError::InvalidArgument("the prompt is empty: give at least one token".into()));
+            return Err(TernError::InvalidArgument(
+                "the prompt is empty: give at least one token".into(),
+            ));
         }
         if req.max_tokens == 0 {
-            return Err(TernError::InvalidArgument("max_tokens must be at least 1".into()));
+            return Err(TernError::InvalidArgument(
+                "max_tokens must be at least 1".into(),
+            ));
         }
         let ctx = lm.model.config().max_position_embeddings;
         if req.prompt_ids.len() >= ctx {
@@ -286,7 +290,11 @@ impl<'a> Generator<'a> {
                 if !hit {
                     text.push_str(&self.stops.flush());
                 }
-                finish = Some(if hit { FinishReason::Stop } else { FinishReason::Length });
+                finish = Some(if hit {
+                    FinishReason::Stop
+                } else {
+                    FinishReason::Length
+                });
             } else {
                 self.to_feed = Some(s.id);
             }

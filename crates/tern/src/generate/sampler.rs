@@ -40,7 +40,10 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(TernError::InvalidArgument(m));
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+            return bad(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -49,7 +52,10 @@ impl SamplingParams {
             return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return bad(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
         }
         Ok(())
     }
@@ -91,7 +97,9 @@ impl Sampler {
             return Err(TernError::InvalidArgument("empty logits".into()));
         }
         if logits.iter().any(|l| l.is_nan()) {
-            return Err(TernError::InvalidArgument("model produced NaN logits".into()));
+            return Err(TernError::InvalidArgument(
+                "model produced NaN logits".into(),
+            ));
         }
         let p = &self.params;
         let mut work: std::borrow::Cow<[f32]> = std::borrow::Cow::Borrowed(logits);
@@ -99,7 +107,11 @@ impl Sampler {
             let w = work.to_mut();
             for &t in seen {
                 if let Some(l) = w.get_mut(t as usize) {
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
                 }
             }
         }
@@ -173,7 +185,10 @@ mod tests {
     use super::*;
 
     fn params(t: f32) -> SamplingParams {
-        SamplingParams { temperature: t, ..Default::default() }
+        SamplingParams {
+            temperature: t,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -187,7 +202,10 @@ mod tests {
 
     #[test]
     fn repetition_penalty_changes_the_choice() {
-        let p = SamplingParams { repetition_penalty: 4.0, ..params(0.0) };
+        let p = SamplingParams {
+            repetition_penalty: 4.0,
+            ..params(0.0)
+        };
         let mut s = Sampler::new(p).unwrap();
         assert_eq!(s.sample(&[1.0, 2.0, 1.5], &[1]).unwrap().id, 2);
     }
@@ -200,12 +218,22 @@ mod tests {
             (0, 0.5, 0.0, vec![0, 1]),
             (0, 1.0, 0.5, vec![0, 1, 4]),
         ] {
-            let p = SamplingParams { top_k: k, top_p, min_p, seed: 7, ..params(1.0) };
+            let p = SamplingParams {
+                top_k: k,
+                top_p,
+                min_p,
+                seed: 7,
+                ..params(1.0)
+            };
             let mut s = Sampler::new(p.clone()).unwrap();
-            let a: Vec<u32> = (0..200).map(|_| s.sample(&logits, &[]).unwrap().id).collect();
+            let a: Vec<u32> = (0..200)
+                .map(|_| s.sample(&logits, &[]).unwrap().id)
+                .collect();
             assert!(a.iter().all(|i| allowed.contains(&(*i as usize))), "{a:?}");
             let mut s2 = Sampler::new(p).unwrap();
-            let b: Vec<u32> = (0..200).map(|_| s2.sample(&logits, &[]).unwrap().id).collect();
+            let b: Vec<u32> = (0..200)
+                .map(|_| s2.sample(&logits, &[]).unwrap().id)
+                .collect();
             assert_eq!(a, b);
         }
     }
@@ -213,7 +241,15 @@ mod tests {
     #[test]
     fn bad_params_are_refused() {
         assert!(Sampler::new(params(-1.0)).is_err());
-        assert!(Sampler::new(SamplingParams { top_p: 0.0, ..params(1.0) }).is_err());
-        assert!(Sampler::new(SamplingParams { min_p: 2.0, ..params(1.0) }).is_err());
+        assert!(Sampler::new(SamplingParams {
+            top_p: 0.0,
+            ..params(1.0)
+        })
+        .is_err());
+        assert!(Sampler::new(SamplingParams {
+            min_p: 2.0,
+            ..params(1.0)
+        })
+        .is_err());
     }
 }

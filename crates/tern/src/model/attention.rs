@@ -29,14 +29,23 @@ impl Attention {
     pub fn load(w: &Weights, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nq, nkv) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-        let norm = |n: &str| RmsNorm::load(w, &format!("{prefix}.{n}.weight"), hd, cfg.rms_norm_eps);
+        let norm =
+            |n: &str| RmsNorm::load(w, &format!("{prefix}.{n}.weight"), hd, cfg.rms_norm_eps);
         Ok(Self {
             q: Linear::load(w, &format!("{prefix}.q_proj"), nq, h, cfg.qkv_bias)?,
             k: Linear::load(w, &format!("{prefix}.k_proj"), nkv, h, cfg.qkv_bias)?,
             v: Linear::load(w, &format!("{prefix}.v_proj"), nkv, h, cfg.qkv_bias)?,
             o: Linear::load(w, &format!("{prefix}.o_proj"), h, nq, cfg.o_bias)?,
-            q_norm: if cfg.qk_norm { Some(norm("q_norm")?) } else { None },
-            k_norm: if cfg.qk_norm { Some(norm("k_norm")?) } else { None },
+            q_norm: if cfg.qk_norm {
+                Some(norm("q_norm")?)
+            } else {
+                None
+            },
+            k_norm: if cfg.qk_norm {
+                Some(norm("k_norm")?)
+            } else {
+                None
+            },
             heads: cfg.num_heads,
             kv_heads: cfg.num_kv_heads,
             head_dim: hd,
@@ -45,7 +54,13 @@ impl Attention {
     }
 
     /// Attends `x` `[b, s, hidden]` at positions `offset..offset+s`, appending to `cache`.
-    pub fn forward(&self, x: &Tensor, rope: &Rope, cache: &mut KvCache, offset: usize) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        cache: &mut KvCache,
+        offset: usize,
+    ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let hd = self.head_dim;
         let split = |t: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {

@@ -148,7 +148,11 @@ impl Fields<'_> {
 pub fn id_list(v: Option<&Json>) -> Vec<u32> {
     match v {
         Some(Json::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Json::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(Json::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => vec![],
     }
 }
@@ -251,7 +255,10 @@ impl ModelConfig {
             mlp_bias: f.opt_bool("mlp_bias")?.unwrap_or(false),
             qk_norm: family == Family::Qwen3,
             sliding_window,
-            bos_token_id: v.get("bos_token_id").and_then(|x| x.as_u64()).map(|x| x as u32),
+            bos_token_id: v
+                .get("bos_token_id")
+                .and_then(|x| x.as_u64())
+                .map(|x| x as u32),
             eos_token_ids: eos,
             stored_dtype: v
                 .get("dtype")
@@ -284,7 +291,9 @@ impl ModelConfig {
             detail: detail.into(),
         };
         let opt_u = |k: &str| -> Option<usize> {
-            md.get(&format!("{arch}.{k}")).and_then(|v| v.to_u64().ok()).map(|v| v as usize)
+            md.get(&format!("{arch}.{k}"))
+                .and_then(|v| v.to_u64().ok())
+                .map(|v| v as usize)
         };
         let req_u = |k: &str| -> Result<usize> {
             match opt_u(k) {
@@ -294,13 +303,21 @@ impl ModelConfig {
             }
         };
         let opt_f = |k: &str| -> Option<f64> {
-            md.get(&format!("{arch}.{k}")).and_then(|v| v.to_f32().ok().map(|x| x as f64).or_else(|| v.to_f64().ok()))
+            md.get(&format!("{arch}.{k}")).and_then(|v| {
+                v.to_f32()
+                    .ok()
+                    .map(|x| x as f64)
+                    .or_else(|| v.to_f64().ok())
+            })
         };
         let hidden_size = req_u("embedding_length")?;
         let num_heads = req_u("attention.head_count")?;
         let num_kv_heads = opt_u("attention.head_count_kv").unwrap_or(num_heads);
         if num_heads % num_kv_heads.max(1) != 0 || num_kv_heads == 0 {
-            return Err(err(&format!("{arch}.attention.head_count_kv"), "must divide attention.head_count"));
+            return Err(err(
+                &format!("{arch}.attention.head_count_kv"),
+                "must divide attention.head_count",
+            ));
         }
         let head_dim = opt_u("attention.key_length").unwrap_or(hidden_size / num_heads);
         let names: Vec<&String> = g.tensor_infos().map(|(n, _, _)| n).collect();
@@ -313,19 +330,26 @@ impl ModelConfig {
                 file: g.path().to_path_buf(),
                 tensor: "token_embd.weight".into(),
             })?;
-        let rope_scaling = if has("rope_freqs.weight") {
-            RopeScaling::FreqFactors
-        } else {
-            match md.get(&format!("{arch}.rope.scaling.type")).and_then(|v| v.to_string().ok()) {
-                Some(t) if t == "linear" => RopeScaling::Linear {
-                    factor: opt_f("rope.scaling.factor").unwrap_or(1.0),
-                },
-                Some(t) if t != "none" => {
-                    return Err(err(&format!("{arch}.rope.scaling.type"), &format!("rope scaling `{t}` is not supported (supported: none, linear, llama3)")))
+        let rope_scaling =
+            if has("rope_freqs.weight") {
+                RopeScaling::FreqFactors
+            } else {
+                match md
+                    .get(&format!("{arch}.rope.scaling.type"))
+                    .and_then(|v| v.to_string().ok())
+                {
+                    Some(t) if t == "linear" => RopeScaling::Linear {
+                        factor: opt_f("rope.scaling.factor").unwrap_or(1.0),
+                    },
+                    Some(t) if t != "none" => return Err(err(
+                        &format!("{arch}.rope.scaling.type"),
+                        &format!(
+                            "rope scaling `{t}` is not supported (supported: none, linear, llama3)"
+                        ),
+                    )),
+                    _ => RopeScaling::None,
                 }
-                _ => RopeScaling::None,
-            }
-        };
+            };
         let token_id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
         let mut eos = vec![];
         for k in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
@@ -362,7 +386,11 @@ impl ModelConfig {
 }
 
 fn parse_rope_scaling(f: &Fields, s: &Json) -> Result<RopeScaling> {
-    let key = if f.v.get("rope_parameters").is_some() { "rope_parameters" } else { "rope_scaling" };
+    let key = if f.v.get("rope_parameters").is_some() {
+        "rope_parameters"
+    } else {
+        "rope_scaling"
+    };
     let kind = s
         .get("rope_type")
         .or(s.get("type"))
@@ -375,7 +403,9 @@ fn parse_rope_scaling(f: &Fields, s: &Json) -> Result<RopeScaling> {
     };
     match kind {
         "default" => Ok(RopeScaling::None),
-        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
         "llama3" => Ok(RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,

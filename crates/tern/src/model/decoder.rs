@@ -101,9 +101,19 @@ impl Model {
             .map(|i| {
                 let p = format!("model.layers.{i}");
                 Ok(Block {
-                    attn_norm: RmsNorm::load(w, &format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps)?,
+                    attn_norm: RmsNorm::load(
+                        w,
+                        &format!("{p}.input_layernorm.weight"),
+                        h,
+                        cfg.rms_norm_eps,
+                    )?,
                     attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
-                    mlp_norm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm.weight"), h, cfg.rms_norm_eps)?,
+                    mlp_norm: RmsNorm::load(
+                        w,
+                        &format!("{p}.post_attention_layernorm.weight"),
+                        h,
+                        cfg.rms_norm_eps,
+                    )?,
                     mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
                 })
             })
@@ -138,7 +148,9 @@ impl Model {
     /// A fresh, empty cache for one sequence (or one batch of equal-length rows).
     pub fn new_cache(&self) -> Cache {
         Cache {
-            layers: (0..self.cfg.num_layers).map(|_| KvCache::new(2, KV_CHUNK)).collect(),
+            layers: (0..self.cfg.num_layers)
+                .map(|_| KvCache::new(2, KV_CHUNK))
+                .collect(),
             pos: 0,
         }
     }
@@ -148,15 +160,20 @@ impl Model {
     pub fn forward_hidden(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         if s == 0 {
-            return Err(TernError::InvalidArgument("empty input: no tokens to run".into()));
+            return Err(TernError::InvalidArgument(
+                "empty input: no tokens to run".into(),
+            ));
         }
         let offset = cache.pos;
-        let mut x = self
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, s, self.cfg.hidden_size))?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            s,
+            self.cfg.hidden_size,
+        ))?;
         for (blk, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            let h = blk.attn.forward(&blk.attn_norm.forward(&x)?, &self.rope, kv, offset)?;
+            let h = blk
+                .attn
+                .forward(&blk.attn_norm.forward(&x)?, &self.rope, kv, offset)?;
             x = (x + h)?;
             let h = blk.mlp.forward(&blk.mlp_norm.forward(&x)?)?;
             x = (x + h)?;

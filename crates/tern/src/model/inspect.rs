@@ -63,18 +63,29 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                 let st = SafetensorsFile::open(f)?;
                 bytes += st.len_bytes() as u64;
                 for e in st.entries().values() {
-                    *dtypes.entry(format!("{:?}", e.dtype).to_lowercase()).or_insert(0) += 1;
+                    *dtypes
+                        .entry(format!("{:?}", e.dtype).to_lowercase())
+                        .or_insert(0) += 1;
                     parameters += e.shape.iter().product::<usize>() as u64;
                 }
             }
             let tok = match &d.tokenizer {
                 Some(p) => Tokenizer::from_hf_files(p, d.tokenizer_config.as_deref()),
-                None => Err(crate::TernError::InvalidArgument("no tokenizer.json".into())),
+                None => Err(crate::TernError::InvalidArgument(
+                    "no tokenizer.json".into(),
+                )),
             };
-            let tmpl = ChatTemplate::from_hf_files(d.chat_template.as_deref(), d.tokenizer_config.as_deref())
-                .ok()
-                .flatten();
-            let files = d.weight_files.iter().map(|f| f.display().to_string()).collect();
+            let tmpl = ChatTemplate::from_hf_files(
+                d.chat_template.as_deref(),
+                d.tokenizer_config.as_deref(),
+            )
+            .ok()
+            .flatten();
+            let files = d
+                .weight_files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect();
             ("hf", cfg, files, tok, tmpl)
         }
         Checkpoint::Gguf(g) => {
@@ -89,7 +100,13 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                 .get("tokenizer.chat_template")
                 .and_then(|v| v.to_string().ok())
                 .and_then(|s| ChatTemplate::new(s).ok());
-            ("gguf", cfg, vec![g.path().display().to_string()], from_gguf(g), tmpl)
+            (
+                "gguf",
+                cfg,
+                vec![g.path().display().to_string()],
+                from_gguf(g),
+                tmpl,
+            )
         }
     };
     Ok(Inspection {

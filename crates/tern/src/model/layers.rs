@@ -26,7 +26,13 @@ pub struct Linear {
 
 impl Linear {
     /// Loads `{prefix}.weight` `[out, in]` and, when `bias`, `{prefix}.bias` `[out]`.
-    pub fn load(w: &Weights, prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Self> {
+    pub fn load(
+        w: &Weights,
+        prefix: &str,
+        out_dim: usize,
+        in_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let weight = w.matmul(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
         let b = if bias {
             Some(w.float(&format!("{prefix}.bias"), &[out_dim])?)
@@ -51,9 +57,10 @@ impl Linear {
                 let w = q.dequantize(x.device())?.to_dtype(x.dtype())?;
                 x.broadcast_matmul(&w.t()?)?
             }
-            _ if self.quantized && x.dtype() != DType::F32 => {
-                self.w.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
-            }
+            _ if self.quantized && x.dtype() != DType::F32 => self
+                .w
+                .forward(&x.to_dtype(DType::F32)?)?
+                .to_dtype(x.dtype())?,
             _ => self.w.forward(x)?,
         };
         match &self.b {
@@ -81,7 +88,11 @@ impl RmsNorm {
 
     /// Normalises over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.w, self.eps)?)
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.w,
+            self.eps,
+        )?)
     }
 }
 

@@ -64,7 +64,10 @@ impl LoadedModel {
                     hint: "the checkpoint needs its tokenizer.json to turn text into tokens".into(),
                 })?;
                 let tokenizer = Tokenizer::from_hf_files(tok_path, d.tokenizer_config.as_deref())?;
-                let tmpl = ChatTemplate::from_hf_files(d.chat_template.as_deref(), d.tokenizer_config.as_deref())?;
+                let tmpl = ChatTemplate::from_hf_files(
+                    d.chat_template.as_deref(),
+                    d.tokenizer_config.as_deref(),
+                )?;
                 let gen_eos = match &d.generation_config {
                     Some(p) => id_list(read_json(p)?.get("eos_token_id")),
                     None => vec![],

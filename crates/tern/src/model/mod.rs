@@ -3,8 +3,8 @@
 
 pub mod attention;
 pub mod config;
-pub mod inspect;
 pub mod decoder;
+pub mod inspect;
 pub mod layers;
 pub mod load;
 pub mod rope;

@@ -33,7 +33,9 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("chars", &self.source.len()).finish()
+        f.debug_struct("ChatTemplate")
+            .field("chars", &self.source.len())
+            .finish()
     }
 }
 
@@ -50,9 +52,15 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| TernError::Template(format!("does not compile: {e}")))?;
         Ok(Self {
@@ -69,12 +77,17 @@ impl ChatTemplate {
     /// Finds the template of a checkpoint directory: `chat_template.jinja` first, else the
     /// `chat_template` field of `tokenizer_config.json` (a string, or a list of named
     /// templates of which `default` is used).
-    pub fn from_hf_files(jinja: Option<&Path>, tokenizer_config: Option<&Path>) -> Result<Option<Self>> {
+    pub fn from_hf_files(
+        jinja: Option<&Path>,
+        tokenizer_config: Option<&Path>,
+    ) -> Result<Option<Self>> {
         if let Some(p) = jinja {
             let s = std::fs::read_to_string(p).map_err(|e| TernError::io(p, e))?;
             return Self::new(&s).map(Some);
         }
-        let Some(p) = tokenizer_config else { return Ok(None) };
+        let Some(p) = tokenizer_config else {
+            return Ok(None);
+        };
         let text = std::fs::read_to_string(p).map_err(|e| TernError::io(p, e))?;
         let v: Json = serde_json::from_str(&text).map_err(|e| TernError::Config {
             file: p.to_path_buf(),
@@ -128,7 +141,10 @@ mod tests {
         let out = t
             .render(&[ChatMessage::new("user", "  hi  ")], true, None, None)
             .unwrap();
-        assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]

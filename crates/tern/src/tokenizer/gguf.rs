@@ -57,7 +57,11 @@ pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer> {
         match md.get(key) {
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|v| v.to_string().cloned().map_err(|_| err(key, "expected strings")))
+                .map(|v| {
+                    v.to_string()
+                        .cloned()
+                        .map_err(|_| err(key, "expected strings"))
+                })
                 .collect(),
             _ => Err(err(key, "missing (the GGUF has no embedded tokenizer)")),
         }
@@ -65,7 +69,12 @@ pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer> {
     let model = md
         .get("tokenizer.ggml.model")
         .and_then(|v| v.to_string().ok())
-        .ok_or_else(|| err("tokenizer.ggml.model", "missing (the GGUF has no embedded tokenizer)"))?
+        .ok_or_else(|| {
+            err(
+                "tokenizer.ggml.model",
+                "missing (the GGUF has no embedded tokenizer)",
+            )
+        })?
         .clone();
     let tokens = strings("tokenizer.ggml.tokens")?;
     let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
@@ -80,7 +89,12 @@ pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer> {
     let added: Vec<Json> = tokens
         .iter()
         .enumerate()
-        .filter(|(i, _)| matches!(types.get(*i), Some(&TOKEN_CONTROL) | Some(&TOKEN_USER_DEFINED)))
+        .filter(|(i, _)| {
+            matches!(
+                types.get(*i),
+                Some(&TOKEN_CONTROL) | Some(&TOKEN_USER_DEFINED)
+            )
+        })
         .map(|(i, t)| {
             json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
                    "normalized": false, "special": types[i] == TOKEN_CONTROL})
@@ -89,8 +103,11 @@ pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer> {
     let (model_json, normalizer, pre_tokenizer, decoder, add_bos_default) = match model.as_str() {
         "gpt2" => {
             let merges = strings("tokenizer.ggml.merges")?;
-            let vocab: serde_json::Map<String, Json> =
-                tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+            let vocab: serde_json::Map<String, Json> = tokens
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.clone(), json!(i)))
+                .collect();
             let pre = md
                 .get("tokenizer.ggml.pre")
                 .and_then(|v| v.to_string().ok())
@@ -108,7 +125,9 @@ pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer> {
         }
         "llama" => {
             let scores: Vec<f64> = match md.get("tokenizer.ggml.scores") {
-                Some(Value::Array(a)) => a.iter().map(|v| v.to_f32().unwrap_or(0.0) as f64).collect(),
+                Some(Value::Array(a)) => {
+                    a.iter().map(|v| v.to_f32().unwrap_or(0.0) as f64).collect()
+                }
                 _ => vec![0.0; tokens.len()],
             };
             let vocab: Vec<Json> = tokens
@@ -117,7 +136,8 @@ pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer> {
                 .map(|(t, s)| json!([t, s]))
                 .collect();
             let add_space = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
-            let mut norm = vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})];
+            let mut norm =
+                vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})];
             if add_space {
                 norm.insert(0, json!({"type": "Prepend", "prepend": "\u{2581}"}));
             }
@@ -158,7 +178,8 @@ pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer> {
         "normalizer": normalizer, "pre_tokenizer": pre_tokenizer, "post_processor": post,
         "decoder": decoder, "model": model_json});
     let bytes = serde_json::to_vec(&doc).expect("json value serialises");
-    let inner = tokenizers::Tokenizer::from_bytes(bytes)
-        .map_err(|e| TernError::Tokenizer(format!("{}: embedded tokenizer: {e}", g.path().display())))?;
+    let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| {
+        TernError::Tokenizer(format!("{}: embedded tokenizer: {e}", g.path().display()))
+    })?;
     Ok(Tokenizer::new(inner, bos, eos))
 }

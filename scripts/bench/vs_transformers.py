@@ -1,0 +1,73 @@
+"""Decode speed of tern vs Hugging Face transformers on the same weights, same machine, one run.
+
+Both run SmolLM2-135M-Instruct in f32 on the CPU with greedy decoding: transformers loads the
+Q4_1 GGUF (dequantizing to f32) and we save that as a Hugging Face directory, which tern then
+loads, so the two run identical weights. Prints both rates and the ratio tern / transformers.
+
+    python scripts/bench/vs_transformers.py [--threads 2] [--prompt-tokens 128] [--gen-tokens 64]
+
+Needs torch, transformers and gguf (pip, in a venv outside the repo) and a release build of
+tern (`cargo build --release`).
+"""
+import argparse, json, os, subprocess, sys, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--tern", default=str(ROOT / "target/release/tern"))
+    a = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(a.threads)
+    gguf = subprocess.check_output([str(ROOT / "scripts/fetch-smollm2.sh")], text=True).strip()
+    hf_dir = Path(gguf).with_suffix(".hf-f32")
+    if not (hf_dir / "model.safetensors").exists():
+        tok = AutoTokenizer.from_pretrained(Path(gguf).parent, gguf_file=Path(gguf).name)
+        m = AutoModelForCausalLM.from_pretrained(Path(gguf).parent, gguf_file=Path(gguf).name, torch_dtype=torch.float32)
+        tmp = hf_dir.with_suffix(".tmp")
+        m.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, hf_dir)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    text = "The quick brown fox jumps over the lazy dog while the river runs to the sea. " * a.prompt_tokens
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[:, : a.prompt_tokens]
+
+    def timed(n):
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    timed(2)  # warm-up
+    t1, tn = timed(1), timed(a.gen_tokens)
+    hf_decode = (a.gen_tokens - 1) / (tn - t1)
+
+    out = subprocess.check_output(
+        [a.tern, "bench", "generate", "--model", str(hf_dir), "--prompt-tokens", str(a.prompt_tokens),
+         "--gen-tokens", str(a.gen_tokens)],
+        text=True,
+        env={**os.environ, "RAYON_NUM_THREADS": str(a.threads)},
+    )
+    tern = json.loads(out.strip().splitlines()[-1])
+    print(f"transformers {torch.__version__} / {__import__('transformers').__version__}: "
+          f"decode {hf_decode:.1f} tok/s, prefill {a.prompt_tokens / t1:.1f} tok/s (incl. first token)")
+    print(f"tern: decode {tern['decode_tok_s']:.1f} tok/s, prefill {tern['prompt_tok_s']:.1f} tok/s")
+    print(json.dumps({"hf_decode_tok_s": hf_decode, "tern_decode_tok_s": tern["decode_tok_s"],
+                      "ratio_decode": tern["decode_tok_s"] / hf_decode,
+                      "ratio_prefill": tern["prompt_tok_s"] / (a.prompt_tokens / t1)}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
