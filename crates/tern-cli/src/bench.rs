@@ -86,7 +86,17 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     "decode stream",
                     format!("{:.1} tok/s", r.decode_tok_s_streamed),
                 ),
-                ("stream cost", format!("{:+.2} %", r.streaming_overhead_pct)),
+                (
+                    "stream cost",
+                    format!("{:+.2} % (A/B of whole runs)", r.streaming_overhead_pct),
+                ),
+                (
+                    "stream work",
+                    format!(
+                        "{:.4} % of decode time (timed directly)",
+                        r.stream_callback_pct
+                    ),
+                ),
                 ("peak RSS", format!("{:.0} MB", r.peak_rss_mb)),
             ];
             for (k, v) in rows {

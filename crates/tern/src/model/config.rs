@@ -330,26 +330,27 @@ impl ModelConfig {
                 file: g.path().to_path_buf(),
                 tensor: "token_embd.weight".into(),
             })?;
-        let rope_scaling =
-            if has("rope_freqs.weight") {
-                RopeScaling::FreqFactors
-            } else {
-                match md
-                    .get(&format!("{arch}.rope.scaling.type"))
-                    .and_then(|v| v.to_string().ok())
-                {
-                    Some(t) if t == "linear" => RopeScaling::Linear {
-                        factor: opt_f("rope.scaling.factor").unwrap_or(1.0),
-                    },
-                    Some(t) if t != "none" => return Err(err(
+        let rope_scaling = if has("rope_freqs.weight") {
+            RopeScaling::FreqFactors
+        } else {
+            match md
+                .get(&format!("{arch}.rope.scaling.type"))
+                .and_then(|v| v.to_string().ok())
+            {
+                Some(t) if t == "linear" => RopeScaling::Linear {
+                    factor: opt_f("rope.scaling.factor").unwrap_or(1.0),
+                },
+                Some(t) if t != "none" => {
+                    return Err(err(
                         &format!("{arch}.rope.scaling.type"),
                         &format!(
                             "rope scaling `{t}` is not supported (supported: none, linear, llama3)"
                         ),
-                    )),
-                    _ => RopeScaling::None,
+                    ))
                 }
-            };
+                _ => RopeScaling::None,
+            }
+        };
         let token_id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
         let mut eos = vec![];
         for k in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
