@@ -209,7 +209,7 @@ fn inspect_describes_without_loading() {
     );
     let o = tern(&["inspect", "--json", fixture("qwen3").to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["dtypes"]["f16"].as_u64().unwrap() > 0, true);
+    assert!(v["dtypes"]["f16"].as_u64().unwrap() > 0);
 }
 
 #[test]

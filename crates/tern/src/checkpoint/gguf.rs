@@ -118,7 +118,7 @@ impl GgufFile {
         let info = &self.content.tensor_infos[name];
         let elems = info.shape.elem_count();
         let bs = info.ggml_dtype.block_size();
-        if elems % bs != 0 {
+        if !elems.is_multiple_of(bs) {
             return Err(TernError::Gguf {
                 file: self.path.clone(),
                 detail: format!(
@@ -137,7 +137,7 @@ impl GgufFile {
                 tensor: name.into(),
                 detail: "offset overflows".into(),
             })? as usize;
-        let end = start.checked_add(size).unwrap_or(usize::MAX);
+        let end = start.saturating_add(size);
         if end > self.mmap.len() {
             return Err(TernError::Truncated {
                 file: self.path.clone(),
@@ -289,7 +289,11 @@ fn head_counts(g: &GgufFile, arch: &str) -> Result<(usize, usize)> {
 /// Undoes llama.cpp's q/k permutation: within each head, GGUF row `2j + s` is HF row
 /// `s * half + j`.
 fn unpermute_rows(raw: &[u8], rows: usize, heads: usize) -> std::result::Result<Vec<u8>, String> {
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || raw.len() % rows != 0 {
+    if heads == 0
+        || !rows.is_multiple_of(heads)
+        || !(rows / heads).is_multiple_of(2)
+        || !raw.len().is_multiple_of(rows)
+    {
         return Err(format!(
             "{rows} rows cannot be split into {heads} heads of even size"
         ));

@@ -262,7 +262,7 @@ pub fn write_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     }
     let mut head = serde_json::to_vec(&header).expect("json map serialises");
     // Pad so the data section starts 8-byte aligned, as the reference writer does.
-    while (8 + head.len()) % 8 != 0 {
+    while !(8 + head.len()).is_multiple_of(8) {
         head.push(b' ');
     }
     let dir = path.parent().unwrap_or(Path::new("."));

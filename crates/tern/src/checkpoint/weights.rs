@@ -177,7 +177,7 @@ pub fn load_safetensors(
             }
         }
     }
-    jobs.sort_by(|a, b| b.2.cmp(&a.2));
+    jobs.sort_by_key(|j| std::cmp::Reverse(j.2));
     let bytes: u64 = jobs.iter().map(|j| j.2 as u64).sum();
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())

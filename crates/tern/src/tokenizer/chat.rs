@@ -135,7 +135,8 @@ mod tests {
     #[test]
     fn renders_chatml_with_python_methods_and_trimming() {
         let t = ChatTemplate::new(
-            "{% for m in messages %}\n{{ '<|im_start|>' + m['role'] + '\\n' + m['content'].strip() + '<|im_end|>\\n' }}\n{% endfor %}\n{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+            // trim_blocks drops the newline after block tags (not after `{{ }}`), as in Jinja.
+            "{% for m in messages %}\n{{ '<|im_start|>' + m['role'] + '\\n' + m['content'].strip() + '<|im_end|>\\n' }}{% endfor %}\n  {% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
         )
         .unwrap();
         let out = t
