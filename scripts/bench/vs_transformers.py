@@ -31,13 +31,24 @@ def main():
     hf_dir = Path(gguf).with_suffix(".hf-f32")
     if not (hf_dir / "model.safetensors").exists():
         tok = AutoTokenizer.from_pretrained(Path(gguf).parent, gguf_file=Path(gguf).name)
-        m = AutoModelForCausalLM.from_pretrained(Path(gguf).parent, gguf_file=Path(gguf).name, torch_dtype=torch.float32)
+        m = AutoModelForCausalLM.from_pretrained(Path(gguf).parent, gguf_file=Path(gguf).name, dtype=torch.float32)
         tmp = hf_dir.with_suffix(".tmp")
-        m.save_pretrained(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        # transformers refuses save_pretrained on GGUF-loaded models; the weights are plain
+        # f32 by now, so write them, the config and the tokenizer ourselves.
+        from safetensors.torch import save_file
+        sd = {k: v.contiguous() for k, v in m.state_dict().items()}
+        if m.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if hasattr(m.config, "quantization_config"):
+            del m.config.quantization_config
+        m.config.save_pretrained(tmp)
+        m.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, hf_dir)
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     text = "The quick brown fox jumps over the lazy dog while the river runs to the sea. " * a.prompt_tokens
     ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[:, : a.prompt_tokens]
 

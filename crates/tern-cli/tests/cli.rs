@@ -135,7 +135,7 @@ fn text_output_streams_the_same_tokens() {
 #[test]
 fn chat_and_sampling_flags_work() {
     let model = fixture("smollm");
-    let o = tern(&[
+    let args = [
         "generate",
         "--model",
         model.to_str().unwrap(),
@@ -159,36 +159,12 @@ fn chat_and_sampling_flags_work() {
         "5",
         "--output",
         "jsonl",
-    ]);
+    ];
+    let o = tern(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let again = tern(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--chat",
-        "Hi there",
-        "--system",
-        "You are terse.",
-        "--temperature",
-        "0.8",
-        "--top-k",
-        "20",
-        "--top-p",
-        "0.9",
-        "--min-p",
-        "0.05",
-        "--repetition-penalty",
-        "1.1",
-        "--seed",
-        "3",
-        "--max-tokens",
-        "5",
-        "--output",
-        "jsonl",
-    ]);
-    assert_eq!(o.stdout, again.stdout, "same seed, same tokens");
-    let last: serde_json::Value =
-        serde_json::from_str(String::from_utf8(o.stdout).unwrap().lines().last().unwrap()).unwrap();
+    assert_eq!(o.stdout, tern(&args).stdout, "same seed, same tokens");
+    let out = String::from_utf8(o.stdout).unwrap();
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     let r = reference("smollm");
     assert_eq!(
         last["prompt_tokens"],

@@ -11,7 +11,6 @@ use common::*;
 use std::path::Path;
 use tern::checkpoint::safetensors::SafetensorsFile;
 use tern::checkpoint::{gguf::gguf_name, GgufFile};
-use tern::model::attention::log_softmax_last;
 use tern::{LoadOptions, LoadedModel, Prompt};
 
 /// llama.cpp's `permute`: within each head, HF row `s*half + j` goes to row `2j + s`.
@@ -123,17 +122,7 @@ fn write_gguf(fixture_name: &str, out: &Path, qtype: GgmlDType) {
 }
 
 fn prompt_logprobs(lm: &LoadedModel, ids: &[u32]) -> Vec<Vec<f32>> {
-    let t = Tensor::new(ids, lm.model.device())
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits = lm.model.forward_all(&t, &mut lm.model.new_cache()).unwrap();
-    log_softmax_last(&logits)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2()
-        .unwrap()
+    logprobs(lm, ids, &mut lm.model.new_cache())
 }
 
 #[test]

@@ -5,9 +5,7 @@
 
 mod common;
 
-use candle_core::Tensor;
 use common::*;
-use tern::model::attention::log_softmax_last;
 use tern::{GenerateRequest, LoadOptions, LoadedModel, Prompt};
 
 /// Tolerance on log-probabilities, f32.
@@ -16,6 +14,14 @@ const TOL: f32 = 1e-4;
 fn load(name: &str) -> LoadedModel {
     LoadedModel::load(&fixture(name), &LoadOptions::default())
         .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn worst_row_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| max_abs_diff(x, y))
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -28,24 +34,8 @@ fn prompt_logprobs_match_transformers() {
             r.input_ids,
             "{name}: tokenisation"
         );
-        let ids = Tensor::new(r.input_ids.as_slice(), lm.model.device())
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let mut cache = lm.model.new_cache();
-        let logits = lm.model.forward_all(&ids, &mut cache).unwrap();
-        let lp = log_softmax_last(&logits)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        assert_eq!(lp.len(), r.prompt_logprobs.len());
-        let worst = lp
-            .iter()
-            .zip(&r.prompt_logprobs)
-            .map(|(a, b)| max_abs_diff(a, b))
-            .fold(0.0, f32::max);
+        let lp = logprobs(&lm, &r.input_ids, &mut lm.model.new_cache());
+        let worst = worst_row_diff(&lp, &r.prompt_logprobs);
         assert!(worst < TOL, "{name}: max |logprob - reference| = {worst}");
     }
 }
@@ -82,15 +72,15 @@ fn chat_template_renders_and_tokenises_like_transformers() {
             .chat_template
             .as_ref()
             .unwrap_or_else(|| panic!("{name}: no template"));
-        let text = tmpl
-            .render(
-                &r.chat.messages,
-                true,
-                lm.tokenizer.bos_token.as_deref(),
-                lm.tokenizer.eos_token.as_deref(),
-            )
-            .unwrap();
-        assert_eq!(text, r.chat.rendered, "{name}");
+        let (bos, eos) = (
+            lm.tokenizer.bos_token.as_deref(),
+            lm.tokenizer.eos_token.as_deref(),
+        );
+        assert_eq!(
+            tmpl.render(&r.chat.messages, true, bos, eos).unwrap(),
+            r.chat.rendered,
+            "{name}"
+        );
         let ids = lm
             .encode_prompt(&Prompt::Chat(r.chat.messages.clone()))
             .unwrap();
@@ -103,32 +93,12 @@ fn chunked_prefill_equals_one_shot() {
     // Running the prompt in two pieces exercises the cache offset and the offset causal mask.
     let lm = load("llama3");
     let r = reference("llama3");
-    let dev = lm.model.device();
     let (a, b) = r.input_ids.split_at(10);
     let mut cache = lm.model.new_cache();
-    lm.model
-        .forward_all(
-            &Tensor::new(a, dev).unwrap().unsqueeze(0).unwrap(),
-            &mut cache,
-        )
-        .unwrap();
-    let logits = lm
-        .model
-        .forward_all(
-            &Tensor::new(b, dev).unwrap().unsqueeze(0).unwrap(),
-            &mut cache,
-        )
-        .unwrap();
-    let lp = log_softmax_last(&logits)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-    for (i, row) in lp.iter().enumerate() {
-        let d = max_abs_diff(row, &r.prompt_logprobs[10 + i]);
-        assert!(d < TOL, "position {}: {d}", 10 + i);
-    }
+    logprobs(&lm, a, &mut cache);
+    let lp = logprobs(&lm, b, &mut cache);
+    let worst = worst_row_diff(&lp, &r.prompt_logprobs[10..]);
+    assert!(worst < TOL, "chunked prefill: {worst}");
 }
 
 #[test]
@@ -153,36 +123,20 @@ fn eos_from_generation_config_list_stops_generation() {
 
 #[test]
 fn bf16_compute_stays_close() {
-    let lm = LoadedModel::load(
-        &fixture("qwen2"),
-        &LoadOptions {
-            dtype: Some(candle_core::DType::BF16),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let opts = LoadOptions {
+        dtype: Some(candle_core::DType::BF16),
+        ..Default::default()
+    };
+    let lm = LoadedModel::load(&fixture("qwen2"), &opts).unwrap();
     let r = reference("qwen2");
-    let ids = Tensor::new(r.input_ids.as_slice(), lm.model.device())
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits = lm
-        .model
-        .forward_all(&ids, &mut lm.model.new_cache())
-        .unwrap();
-    let lp = log_softmax_last(&logits)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
+    let lp = logprobs(&lm, &r.input_ids, &mut lm.model.new_cache());
     // bf16 keeps 8 bits of mantissa: on average a few hundredths of a nat is what it can give,
-    // and the most likely token must not change.
+    // and a clear winner must not change.
     let (mut sum, mut n) = (0f32, 0usize);
     for (a, b) in lp.iter().zip(&r.prompt_logprobs) {
         sum += a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>();
         n += a.len();
-        let am = |v: &[f32]| tern::generate::sampler::argmax(v);
+        let am = tern::generate::sampler::argmax;
         let mut sorted = b.clone();
         sorted.sort_by(|x, y| y.total_cmp(x));
         if sorted[0] - sorted[1] > 0.5 {

@@ -40,3 +40,22 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Log-probabilities `[seq, vocab]` for `ids` run after what `cache` holds.
+pub fn logprobs(
+    lm: &tern::LoadedModel,
+    ids: &[u32],
+    cache: &mut tern::model::Cache,
+) -> Vec<Vec<f32>> {
+    let t = candle_core::Tensor::new(ids, lm.model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = lm.model.forward_all(&t, cache).unwrap();
+    tern::model::attention::log_softmax_last(&logits)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
