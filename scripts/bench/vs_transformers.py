@@ -61,6 +61,23 @@ def main():
             best = min(best, time.perf_counter() - t)
         return best
 
+    # Parity on the real model: greedy continuation of a chat prompt, ids and logprobs.
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    chat_ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        g = model.generate(chat_ids, max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    hf_ids = g.sequences[0, chat_ids.shape[1]:].tolist()
+    hf_lp = [torch.log_softmax(l[0].float(), -1)[i].item() for l, i in zip(g.logits, hf_ids)]
+    lines = subprocess.check_output(
+        [a.tern, "generate", "--model", str(hf_dir), "--chat", chat[0]["content"], "--temperature", "0",
+         "--max-tokens", "16", "--output", "jsonl"], text=True).strip().splitlines()
+    tern_tokens = [json.loads(l) for l in lines[:-1]]
+    n = min(len(tern_tokens), len(hf_ids))
+    same = [t["id"] for t in tern_tokens[:n]] == hf_ids[:n]
+    lp_diff = max(abs(t["logprob"] - h) for t, h in zip(tern_tokens[:n], hf_lp[:n]))
+    print(f"parity: greedy ids identical over {n} tokens: {same}; max |logprob diff| {lp_diff:.2e}; "
+          f"text {tok.decode(hf_ids, skip_special_tokens=True)!r}")
+
     timed(2)  # warm-up
     t1, tn = timed(1), timed(a.gen_tokens)
     hf_decode = (a.gen_tokens - 1) / (tn - t1)
