@@ -89,7 +89,7 @@ impl Attention {
         if att.dtype() != DType::F32 {
             att = att.to_dtype(DType::F32)?;
         }
-        if let Some(mask) = self.mask(s, t, offset, att.device())? {
+        if let Some(mask) = attention_mask(s, t, offset, self.window, att.device())? {
             att = att
                 .reshape((b, self.kv_heads, rep, s, t))?
                 .broadcast_add(&mask)?
@@ -103,25 +103,32 @@ impl Attention {
             .reshape((b, s, self.heads * hd))?;
         self.o.forward(&y)
     }
+}
 
-    /// Additive mask `[s, t]` (0 or -inf): causal, and windowed when the model slides.
-    fn mask(&self, s: usize, t: usize, offset: usize, dev: &Device) -> Result<Option<Tensor>> {
-        let windowed = self.window.is_some_and(|w| t > w);
-        if s == 1 && !windowed {
-            return Ok(None);
-        }
-        let w = self.window.unwrap_or(usize::MAX);
-        let mut m = vec![0f32; s * t];
-        for i in 0..s {
-            let pos = offset + i;
-            for j in 0..t {
-                if j > pos || pos - j >= w {
-                    m[i * t + j] = f32::NEG_INFINITY;
-                }
+/// Additive mask `[s, t]` (0 or -inf) for `s` queries at positions `offset..offset+s` over
+/// `t` cached keys: causal, and windowed when the model slides. `None` when nothing is masked.
+pub fn attention_mask(
+    s: usize,
+    t: usize,
+    offset: usize,
+    window: Option<usize>,
+    dev: &Device,
+) -> Result<Option<Tensor>> {
+    let windowed = window.is_some_and(|w| t > w);
+    if s == 1 && !windowed {
+        return Ok(None);
+    }
+    let w = window.unwrap_or(usize::MAX);
+    let mut m = vec![0f32; s * t];
+    for i in 0..s {
+        let pos = offset + i;
+        for j in 0..t {
+            if j > pos || pos - j >= w {
+                m[i * t + j] = f32::NEG_INFINITY;
             }
         }
-        Ok(Some(Tensor::from_vec(m, (s, t), dev)?))
     }
+    Ok(Some(Tensor::from_vec(m, (s, t), dev)?))
 }
 
 /// Softmax over the last dimension in f32 for callers outside attention.
@@ -131,4 +138,34 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     let shifted = x.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     Ok(shifted.broadcast_sub(&lse)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed(m: &Tensor) -> Vec<Vec<u8>> {
+        m.to_vec2::<f32>()
+            .unwrap()
+            .iter()
+            .map(|r| r.iter().map(|&x| u8::from(x == 0.0)).collect())
+            .collect()
+    }
+
+    #[test]
+    fn causal_and_sliding_masks() {
+        let d = Device::Cpu;
+        assert!(attention_mask(1, 5, 4, None, &d).unwrap().is_none());
+        let m = attention_mask(3, 3, 0, None, &d).unwrap().unwrap();
+        assert_eq!(
+            allowed(&m),
+            vec![vec![1, 0, 0], vec![1, 1, 0], vec![1, 1, 1]]
+        );
+        // Two queries at positions 3 and 4 after a 3-token cache, window 2.
+        let m = attention_mask(2, 5, 3, Some(2), &d).unwrap().unwrap();
+        assert_eq!(allowed(&m), vec![vec![0, 0, 1, 1, 0], vec![0, 0, 0, 1, 1]]);
+        // A single decode step still needs a mask once the cache outgrows the window.
+        let m = attention_mask(1, 4, 3, Some(2), &d).unwrap().unwrap();
+        assert_eq!(allowed(&m), vec![vec![0, 0, 1, 1]]);
+    }
 }
