@@ -31,8 +31,8 @@ pub struct GenerateBenchArgs {
     /// Compute dtype (for GGUF: dequantize to it).
     #[arg(long)]
     pub dtype: Option<String>,
-    /// GGUF with tied embeddings: use the quantized embedding as the output head (faster
-    /// decode; logits rounded through int8 activations).
+    /// GGUF with tied embeddings: compute logits through candle's quantized matmul, rounding
+    /// activations to int8 as llama.cpp does (default: exact logits from the stored blocks).
     #[arg(long)]
     pub quantized_head: bool,
 }

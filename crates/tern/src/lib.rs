@@ -11,6 +11,7 @@ pub mod device;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod quant;
 pub mod tokenizer;
 
 pub use device::DeviceKind;

@@ -3,9 +3,12 @@
 
 use super::config::ModelConfig;
 use crate::checkpoint::Weights;
-use crate::error::Result;
-use candle_core::quantized::QMatMul;
+use crate::error::{Result, TernError};
+use crate::quant::q4_1::Q4_1Matrix;
+use crate::quant::q8_0::Q8_0Matrix;
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Module, Tensor};
+use std::sync::Arc;
 
 /// Rows at or above which a quantized matmul dequantizes its weight and runs an f32 GEMM.
 ///
@@ -16,10 +19,21 @@ use candle_core::{DType, Module, Tensor};
 /// that make it bandwidth-efficient.
 pub const DEQUANT_MIN_ROWS: usize = 8;
 
+/// Where a linear layer's weight lives and which kernel multiplies by it.
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    /// candle's float or quantized matmul.
+    Candle(QMatMul),
+    /// Q4_1 blocks with tern's own SIMD kernel (candle's is scalar).
+    Q4_1(Arc<Q4_1Matrix>),
+    /// Q8_0 blocks times f32 activations (no activation rounding): the exact output head.
+    Q8_0Exact(Arc<Q8_0Matrix>),
+}
+
 /// `y = x W^T (+ b)`, with `W` float or quantized.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    w: QMatMul,
+    w: LinearWeight,
     b: Option<Tensor>,
     quantized: bool,
 }
@@ -42,9 +56,32 @@ impl Linear {
         Ok(Self::new(weight, b))
     }
 
+    /// An output head over Q8_0 blocks whose logits are exact to the stored weights.
+    pub fn exact_q8_0(m: Q8_0Matrix) -> Self {
+        Self {
+            w: LinearWeight::Q8_0Exact(Arc::new(m)),
+            b: None,
+            quantized: true,
+        }
+    }
+
     /// Wraps an existing weight.
     pub fn new(w: QMatMul, b: Option<Tensor>) -> Self {
         let quantized = matches!(w, QMatMul::QTensor(_));
+        let w = match &w {
+            QMatMul::QTensor(q) if q.dtype() == GgmlDType::Q4_1 => {
+                let (rows, cols) = q.shape().dims2().unwrap_or((0, 0));
+                match q
+                    .data()
+                    .map_err(TernError::from)
+                    .and_then(|d| Q4_1Matrix::new(rows, cols, d.to_vec()))
+                {
+                    Ok(m) => LinearWeight::Q4_1(Arc::new(m)),
+                    Err(_) => LinearWeight::Candle(w),
+                }
+            }
+            _ => LinearWeight::Candle(w),
+        };
         Self { w, b, quantized }
     }
 
@@ -52,17 +89,43 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // Quantized matmul takes f32 activations; convert around it for other dtypes.
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
-        let y = match &self.w {
+        let w = match &self.w {
+            LinearWeight::Q4_1(m) => {
+                let y = if rows >= DEQUANT_MIN_ROWS {
+                    let w = m.dequantize(x.device())?.to_dtype(x.dtype())?;
+                    x.broadcast_matmul(&w.t()?)?
+                } else {
+                    m.forward(&x.to_dtype(DType::F32)?.contiguous()?)?
+                        .to_dtype(x.dtype())?
+                };
+                return self.add_bias(y);
+            }
+            LinearWeight::Q8_0Exact(m) => {
+                let y = if rows >= DEQUANT_MIN_ROWS {
+                    let w = m.dequantize(x.device())?.to_dtype(x.dtype())?;
+                    x.broadcast_matmul(&w.t()?)?
+                } else {
+                    m.forward(&x.to_dtype(DType::F32)?.contiguous()?)?
+                        .to_dtype(x.dtype())?
+                };
+                return self.add_bias(y);
+            }
+            LinearWeight::Candle(w) => w,
+        };
+        let y = match w {
             QMatMul::QTensor(q) if rows >= DEQUANT_MIN_ROWS => {
                 let w = q.dequantize(x.device())?.to_dtype(x.dtype())?;
                 x.broadcast_matmul(&w.t()?)?
             }
-            _ if self.quantized && x.dtype() != DType::F32 => self
-                .w
-                .forward(&x.to_dtype(DType::F32)?)?
-                .to_dtype(x.dtype())?,
-            _ => self.w.forward(x)?,
+            _ if self.quantized && x.dtype() != DType::F32 => {
+                w.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
+            }
+            _ => w.forward(x)?,
         };
+        self.add_bias(y)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         match &self.b {
             Some(b) => Ok(y.broadcast_add(b)?),
             None => Ok(y),

@@ -18,8 +18,8 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
     /// Where to run.
     pub device: DeviceKind,
-    /// For GGUF models with tied embeddings: compute logits with the quantized embedding
-    /// (faster decode) instead of its exact float form.
+    /// For GGUF models with tied embeddings: compute logits through candle's quantized matmul
+    /// (int8-rounded activations, as llama.cpp) instead of exactly from the stored blocks.
     pub quantized_head: bool,
 }
 

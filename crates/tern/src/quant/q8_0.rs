@@ -1,0 +1,174 @@
+//! GGML `Q8_0` matrices multiplied by f32 activations without rounding them.
+//!
+//! The usual quantized matmul rounds activations to int8 as well; for the output head that
+//! rounding flips near-tied greedy choices (see `model::layers::DEQUANT_MIN_ROWS`). This kernel
+//! keeps activations in f32, so logits are exact to the stored weights, while still reading
+//! the weight at 8.5 bits instead of the 32 of a dequantized copy.
+
+use crate::error::{Result, TernError};
+use candle_core::{Device, Tensor};
+use half::f16;
+
+/// Elements per block.
+pub const BLOCK: usize = 32;
+/// Bytes per block: f16 scale then 32 int8 values.
+pub const BLOCK_BYTES: usize = 34;
+const ROWS_PER_TASK: usize = 256;
+
+/// A `[rows, cols]` matrix of Q8_0 blocks in ggml's byte layout.
+#[derive(Debug, Clone)]
+pub struct Q8_0Matrix {
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+fn dot_scalar(row: &[u8], x: &[f32]) -> f32 {
+    let mut acc = 0f32;
+    for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
+        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        let xs = &x[b * BLOCK..(b + 1) * BLOCK];
+        let s: f32 = blk[2..]
+            .iter()
+            .zip(xs)
+            .map(|(&q, &v)| q as i8 as f32 * v)
+            .sum();
+        acc += d * s;
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_avx2(row: &[u8], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = _mm256_setzero_ps();
+    for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
+        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            u16::from_le_bytes([blk[0], blk[1]]) as i32,
+        )));
+        let q = blk.as_ptr().add(2);
+        let xp = x.as_ptr().add(b * BLOCK);
+        let mut s = _mm256_setzero_ps();
+        for k in 0..4 {
+            let q8 = _mm_loadl_epi64(q.add(8 * k) as *const __m128i);
+            let qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
+            s = _mm256_fmadd_ps(qf, _mm256_loadu_ps(xp.add(8 * k)), s);
+        }
+        acc = _mm256_fmadd_ps(s, _mm256_set1_ps(d), acc);
+    }
+    let hi = _mm256_extractf128_ps(acc, 1);
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+}
+
+impl Q8_0Matrix {
+    /// Wraps ggml Q8_0 bytes for a `[rows, cols]` matrix.
+    pub fn new(rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
+        if !cols.is_multiple_of(BLOCK) || data.len() != rows * (cols / BLOCK) * BLOCK_BYTES {
+            return Err(TernError::InvalidArgument(format!(
+                "Q8_0 matrix [{rows}, {cols}] needs cols % 32 == 0 and {} bytes, got {}",
+                rows * (cols / BLOCK) * BLOCK_BYTES,
+                data.len()
+            )));
+        }
+        Ok(Self { rows, cols, data })
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let n = self.cols / BLOCK * BLOCK_BYTES;
+        &self.data[r * n..(r + 1) * n]
+    }
+
+    /// `out[r] = W[r] · x` with `x` kept in f32.
+    pub fn matvec(&self, x: &[f32], out: &mut [f32]) {
+        assert_eq!(x.len(), self.cols);
+        assert_eq!(out.len(), self.rows);
+        let avx2 = super::q4_1::use_avx2();
+        let out_ptr = out.as_mut_ptr() as usize;
+        let tasks = self.rows.div_ceil(ROWS_PER_TASK);
+        candle_core::utils::barrier_pool().execute_chunked(tasks, |range| {
+            let rows = range.start * ROWS_PER_TASK..(range.end * ROWS_PER_TASK).min(self.rows);
+            // SAFETY: disjoint task ranges, one writer per element; `out` outlives the call.
+            let chunk = unsafe {
+                std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(rows.start), rows.len())
+            };
+            for (o, r) in chunk.iter_mut().zip(rows) {
+                *o = if avx2 {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: only taken when the CPU reports avx2, fma and f16c.
+                    unsafe {
+                        dot_avx2(self.row(r), x)
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    dot_scalar(self.row(r), x)
+                } else {
+                    dot_scalar(self.row(r), x)
+                };
+            }
+        });
+    }
+
+    /// `x W^T` for `x` `[.., cols]` in f32.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.elem_count() / self.cols;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; rows * self.rows];
+        for (xr, or) in xs
+            .chunks_exact(self.cols)
+            .zip(out.chunks_exact_mut(self.rows))
+        {
+            self.matvec(xr, or);
+        }
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = self.rows;
+        Ok(Tensor::from_vec(out, dims, x.device())?)
+    }
+
+    /// The matrix in f32 `[rows, cols]`.
+    pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
+        let mut v = Vec::with_capacity(self.rows * self.cols);
+        for blk in self.data.chunks_exact(BLOCK_BYTES) {
+            let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+            v.extend(blk[2..].iter().map(|&q| d * q as i8 as f32));
+        }
+        Ok(Tensor::from_vec(v, (self.rows, self.cols), device)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+
+    #[test]
+    fn exact_to_the_stored_weights() {
+        let w = Tensor::randn(0f32, 1.0, (300, 576), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let m = Q8_0Matrix::new(300, 576, q.data().unwrap().to_vec()).unwrap();
+        let deq = q.dequantize(&Device::Cpu).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert_eq!(diff(&m.dequantize(&Device::Cpu).unwrap(), &deq), 0.0);
+        let x = Tensor::randn(0f32, 1.0, (2, 576), &Device::Cpu).unwrap();
+        let exact = x.matmul(&deq.t().unwrap()).unwrap();
+        // Only float summation order separates the two: ~1e-5 on sums of 576 products.
+        assert!(diff(&m.forward(&x).unwrap(), &exact) < 1e-3);
+        let xs = x.get(0).unwrap().to_vec1::<f32>().unwrap();
+        let mut out = vec![0f32; 300];
+        m.matvec(&xs, &mut out);
+        for (r, o) in out.iter().enumerate() {
+            assert!((dot_scalar(m.row(r), &xs) - o).abs() < 1e-3);
+        }
+        assert!(Q8_0Matrix::new(2, 32, vec![0; 10]).is_err());
+    }
+}
