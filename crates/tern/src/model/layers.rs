@@ -4,8 +4,7 @@
 use super::config::ModelConfig;
 use crate::checkpoint::Weights;
 use crate::error::{Result, TernError};
-use crate::quant::q4_1::Q4_1Matrix;
-use crate::quant::q8_0::Q8_0Matrix;
+use crate::quant::{q4_1::Q4_1Matrix, q8_0::Q8_0Matrix, RowKernel};
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Module, Tensor};
 use std::sync::Arc;
@@ -24,10 +23,8 @@ pub const DEQUANT_MIN_ROWS: usize = 8;
 enum LinearWeight {
     /// candle's float or quantized matmul.
     Candle(QMatMul),
-    /// Q4_1 blocks with tern's own SIMD kernel (candle's is scalar).
-    Q4_1(Arc<Q4_1Matrix>),
-    /// Q8_0 blocks times f32 activations (no activation rounding): the exact output head.
-    Q8_0Exact(Arc<Q8_0Matrix>),
+    /// One of tern's own kernels: Q4_1 (candle's is scalar) or the exact Q8_0 head.
+    Kernel(Arc<dyn RowKernel>),
 }
 
 /// `y = x W^T (+ b)`, with `W` float or quantized.
@@ -59,7 +56,7 @@ impl Linear {
     /// An output head over Q8_0 blocks whose logits are exact to the stored weights.
     pub fn exact_q8_0(m: Q8_0Matrix) -> Self {
         Self {
-            w: LinearWeight::Q8_0Exact(Arc::new(m)),
+            w: LinearWeight::Kernel(Arc::new(m)),
             b: None,
             quantized: true,
         }
@@ -76,7 +73,7 @@ impl Linear {
                     .map_err(TernError::from)
                     .and_then(|d| Q4_1Matrix::new(rows, cols, d.to_vec()))
                 {
-                    Ok(m) => LinearWeight::Q4_1(Arc::new(m)),
+                    Ok(m) => LinearWeight::Kernel(Arc::new(m)),
                     Err(_) => LinearWeight::Candle(w),
                 }
             }
@@ -90,17 +87,7 @@ impl Linear {
         // Quantized matmul takes f32 activations; convert around it for other dtypes.
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
         let w = match &self.w {
-            LinearWeight::Q4_1(m) => {
-                let y = if rows >= DEQUANT_MIN_ROWS {
-                    let w = m.dequantize(x.device())?.to_dtype(x.dtype())?;
-                    x.broadcast_matmul(&w.t()?)?
-                } else {
-                    m.forward(&x.to_dtype(DType::F32)?.contiguous()?)?
-                        .to_dtype(x.dtype())?
-                };
-                return self.add_bias(y);
-            }
-            LinearWeight::Q8_0Exact(m) => {
+            LinearWeight::Kernel(m) => {
                 let y = if rows >= DEQUANT_MIN_ROWS {
                     let w = m.dequantize(x.device())?.to_dtype(x.dtype())?;
                     x.broadcast_matmul(&w.t()?)?

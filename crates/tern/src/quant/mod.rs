@@ -1,4 +1,75 @@
-//! Quantized weight kernels tern provides itself, where candle's CPU backend has no SIMD path.
+//! Quantized weight kernels tern provides itself, where candle's CPU backend has no SIMD path
+//! (Q4_1) or rounds activations where we need exact results (the Q8_0 output head).
 
 pub mod q4_1;
 pub mod q8_0;
+
+use crate::error::Result;
+use candle_core::{Device, Tensor};
+
+/// A quantized `[rows, cols]` matrix with a matrix-vector kernel of tern's own.
+pub trait RowKernel: std::fmt::Debug + Send + Sync {
+    /// `[rows, cols]`.
+    fn dims(&self) -> (usize, usize);
+    /// `out[r] = W[r] · x` for one f32 activation row.
+    fn matvec(&self, x: &[f32], out: &mut [f32]);
+    /// The matrix in f32 `[rows, cols]`.
+    fn dequantize(&self, device: &Device) -> Result<Tensor>;
+
+    /// `x W^T` for `x` `[.., cols]` in f32, one matvec per activation row.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (rows, cols) = self.dims();
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; xs.len() / cols * rows];
+        for (xr, or) in xs.chunks_exact(cols).zip(out.chunks_exact_mut(rows)) {
+            self.matvec(xr, or);
+        }
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = rows;
+        Ok(Tensor::from_vec(out, dims, x.device())?)
+    }
+}
+
+/// Fills `out[r] = dot(r)` for every row, `rows_per_task` rows per task, on candle's worker
+/// pool (a second pool on the same cores made the two fight: ~20% of decode time went to the
+/// scheduler).
+pub(crate) fn par_rows(out: &mut [f32], rows_per_task: usize, dot: impl Fn(usize) -> f32 + Sync) {
+    let n = out.len();
+    let out_ptr = out.as_mut_ptr() as usize;
+    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(rows_per_task), |range| {
+        let rows = range.start * rows_per_task..(range.end * rows_per_task).min(n);
+        // SAFETY: task ranges are disjoint, so each element has exactly one writer, and `out`
+        // outlives the call, which returns only when every task is done.
+        let chunk = unsafe {
+            std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(rows.start), rows.len())
+        };
+        for (o, r) in chunk.iter_mut().zip(rows) {
+            *o = dot(r);
+        }
+    });
+}
+
+/// Whether the AVX2 + FMA + F16C kernels can run on this CPU.
+pub(crate) fn use_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX2.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Sum of the 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+}

@@ -5,6 +5,7 @@
 //! llama.cpp. The math is ggml's: activations are rounded per 32-block to int8 (`Q8_1`-style
 //! with the block sum kept), and each block contributes `d_w*d_x*Σ q_w*q_x + m_w*s_x`.
 
+use super::{par_rows, use_avx2, RowKernel};
 use crate::error::{Result, TernError};
 use candle_core::{Device, Tensor};
 use half::f16;
@@ -104,26 +105,7 @@ unsafe fn dot_avx2(row: &[u8], x: &Q8Row) -> f32 {
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), scale, acc);
         mins += m * x.s[b];
     }
-    let hi = _mm256_extractf128_ps(acc, 1);
-    let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
-    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-    _mm_cvtss_f32(s1) + mins
-}
-
-/// Whether the AVX2 + FMA + F16C kernels can run on this CPU.
-pub(crate) fn use_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX2.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    super::hsum(acc) + mins
 }
 
 /// Rows per task: enough work that handing tasks out stays a small cost.
@@ -142,77 +124,39 @@ impl Q4_1Matrix {
         Ok(Self { rows, cols, data })
     }
 
-    /// `[rows, cols]`.
-    pub fn dims(&self) -> (usize, usize) {
-        (self.rows, self.cols)
-    }
-
     fn row(&self, r: usize) -> &[u8] {
         let n = self.cols / BLOCK * BLOCK_BYTES;
         &self.data[r * n..(r + 1) * n]
     }
+}
 
-    /// `out[r] = W[r] · x` for one activation row.
-    pub fn matvec(&self, x: &[f32], out: &mut [f32]) {
-        assert_eq!(x.len(), self.cols);
-        assert_eq!(out.len(), self.rows);
+impl RowKernel for Q4_1Matrix {
+    fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    fn matvec(&self, x: &[f32], out: &mut [f32]) {
+        assert_eq!((x.len(), out.len()), (self.cols, self.rows));
         let xq = quantize_row(x);
         let avx2 = use_avx2();
-        let out_ptr = out.as_mut_ptr() as usize;
-        // candle's own worker pool: a second pool (rayon) on the same cores made the two fight
-        // (~20% of decode time went to the scheduler).
-        let tasks = self.rows.div_ceil(ROWS_PER_TASK);
-        candle_core::utils::barrier_pool().execute_chunked(tasks, |range| {
-            let rows = range.start * ROWS_PER_TASK..(range.end * ROWS_PER_TASK).min(self.rows);
-            // SAFETY: task ranges are disjoint, so each output element has exactly one writer,
-            // and `out` outlives the call, which returns only when every task is done.
-            let chunk = unsafe {
-                std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(rows.start), rows.len())
-            };
-            for (o, r) in chunk.iter_mut().zip(rows) {
-                let row = self.row(r);
-                *o = if avx2 {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: only taken when the CPU reports avx2 and fma.
-                    unsafe {
-                        dot_avx2(row, &xq)
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    dot_scalar(row, &xq)
-                } else {
-                    dot_scalar(row, &xq)
-                };
+        par_rows(out, ROWS_PER_TASK, |r| {
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: only taken when the CPU reports avx2, fma and f16c.
+                return unsafe { dot_avx2(self.row(r), &xq) };
             }
+            let _ = avx2;
+            dot_scalar(self.row(r), &xq)
         });
     }
 
-    /// `x W^T` for `x` `[.., cols]` in f32, one matvec per row.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let rows = x.elem_count() / self.cols;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; rows * self.rows];
-        for r in 0..rows {
-            self.matvec(
-                &xs[r * self.cols..(r + 1) * self.cols],
-                &mut out[r * self.rows..(r + 1) * self.rows],
-            );
-        }
-        let mut od = dims;
-        *od.last_mut().expect("rank >= 1") = self.rows;
-        Ok(Tensor::from_vec(out, od, x.device())?)
-    }
-
-    /// The matrix in f32 `[rows, cols]`.
-    pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
+    fn dequantize(&self, device: &Device) -> Result<Tensor> {
         let mut v = Vec::with_capacity(self.rows * self.cols);
-        for r in 0..self.rows {
-            for blk in self.row(r).chunks_exact(BLOCK_BYTES) {
-                let (d, m) = block_params(blk);
-                let q = &blk[4..];
-                v.extend(q.iter().map(|b| d * (b & 0x0f) as f32 + m));
-                v.extend(q.iter().map(|b| d * (b >> 4) as f32 + m));
-            }
+        for blk in self.data.chunks_exact(BLOCK_BYTES) {
+            let (d, m) = block_params(blk);
+            let q = &blk[4..];
+            v.extend(q.iter().map(|b| d * (b & 0x0f) as f32 + m));
+            v.extend(q.iter().map(|b| d * (b >> 4) as f32 + m));
         }
         Ok(Tensor::from_vec(v, (self.rows, self.cols), device)?)
     }

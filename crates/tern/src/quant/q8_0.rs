@@ -5,6 +5,7 @@
 //! keeps activations in f32, so logits are exact to the stored weights, while still reading
 //! the weight at 8.5 bits instead of the 32 of a dequantized copy.
 
+use super::{par_rows, use_avx2, RowKernel};
 use crate::error::{Result, TernError};
 use candle_core::{Device, Tensor};
 use half::f16;
@@ -57,10 +58,7 @@ unsafe fn dot_avx2(row: &[u8], x: &[f32]) -> f32 {
         }
         acc = _mm256_fmadd_ps(s, _mm256_set1_ps(d), acc);
     }
-    let hi = _mm256_extractf128_ps(acc, 1);
-    let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
-    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+    super::hsum(acc)
 }
 
 impl Q8_0Matrix {
@@ -80,54 +78,28 @@ impl Q8_0Matrix {
         let n = self.cols / BLOCK * BLOCK_BYTES;
         &self.data[r * n..(r + 1) * n]
     }
+}
 
-    /// `out[r] = W[r] · x` with `x` kept in f32.
-    pub fn matvec(&self, x: &[f32], out: &mut [f32]) {
-        assert_eq!(x.len(), self.cols);
-        assert_eq!(out.len(), self.rows);
-        let avx2 = super::q4_1::use_avx2();
-        let out_ptr = out.as_mut_ptr() as usize;
-        let tasks = self.rows.div_ceil(ROWS_PER_TASK);
-        candle_core::utils::barrier_pool().execute_chunked(tasks, |range| {
-            let rows = range.start * ROWS_PER_TASK..(range.end * ROWS_PER_TASK).min(self.rows);
-            // SAFETY: disjoint task ranges, one writer per element; `out` outlives the call.
-            let chunk = unsafe {
-                std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(rows.start), rows.len())
-            };
-            for (o, r) in chunk.iter_mut().zip(rows) {
-                *o = if avx2 {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: only taken when the CPU reports avx2, fma and f16c.
-                    unsafe {
-                        dot_avx2(self.row(r), x)
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    dot_scalar(self.row(r), x)
-                } else {
-                    dot_scalar(self.row(r), x)
-                };
+impl RowKernel for Q8_0Matrix {
+    fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    fn matvec(&self, x: &[f32], out: &mut [f32]) {
+        assert_eq!((x.len(), out.len()), (self.cols, self.rows));
+        let avx2 = use_avx2();
+        par_rows(out, ROWS_PER_TASK, |r| {
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: only taken when the CPU reports avx2, fma and f16c.
+                return unsafe { dot_avx2(self.row(r), x) };
             }
+            let _ = avx2;
+            dot_scalar(self.row(r), x)
         });
     }
 
-    /// `x W^T` for `x` `[.., cols]` in f32.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let rows = x.elem_count() / self.cols;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; rows * self.rows];
-        for (xr, or) in xs
-            .chunks_exact(self.cols)
-            .zip(out.chunks_exact_mut(self.rows))
-        {
-            self.matvec(xr, or);
-        }
-        let mut dims = x.dims().to_vec();
-        *dims.last_mut().expect("rank >= 1") = self.rows;
-        Ok(Tensor::from_vec(out, dims, x.device())?)
-    }
-
-    /// The matrix in f32 `[rows, cols]`.
-    pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
+    fn dequantize(&self, device: &Device) -> Result<Tensor> {
         let mut v = Vec::with_capacity(self.rows * self.cols);
         for blk in self.data.chunks_exact(BLOCK_BYTES) {
             let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
