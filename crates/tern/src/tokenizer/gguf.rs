@@ -183,3 +183,101 @@ pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer> {
     })?;
     Ok(Tokenizer::new(inner, bos, eos))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file;
+
+    /// A SentencePiece-style (`llama`) vocabulary: control tokens, byte-fallback pieces,
+    /// and scored word pieces.
+    fn write_spm_gguf(path: &std::path::Path, add_bos: bool) {
+        let mut tokens = vec!["<unk>".to_string(), "<s>".into(), "</s>".into()];
+        let mut types = vec![2i32, 3, 3];
+        let mut scores = vec![0f32, 0., 0.];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            types.push(6);
+            scores.push(0.);
+        }
+        for (piece, score) in [
+            ("\u{2581}hello", -1.0f32),
+            ("\u{2581}world", -1.5),
+            ("\u{2581}", -3.0),
+            ("h", -5.),
+            ("e", -5.),
+            ("l", -5.),
+            ("o", -5.),
+            ("w", -5.),
+            ("r", -5.),
+            ("d", -5.),
+        ] {
+            tokens.push(piece.into());
+            types.push(1);
+            scores.push(score);
+        }
+        let md = [
+            ("tokenizer.ggml.model", Value::String("llama".into())),
+            (
+                "tokenizer.ggml.tokens",
+                Value::Array(tokens.into_iter().map(Value::String).collect()),
+            ),
+            (
+                "tokenizer.ggml.token_type",
+                Value::Array(types.into_iter().map(Value::I32).collect()),
+            ),
+            (
+                "tokenizer.ggml.scores",
+                Value::Array(scores.into_iter().map(Value::F32).collect()),
+            ),
+            ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+            ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
+            ("tokenizer.ggml.add_bos_token", Value::Bool(add_bos)),
+        ];
+        let refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+        gguf_file::write(&mut std::fs::File::create(path).unwrap(), &refs, &[]).unwrap();
+    }
+
+    #[test]
+    fn sentencepiece_vocabulary_encodes_decodes_and_falls_back_to_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("spm.gguf");
+        write_spm_gguf(&p, true);
+        let tok = from_gguf(&GgufFile::open(&p).unwrap()).unwrap();
+        assert_eq!(tok.bos_token.as_deref(), Some("<s>"));
+        assert_eq!(tok.eos_ids, vec![2]);
+        let hello = tok.token_id("\u{2581}hello").unwrap();
+        let world = tok.token_id("\u{2581}world").unwrap();
+        assert_eq!(
+            tok.encode("hello world", true).unwrap(),
+            vec![1, hello, world]
+        );
+        assert_eq!(
+            tok.encode("hello world", false).unwrap(),
+            vec![hello, world]
+        );
+        assert_eq!(tok.decode(&[1, hello, world, 2]).unwrap(), "hello world");
+        // "é" is not a piece: it becomes its two UTF-8 bytes and decodes back.
+        let ids = tok.encode("hello é", false).unwrap();
+        let c3 = tok.token_id("<0xC3>").unwrap();
+        let a9 = tok.token_id("<0xA9>").unwrap();
+        assert!(ids.windows(2).any(|w| w == [c3, a9]), "{ids:?}");
+        assert_eq!(tok.decode(&ids).unwrap(), "hello é");
+    }
+
+    #[test]
+    fn missing_tokenizer_metadata_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("none.gguf");
+        let arch = Value::String("llama".into());
+        gguf_file::write(
+            &mut std::fs::File::create(&p).unwrap(),
+            &[("general.architecture", &arch)],
+            &[],
+        )
+        .unwrap();
+        let e = from_gguf(&GgufFile::open(&p).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("tokenizer.ggml.model"), "{e}");
+    }
+}
