@@ -4,7 +4,7 @@
 
 use super::attention::Attention;
 use super::config::ModelConfig;
-use super::layers::{Linear, Mlp, RmsNorm};
+use super::layers::{Embedding, Linear, Mlp, RmsNorm};
 use super::rope::Rope;
 use crate::checkpoint::Weights;
 use crate::error::{Result, TernError};
@@ -53,7 +53,7 @@ struct Block {
 #[derive(Debug, Clone)]
 pub struct Model {
     cfg: ModelConfig,
-    embed: Tensor,
+    embed: Embedding,
     blocks: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -68,27 +68,43 @@ impl Model {
         Self::with_head(cfg, w, false)
     }
 
-    /// As [`Model::new`]; with `quantized_head`, a tied quantized embedding also serves as
-    /// the output head in quantized form (faster decode, int8-rounded logits).
+    /// As [`Model::new`]; with `quantized_head`, a tied quantized embedding serves as the
+    /// output head through candle's quantized matmul (int8-rounded activations, as llama.cpp).
     pub fn with_head(cfg: &ModelConfig, w: &Weights, quantized_head: bool) -> Result<Self> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-        let embed = w.float("model.embed_tokens.weight", &[v, h])?;
-        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
-            let stored = w.matmul("model.embed_tokens.weight", &[v, h])?;
-            match stored {
-                QMatMul::QTensor(q) if !quantized_head && q.dtype() == GgmlDType::Q8_0 => {
+        let stored = w.matmul("model.embed_tokens.weight", &[v, h])?;
+        let tied = cfg.tie_word_embeddings && !w.contains("lm_head.weight");
+        let (embed, lm_head) = match stored {
+            QMatMul::QTensor(q) if tied && !quantized_head && q.dtype() != GgmlDType::Q8_0 => {
+                // No exact kernel for this block type: the float table serves both lookups and
+                // an exact head (int8 activation rounding flips near-tied greedy choices).
+                let t = w.float("model.embed_tokens.weight", &[v, h])?;
+                (
+                    Embedding::Float(t.clone()),
+                    Linear::new(QMatMul::Tensor(t), None),
+                )
+            }
+            // On GPUs QTensor::data() copies to the host, so row lookups stay CPU-only for now.
+            QMatMul::QTensor(q) if w.device().is_cpu() => {
+                let head = if !tied {
+                    Linear::load(w, "lm_head", v, h, false)?
+                } else if quantized_head {
+                    Linear::new(QMatMul::QTensor(q.clone()), None)
+                } else {
                     // Exact logits from the 8-bit blocks, reading 30% of an f32 copy's bytes.
                     Linear::exact_q8_0(Q8_0Matrix::new(v, h, q.data()?.to_vec())?)
-                }
-                QMatMul::QTensor(_) if !quantized_head => {
-                    // The float embedding is resident anyway for lookups; as the head it keeps
-                    // logits exact (int8 activation rounding flips near-tied greedy choices).
-                    Linear::new(QMatMul::Tensor(embed.clone()), None)
-                }
-                other => Linear::new(other, None),
+                };
+                (Embedding::Quant(q), head)
             }
-        } else {
-            Linear::load(w, "lm_head", v, h, false)?
+            other => {
+                let t = w.float("model.embed_tokens.weight", &[v, h])?;
+                let head = if tied {
+                    Linear::new(other, None)
+                } else {
+                    Linear::load(w, "lm_head", v, h, false)?
+                };
+                (Embedding::Float(t), head)
+            }
         };
         let freq_factors = if w.contains("rope_freqs.weight") {
             let t = w.float("rope_freqs.weight", &[cfg.head_dim / 2])?;
@@ -171,11 +187,10 @@ impl Model {
             ));
         }
         let offset = cache.pos;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            b,
-            s,
-            self.cfg.hidden_size,
-        ))?;
+        let mut x = self
+            .embed
+            .lookup(&ids.flatten_all()?, self.dtype)?
+            .reshape((b, s, self.cfg.hidden_size))?;
         for (blk, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             let h = blk
                 .attn

@@ -171,3 +171,48 @@ impl Mlp {
         self.down.forward(&(g * self.up.forward(x)?)?)
     }
 }
+
+/// Token embedding: a float table, or quantized rows dequantized only when looked up (an f32
+/// copy of a large vocabulary costs gigabytes: 2 GB for Llama 3 8B).
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    /// A float `[vocab, hidden]` table.
+    Float(Tensor),
+    /// GGML blocks, one row per token.
+    Quant(Arc<candle_core::quantized::QTensor>),
+}
+
+impl Embedding {
+    /// Rows for `ids` (flat), as `[n, hidden]` in `dtype`.
+    pub fn lookup(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+        match self {
+            Embedding::Float(t) => Ok(t.index_select(ids, 0)?),
+            Embedding::Quant(q) => {
+                let (vocab, hidden) = q.shape().dims2()?;
+                let row_bytes = hidden / q.dtype().block_size() * q.dtype().type_size();
+                let data = q.data()?;
+                let rows = ids
+                    .to_vec1::<u32>()?
+                    .into_iter()
+                    .map(|id| {
+                        let id = id as usize;
+                        if id >= vocab {
+                            return Err(TernError::InvalidArgument(format!(
+                                "token id {id} is outside the embedding of {vocab} rows"
+                            )));
+                        }
+                        let raw = &data[id * row_bytes..(id + 1) * row_bytes];
+                        let row = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                            q.dtype(),
+                            raw,
+                            vec![1, hidden],
+                            &q.device(),
+                        )?;
+                        Ok(row.dequantize(&q.device())?)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&rows, 0)?.to_dtype(dtype)?)
+            }
+        }
+    }
+}
