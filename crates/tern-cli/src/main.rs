@@ -53,6 +53,10 @@ fn init_logging(verbose: u8) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    // Single-threaded here, before any model code: see the function's doc for why.
+    if matches!(cli.command, Command::Generate(_) | Command::Bench(_)) {
+        tern::device::pin_cpu_threads();
+    }
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
