@@ -11,6 +11,26 @@ fn tern(args: &[&str]) -> Output {
         .expect("run tern")
 }
 
+/// `tern generate` greedy on `model` for `prompt`, as text or jsonl.
+fn greedy(model: &str, prompt: &str, max_tokens: usize, jsonl: bool) -> Output {
+    let n = max_tokens.to_string();
+    let mut args = vec![
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        prompt,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        &n,
+    ];
+    if jsonl {
+        args.extend(["--output", "jsonl"]);
+    }
+    tern(&args)
+}
+
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tern/tests/fixtures/models")
@@ -55,19 +75,12 @@ fn help_and_completions_need_no_model() {
 fn jsonl_output_matches_the_reference() {
     let r = reference("llama");
     let model = fixture("llama");
-    let o = tern(&[
-        "generate",
-        "--model",
+    let o = greedy(
         model.to_str().unwrap(),
-        "--prompt",
         r["prompt"].as_str().unwrap(),
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "8",
-        "--output",
-        "jsonl",
-    ]);
+        8,
+        true,
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let lines: Vec<serde_json::Value> = String::from_utf8(o.stdout)
         .unwrap()
@@ -95,36 +108,24 @@ fn jsonl_output_matches_the_reference() {
 fn text_output_streams_the_same_tokens() {
     let r = reference("qwen2");
     let model = fixture("qwen2");
-    let jsonl = tern(&[
-        "generate",
-        "--model",
+    let jsonl = greedy(
         model.to_str().unwrap(),
-        "--prompt",
         r["prompt"].as_str().unwrap(),
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "6",
-        "--output",
-        "jsonl",
-    ]);
+        6,
+        true,
+    );
     let pieces: String = String::from_utf8(jsonl.stdout)
         .unwrap()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| v["text"].as_str().map(String::from))
         .collect();
-    let text = tern(&[
-        "generate",
-        "--model",
+    let text = greedy(
         model.to_str().unwrap(),
-        "--prompt",
         r["prompt"].as_str().unwrap(),
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "6",
-    ]);
+        6,
+        false,
+    );
     assert!(text.status.success());
     assert_eq!(
         String::from_utf8(text.stdout).unwrap(),

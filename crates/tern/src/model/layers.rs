@@ -32,7 +32,6 @@ enum LinearWeight {
 pub struct Linear {
     w: LinearWeight,
     b: Option<Tensor>,
-    quantized: bool,
 }
 
 impl Linear {
@@ -58,13 +57,11 @@ impl Linear {
         Self {
             w: LinearWeight::Kernel(Arc::new(m)),
             b: None,
-            quantized: true,
         }
     }
 
     /// Wraps an existing weight.
     pub fn new(w: QMatMul, b: Option<Tensor>) -> Self {
-        let quantized = matches!(w, QMatMul::QTensor(_));
         let w = match &w {
             QMatMul::QTensor(q) if q.dtype() == GgmlDType::Q4_1 => {
                 let (rows, cols) = q.shape().dims2().unwrap_or((0, 0));
@@ -79,35 +76,30 @@ impl Linear {
             }
             _ => LinearWeight::Candle(w),
         };
-        Self { w, b, quantized }
+        Self { w, b }
     }
 
     /// Applies the layer to `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // Quantized matmul takes f32 activations; convert around it for other dtypes.
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
-        let w = match &self.w {
-            LinearWeight::Kernel(m) => {
-                let y = if rows >= DEQUANT_MIN_ROWS {
-                    let w = m.dequantize(x.device())?.to_dtype(x.dtype())?;
-                    x.broadcast_matmul(&w.t()?)?
-                } else {
-                    m.forward(&x.to_dtype(DType::F32)?.contiguous()?)?
-                        .to_dtype(x.dtype())?
-                };
-                return self.add_bias(y);
-            }
-            LinearWeight::Candle(w) => w,
+        let prefill = rows >= DEQUANT_MIN_ROWS;
+        // Dequantized weight times x in x's dtype (the exact, compute-bound prefill path).
+        let dense =
+            |w: Tensor| -> Result<Tensor> { Ok(x.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)?) };
+        // Quantized kernels take f32 activations; convert around them for other dtypes.
+        let in_f32 = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<Tensor> {
+            Ok(f(&x.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(x.dtype())?)
         };
-        let y = match w {
-            QMatMul::QTensor(q) if rows >= DEQUANT_MIN_ROWS => {
-                let w = q.dequantize(x.device())?.to_dtype(x.dtype())?;
-                x.broadcast_matmul(&w.t()?)?
+        let y = match &self.w {
+            LinearWeight::Kernel(m) if prefill => dense(m.dequantize(x.device())?)?,
+            LinearWeight::Kernel(m) => in_f32(&|x| m.forward(x))?,
+            LinearWeight::Candle(QMatMul::QTensor(q)) if prefill => {
+                dense(q.dequantize(x.device())?)?
             }
-            _ if self.quantized && x.dtype() != DType::F32 => {
-                w.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
+            LinearWeight::Candle(w @ QMatMul::QTensor(_)) if x.dtype() != DType::F32 => {
+                in_f32(&|x| Ok(w.forward(x)?))?
             }
-            _ => w.forward(x)?,
+            LinearWeight::Candle(w) => w.forward(x)?,
         };
         self.add_bias(y)
     }

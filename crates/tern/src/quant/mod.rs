@@ -7,6 +7,49 @@ pub mod q8_0;
 use crate::error::Result;
 use candle_core::{Device, Tensor};
 
+/// The rows of a `[rows, cols]` matrix stored as GGML blocks of `BLOCK` elements each.
+#[derive(Debug, Clone)]
+pub(crate) struct BlockRows {
+    pub rows: usize,
+    pub cols: usize,
+    row_bytes: usize,
+    pub data: Vec<u8>,
+}
+
+/// Elements per block in every type these kernels read.
+pub(crate) const BLOCK: usize = 32;
+
+impl BlockRows {
+    /// Checks that `data` holds exactly `rows` rows of `cols / 32` blocks of `block_bytes`.
+    pub fn new(
+        kind: &str,
+        rows: usize,
+        cols: usize,
+        block_bytes: usize,
+        data: Vec<u8>,
+    ) -> Result<Self> {
+        let row_bytes = cols / BLOCK * block_bytes;
+        if !cols.is_multiple_of(BLOCK) || data.len() != rows * row_bytes {
+            return Err(crate::TernError::InvalidArgument(format!(
+                "{kind} matrix [{rows}, {cols}] needs cols % {BLOCK} == 0 and {} bytes, got {}",
+                rows * row_bytes,
+                data.len()
+            )));
+        }
+        Ok(Self {
+            rows,
+            cols,
+            row_bytes,
+            data,
+        })
+    }
+
+    /// The bytes of row `r`.
+    pub fn row(&self, r: usize) -> &[u8] {
+        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+}
+
 /// A quantized `[rows, cols]` matrix with a matrix-vector kernel of tern's own.
 pub trait RowKernel: std::fmt::Debug + Send + Sync {
     /// `[rows, cols]`.

@@ -5,23 +5,17 @@
 //! llama.cpp. The math is ggml's: activations are rounded per 32-block to int8 (`Q8_1`-style
 //! with the block sum kept), and each block contributes `d_w*d_x*Σ q_w*q_x + m_w*s_x`.
 
-use super::{par_rows, use_avx2, RowKernel};
-use crate::error::{Result, TernError};
+use super::{par_rows, use_avx2, BlockRows, RowKernel, BLOCK};
+use crate::error::Result;
 use candle_core::{Device, Tensor};
 use half::f16;
 
-/// Elements per block.
-pub const BLOCK: usize = 32;
 /// Bytes per block: f16 scale, f16 min, 16 bytes of nibbles.
 pub const BLOCK_BYTES: usize = 20;
 
 /// A `[rows, cols]` matrix of Q4_1 blocks, row-major, in ggml's byte layout.
 #[derive(Debug, Clone)]
-pub struct Q4_1Matrix {
-    rows: usize,
-    cols: usize,
-    data: Vec<u8>,
-}
+pub struct Q4_1Matrix(BlockRows);
 
 /// One row of activations rounded to int8 per block.
 struct Q8Row {
@@ -114,29 +108,21 @@ const ROWS_PER_TASK: usize = 32;
 impl Q4_1Matrix {
     /// Wraps ggml Q4_1 bytes for a `[rows, cols]` matrix.
     pub fn new(rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
-        if !cols.is_multiple_of(BLOCK) || data.len() != rows * cols / BLOCK * BLOCK_BYTES {
-            return Err(TernError::InvalidArgument(format!(
-                "Q4_1 matrix [{rows}, {cols}] needs cols % 32 == 0 and {} bytes, got {}",
-                rows * (cols / BLOCK) * BLOCK_BYTES,
-                data.len()
-            )));
-        }
-        Ok(Self { rows, cols, data })
+        BlockRows::new("Q4_1", rows, cols, BLOCK_BYTES, data).map(Self)
     }
 
     fn row(&self, r: usize) -> &[u8] {
-        let n = self.cols / BLOCK * BLOCK_BYTES;
-        &self.data[r * n..(r + 1) * n]
+        self.0.row(r)
     }
 }
 
 impl RowKernel for Q4_1Matrix {
     fn dims(&self) -> (usize, usize) {
-        (self.rows, self.cols)
+        (self.0.rows, self.0.cols)
     }
 
     fn matvec(&self, x: &[f32], out: &mut [f32]) {
-        assert_eq!((x.len(), out.len()), (self.cols, self.rows));
+        assert_eq!((x.len(), out.len()), (self.0.cols, self.0.rows));
         let xq = quantize_row(x);
         let avx2 = use_avx2();
         par_rows(out, ROWS_PER_TASK, |r| {
@@ -151,14 +137,14 @@ impl RowKernel for Q4_1Matrix {
     }
 
     fn dequantize(&self, device: &Device) -> Result<Tensor> {
-        let mut v = Vec::with_capacity(self.rows * self.cols);
-        for blk in self.data.chunks_exact(BLOCK_BYTES) {
+        let mut v = Vec::with_capacity(self.0.rows * self.0.cols);
+        for blk in self.0.data.chunks_exact(BLOCK_BYTES) {
             let (d, m) = block_params(blk);
             let q = &blk[4..];
             v.extend(q.iter().map(|b| d * (b & 0x0f) as f32 + m));
             v.extend(q.iter().map(|b| d * (b >> 4) as f32 + m));
         }
-        Ok(Tensor::from_vec(v, (self.rows, self.cols), device)?)
+        Ok(Tensor::from_vec(v, (self.0.rows, self.0.cols), device)?)
     }
 }
 

@@ -5,24 +5,18 @@
 //! keeps activations in f32, so logits are exact to the stored weights, while still reading
 //! the weight at 8.5 bits instead of the 32 of a dequantized copy.
 
-use super::{par_rows, use_avx2, RowKernel};
-use crate::error::{Result, TernError};
+use super::{par_rows, use_avx2, BlockRows, RowKernel, BLOCK};
+use crate::error::Result;
 use candle_core::{Device, Tensor};
 use half::f16;
 
-/// Elements per block.
-pub const BLOCK: usize = 32;
 /// Bytes per block: f16 scale then 32 int8 values.
 pub const BLOCK_BYTES: usize = 34;
 const ROWS_PER_TASK: usize = 256;
 
 /// A `[rows, cols]` matrix of Q8_0 blocks in ggml's byte layout.
 #[derive(Debug, Clone)]
-pub struct Q8_0Matrix {
-    rows: usize,
-    cols: usize,
-    data: Vec<u8>,
-}
+pub struct Q8_0Matrix(BlockRows);
 
 fn dot_scalar(row: &[u8], x: &[f32]) -> f32 {
     let mut acc = 0f32;
@@ -64,29 +58,21 @@ unsafe fn dot_avx2(row: &[u8], x: &[f32]) -> f32 {
 impl Q8_0Matrix {
     /// Wraps ggml Q8_0 bytes for a `[rows, cols]` matrix.
     pub fn new(rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
-        if !cols.is_multiple_of(BLOCK) || data.len() != rows * (cols / BLOCK) * BLOCK_BYTES {
-            return Err(TernError::InvalidArgument(format!(
-                "Q8_0 matrix [{rows}, {cols}] needs cols % 32 == 0 and {} bytes, got {}",
-                rows * (cols / BLOCK) * BLOCK_BYTES,
-                data.len()
-            )));
-        }
-        Ok(Self { rows, cols, data })
+        BlockRows::new("Q8_0", rows, cols, BLOCK_BYTES, data).map(Self)
     }
 
     fn row(&self, r: usize) -> &[u8] {
-        let n = self.cols / BLOCK * BLOCK_BYTES;
-        &self.data[r * n..(r + 1) * n]
+        self.0.row(r)
     }
 }
 
 impl RowKernel for Q8_0Matrix {
     fn dims(&self) -> (usize, usize) {
-        (self.rows, self.cols)
+        (self.0.rows, self.0.cols)
     }
 
     fn matvec(&self, x: &[f32], out: &mut [f32]) {
-        assert_eq!((x.len(), out.len()), (self.cols, self.rows));
+        assert_eq!((x.len(), out.len()), (self.0.cols, self.0.rows));
         let avx2 = use_avx2();
         par_rows(out, ROWS_PER_TASK, |r| {
             #[cfg(target_arch = "x86_64")]
@@ -100,12 +86,12 @@ impl RowKernel for Q8_0Matrix {
     }
 
     fn dequantize(&self, device: &Device) -> Result<Tensor> {
-        let mut v = Vec::with_capacity(self.rows * self.cols);
-        for blk in self.data.chunks_exact(BLOCK_BYTES) {
+        let mut v = Vec::with_capacity(self.0.rows * self.0.cols);
+        for blk in self.0.data.chunks_exact(BLOCK_BYTES) {
             let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
             v.extend(blk[2..].iter().map(|&q| d * q as i8 as f32));
         }
-        Ok(Tensor::from_vec(v, (self.rows, self.cols), device)?)
+        Ok(Tensor::from_vec(v, (self.0.rows, self.0.cols), device)?)
     }
 }
 
