@@ -5,6 +5,7 @@ pub mod gguf;
 pub mod hf_dir;
 pub mod safetensors;
 pub mod weights;
+pub mod writer;
 
 pub use gguf::GgufFile;
 pub use hf_dir::HfDir;

@@ -1,0 +1,170 @@
+//! Writing safetensors files atomically: a temp file in the same directory, renamed over the
+//! final name only once every byte is on disk, so a failed or interrupted write never leaves
+//! a half file behind. Tensors can be handed over whole or streamed one at a time (a merge
+//! never holds a second copy of the model).
+
+use crate::error::{Result, TernError};
+use candle_core::{DType, Device, Tensor};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// What one tensor of a file to be written will be.
+#[derive(Debug, Clone)]
+pub struct TensorSpec {
+    /// Tensor name.
+    pub name: String,
+    /// Stored dtype.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    /// Bytes of its data.
+    pub fn nbytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size_in_bytes()
+    }
+}
+
+fn dtype_name(name: &str, d: DType) -> Result<&'static str> {
+    Ok(match d {
+        DType::F32 => "F32",
+        DType::F16 => "F16",
+        DType::BF16 => "BF16",
+        DType::F64 => "F64",
+        DType::I64 => "I64",
+        DType::U32 => "U32",
+        DType::U8 => "U8",
+        other => {
+            return Err(TernError::InvalidArgument(format!(
+                "cannot write tensor `{name}` of dtype {other:?} to safetensors"
+            )))
+        }
+    })
+}
+
+/// The header bytes (length prefix included) for tensors laid out in order.
+fn header(specs: &[TensorSpec]) -> Result<Vec<u8>> {
+    let mut h = serde_json::Map::new();
+    // transformers refuses weight files whose metadata does not say which framework wrote
+    // them; PEFT and vLLM load through it.
+    h.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for s in specs {
+        let n = s.nbytes();
+        h.insert(
+            s.name.clone(),
+            serde_json::json!({"dtype": dtype_name(&s.name, s.dtype)?, "shape": s.shape, "data_offsets": [offset, offset + n]}),
+        );
+        offset += n;
+    }
+    let mut head = serde_json::to_vec(&h).expect("json map serialises");
+    // Pad so the data section starts 8-byte aligned, as the reference writer does.
+    while !(8 + head.len()).is_multiple_of(8) {
+        head.push(b' ');
+    }
+    let mut out = (head.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&head);
+    Ok(out)
+}
+
+/// A temp path beside `path` that the final rename can replace it from.
+pub fn temp_beside(path: &Path) -> PathBuf {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
+        std::process::id()
+    ))
+}
+
+/// Writes `bytes` to `path` atomically.
+pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_beside(path);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        TernError::io(path, e)
+    })
+}
+
+/// Writes a safetensors file atomically, asking `fill(i)` for the bytes of tensor `i` in
+/// order; each answer must be exactly `specs[i].nbytes()` long.
+pub fn write_streaming(
+    path: &Path,
+    specs: &[TensorSpec],
+    mut fill: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<()> {
+    let head = header(specs)?;
+    let tmp = temp_beside(path);
+    let result = (|| -> Result<()> {
+        let io = |e| TernError::io(path, e);
+        let mut f =
+            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).map_err(io)?);
+        f.write_all(&head).map_err(io)?;
+        for (i, s) in specs.iter().enumerate() {
+            let b = fill(i)?;
+            if b.len() != s.nbytes() {
+                return Err(TernError::InvalidArgument(format!(
+                    "tensor `{}`: {} bytes given for {} expected",
+                    s.name,
+                    b.len(),
+                    s.nbytes()
+                )));
+            }
+            f.write_all(&b).map_err(io)?;
+        }
+        let f = f.into_inner().map_err(|e| io(e.into_error()))?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Writes tensors to a safetensors file atomically.
+pub fn write_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let tensors = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<Vec<_>>>()?;
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|(n, t)| TensorSpec {
+            name: n.clone(),
+            dtype: t.dtype(),
+            shape: t.dims().to_vec(),
+        })
+        .collect();
+    write_streaming(path, &specs, |i| tensor_bytes(&tensors[i].1))
+}
+
+/// A tensor's data as little-endian bytes.
+pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    fn to_bytes<T: candle_core::WithDType + Copy>(t: &Tensor) -> Result<Vec<u8>> {
+        let v = t.flatten_all()?.to_vec1::<T>()?;
+        let n = std::mem::size_of_val(v.as_slice());
+        // SAFETY: plain-old-data numeric slice reinterpreted as bytes of the same length.
+        let bytes = unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, n) };
+        Ok(bytes.to_vec())
+    }
+    match t.dtype() {
+        DType::F32 => to_bytes::<f32>(t),
+        DType::F16 => to_bytes::<half::f16>(t),
+        DType::BF16 => to_bytes::<half::bf16>(t),
+        DType::F64 => to_bytes::<f64>(t),
+        DType::I64 => to_bytes::<i64>(t),
+        DType::U32 => to_bytes::<u32>(t),
+        DType::U8 => to_bytes::<u8>(t),
+        other => Err(TernError::InvalidArgument(format!(
+            "cannot serialise dtype {other:?}"
+        ))),
+    }
+}
