@@ -137,6 +137,23 @@ pub enum TernError {
     /// The chat template failed to parse or render.
     #[error("chat template: {0}")]
     Template(String),
+    /// A LoRA adapter's files are malformed, use a PEFT feature tern does not support, or do
+    /// not fit the base model.
+    #[error("{path}: {detail}")]
+    Adapter {
+        /// The adapter directory or file at fault.
+        path: PathBuf,
+        /// What is wrong and what to do about it.
+        detail: String,
+    },
+    /// No adapter of this name is registered.
+    #[error("unknown adapter `{name}` (loaded: {known}); load it first")]
+    UnknownAdapter {
+        /// The name asked for.
+        name: String,
+        /// Comma-separated names that are registered, or `none`.
+        known: String,
+    },
     /// A caller passed a bad argument (e.g. a sampling parameter out of range).
     #[error("{0}")]
     InvalidArgument(String),

@@ -1,7 +1,7 @@
 //! tern: load Hugging Face and GGUF checkpoints of the Llama/Qwen family and stream tokens
 //! from them; the library under the `tern` CLI and server.
 //!
-//! Modules go from the bottom up: `device` → `checkpoint` → `tokenizer` → `model` →
+//! Modules go from the bottom up: `device` → `checkpoint` → `tokenizer` → `lora` → `quant` → `model` →
 //! `generate` → `bench`; each uses only the ones before it.
 #![warn(missing_docs)]
 
@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod device;
 pub mod error;
 pub mod generate;
+pub mod lora;
 pub mod model;
 pub mod quant;
 pub mod tokenizer;

@@ -8,8 +8,10 @@ pub use sampler::{Sampler, SamplingParams};
 pub use stop::StopMatcher;
 
 use crate::error::{Result, TernError};
+use crate::lora::{BatchAdapters, LoraAdapter};
 use crate::model::{Cache, LoadedModel};
 use crate::tokenizer::{ChatMessage, IncrementalDecoder};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Why a sequence ended.
@@ -59,6 +61,9 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Whether EOS ids end the sequence (off for reference tests that run past EOS).
     pub stop_at_eos: bool,
+    /// The LoRA adapter to generate with (`None`: the base model). The request holds this
+    /// version until it finishes, whatever happens to the registry meanwhile.
+    pub adapter: Option<Arc<LoraAdapter>>,
 }
 
 impl GenerateRequest {
@@ -70,7 +75,14 @@ impl GenerateRequest {
             max_tokens,
             stop: vec![],
             stop_at_eos: true,
+            adapter: None,
         }
+    }
+
+    /// The same request with an adapter.
+    pub fn with_adapter(mut self, adapter: Option<Arc<LoraAdapter>>) -> Self {
+        self.adapter = adapter;
+        self
     }
 }
 
@@ -186,6 +198,7 @@ pub struct Generator<'a> {
     lm: &'a LoadedModel,
     req: GenerateRequest,
     cache: Cache,
+    adapters: BatchAdapters,
     sampler: Sampler,
     seen: Vec<u32>,
     decoder: IncrementalDecoder,
@@ -228,6 +241,7 @@ impl<'a> Generator<'a> {
             decoder: IncrementalDecoder::new(&req.prompt_ids),
             stops: StopMatcher::new(&req.stop),
             cache: lm.model.new_cache(),
+            adapters: BatchAdapters::uniform(req.adapter.clone()),
             to_feed: None,
             generated: 0,
             done: false,
@@ -251,13 +265,20 @@ impl<'a> Generator<'a> {
             None => {
                 let t = Instant::now();
                 self.started = t;
-                let l = self.lm.model.step(&self.req.prompt_ids, &mut self.cache)?;
+                let l = self.lm.model.step_with(
+                    &self.req.prompt_ids,
+                    &mut self.cache,
+                    &self.adapters,
+                )?;
                 self.stats.prefill = t.elapsed();
                 l
             }
             Some(id) => {
                 let t = Instant::now();
-                let l = self.lm.model.step(&[id], &mut self.cache)?;
+                let l = self
+                    .lm
+                    .model
+                    .step_with(&[id], &mut self.cache, &self.adapters)?;
                 self.stats.decode += t.elapsed();
                 l
             }

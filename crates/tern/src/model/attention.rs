@@ -6,6 +6,7 @@ use super::layers::{Linear, RmsNorm};
 use super::rope::Rope;
 use crate::checkpoint::Weights;
 use crate::error::Result;
+use crate::lora::BatchAdapters;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::kv_cache::KvCache;
 
@@ -60,6 +61,7 @@ impl Attention {
         rope: &Rope,
         cache: &mut KvCache,
         offset: usize,
+        ad: &BatchAdapters,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let hd = self.head_dim;
@@ -71,9 +73,9 @@ impl Attention {
             };
             Ok(t.transpose(1, 2)?.contiguous()?)
         };
-        let q = split(self.q.forward(x)?, self.heads, &self.q_norm)?;
-        let k = split(self.k.forward(x)?, self.kv_heads, &self.k_norm)?;
-        let v = split(self.v.forward(x)?, self.kv_heads, &None)?;
+        let q = split(self.q.forward_with(x, ad)?, self.heads, &self.q_norm)?;
+        let k = split(self.k.forward_with(x, ad)?, self.kv_heads, &self.k_norm)?;
+        let v = split(self.v.forward_with(x, ad)?, self.kv_heads, &None)?;
         let q = rope.apply(&q, offset)?;
         let k = rope.apply(&k, offset)?;
         let (k, v) = cache.append(&k, &v)?;
@@ -101,7 +103,19 @@ impl Attention {
             .reshape((b, self.heads, s, hd))?
             .transpose(1, 2)?
             .reshape((b, s, self.heads * hd))?;
-        self.o.forward(&y)
+        self.o.forward_with(&y, ad)
+    }
+
+    /// Whether any projection keeps quantized weights.
+    pub fn is_quantized(&self) -> bool {
+        [&self.q, &self.k, &self.v, &self.o]
+            .iter()
+            .any(|l| l.is_quantized())
+    }
+
+    /// Its four projections.
+    pub fn linears_mut(&mut self) -> [&mut Linear; 4] {
+        [&mut self.q, &mut self.k, &mut self.v, &mut self.o]
     }
 }
 

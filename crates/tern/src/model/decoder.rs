@@ -8,6 +8,7 @@ use super::layers::{Embedding, Linear, Mlp, RmsNorm};
 use super::rope::Rope;
 use crate::checkpoint::Weights;
 use crate::error::{Result, TernError};
+use crate::lora::{BatchAdapters, LoraAdapter, SlotTable};
 use crate::quant::q8_0::Q8_0Matrix;
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Tensor};
@@ -60,6 +61,9 @@ pub struct Model {
     rope: Rope,
     dtype: DType,
     device: Device,
+    slots: SlotTable,
+    /// Versions of the adapters folded into the weights, in merge order.
+    merged: Vec<u64>,
 }
 
 impl Model {
@@ -81,7 +85,7 @@ impl Model {
                 let t = w.float("model.embed_tokens.weight", &[v, h])?;
                 (
                     Embedding::Float(t.clone()),
-                    Linear::new(QMatMul::Tensor(t), None),
+                    Linear::new(QMatMul::Tensor(t), None).named("lm_head"),
                 )
             }
             // On GPUs QTensor::data() copies to the host, so row lookups stay CPU-only for now.
@@ -89,7 +93,7 @@ impl Model {
                 let head = if !tied {
                     Linear::load(w, "lm_head", v, h, false)?
                 } else if quantized_head {
-                    Linear::new(QMatMul::QTensor(q.clone()), None)
+                    Linear::new(QMatMul::QTensor(q.clone()), None).named("lm_head")
                 } else {
                     // Exact logits from the 8-bit blocks, reading 30% of an f32 copy's bytes.
                     Linear::exact_q8_0(Q8_0Matrix::new(v, h, q.data()?.to_vec())?)
@@ -99,7 +103,7 @@ impl Model {
             other => {
                 let t = w.float("model.embed_tokens.weight", &[v, h])?;
                 let head = if tied {
-                    Linear::new(other, None)
+                    Linear::new(other, None).named("lm_head")
                 } else {
                     Linear::load(w, "lm_head", v, h, false)?
                 };
@@ -140,7 +144,7 @@ impl Model {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
+        let mut m = Self {
             cfg: cfg.clone(),
             embed,
             blocks,
@@ -149,7 +153,86 @@ impl Model {
             rope,
             dtype: w.dtype(),
             device: w.device().clone(),
-        })
+            slots: SlotTable::default(),
+            merged: vec![],
+        };
+        let mut slots = SlotTable::default();
+        for (l, is_head) in m.linears_mut() {
+            let (out_dim, in_dim) = l.dims()?;
+            let slot = slots.push(l.name(), out_dim, in_dim, is_head);
+            l.set_slot(slot);
+        }
+        m.slots = slots;
+        Ok(m)
+    }
+
+    /// Every linear layer, with whether it is the output head.
+    fn linears_mut(&mut self) -> Vec<(&mut Linear, bool)> {
+        let mut v: Vec<(&mut Linear, bool)> = Vec::new();
+        for b in &mut self.blocks {
+            v.extend(b.attn.linears_mut().into_iter().map(|l| (l, false)));
+            v.extend(b.mlp.linears_mut().into_iter().map(|l| (l, false)));
+        }
+        v.push((&mut self.lm_head, true));
+        v
+    }
+
+    /// Whether any linear layer keeps quantized weights.
+    pub fn is_quantized(&self) -> bool {
+        self.blocks
+            .iter()
+            .any(|b| b.attn.is_quantized() || b.mlp.is_quantized())
+    }
+
+    /// The linear layers adapters can attach to, numbered.
+    pub fn slots(&self) -> &SlotTable {
+        &self.slots
+    }
+
+    /// Folds `adapter` into the weights (zero per-token cost afterwards; quantized layers it
+    /// touches become float). Undo with [`Model::unmerge_adapter`].
+    pub fn merge_adapter(&mut self, adapter: &LoraAdapter) -> Result<()> {
+        if self.merged.contains(&adapter.version()) {
+            return Err(TernError::InvalidArgument(format!(
+                "adapter `{}` is already merged",
+                adapter.name()
+            )));
+        }
+        self.fold(adapter, 1.0)?;
+        self.merged.push(adapter.version());
+        Ok(())
+    }
+
+    /// Subtracts a merged adapter again (exact up to f32 rounding of the weights).
+    pub fn unmerge_adapter(&mut self, adapter: &LoraAdapter) -> Result<()> {
+        let Some(pos) = self.merged.iter().position(|v| *v == adapter.version()) else {
+            return Err(TernError::InvalidArgument(format!(
+                "adapter `{}` is not merged into this model",
+                adapter.name()
+            )));
+        };
+        self.fold(adapter, -1.0)?;
+        self.merged.remove(pos);
+        Ok(())
+    }
+
+    fn fold(&mut self, adapter: &LoraAdapter, sign: f64) -> Result<()> {
+        let dtype = self.dtype;
+        let mut dequantized = 0;
+        for (l, _) in self.linears_mut() {
+            let Some(slot) = l.slot() else { continue };
+            if let Some(p) = adapter.pair(slot) {
+                dequantized += usize::from(l.is_quantized());
+                l.merge(p, sign, dtype)?;
+            }
+        }
+        if dequantized > 0 {
+            tracing::warn!(
+                "merging `{}` turned {dequantized} quantized layers into {dtype:?} (more memory, slower decode); serve it unmerged to keep them quantized",
+                adapter.name()
+            );
+        }
+        Ok(())
     }
 
     /// The model's configuration.
@@ -180,6 +263,16 @@ impl Model {
     /// Runs `ids` `[batch, seq]` after what `cache` holds; returns final hidden states
     /// `[batch, seq, hidden]`.
     pub fn forward_hidden(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        self.forward_hidden_with(ids, cache, &BatchAdapters::none())
+    }
+
+    /// As [`Model::forward_hidden`], each batch row with its adapter.
+    pub fn forward_hidden_with(
+        &self,
+        ids: &Tensor,
+        cache: &mut Cache,
+        ad: &BatchAdapters,
+    ) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         if s == 0 {
             return Err(TernError::InvalidArgument(
@@ -194,36 +287,72 @@ impl Model {
         for (blk, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             let h = blk
                 .attn
-                .forward(&blk.attn_norm.forward(&x)?, &self.rope, kv, offset)?;
+                .forward(&blk.attn_norm.forward(&x)?, &self.rope, kv, offset, ad)?;
             x = (x + h)?;
-            let h = blk.mlp.forward(&blk.mlp_norm.forward(&x)?)?;
+            let h = blk.mlp.forward(&blk.mlp_norm.forward(&x)?, ad)?;
             x = (x + h)?;
         }
         cache.pos += s;
         self.norm.forward(&x)
     }
 
-    /// Output logits in f32 for hidden states `[.., hidden]`.
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+    /// Output logits in f32 for hidden states `[batch, .., hidden]`.
+    pub fn logits(&self, hidden: &Tensor, ad: &BatchAdapters) -> Result<Tensor> {
+        Ok(self
+            .lm_head
+            .forward_with(hidden, ad)?
+            .to_dtype(DType::F32)?)
     }
 
     /// Logits `[batch, seq, vocab]` for every position of `ids`.
     pub fn forward_all(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
-        let h = self.forward_hidden(ids, cache)?;
-        self.logits(&h)
+        self.forward_all_with(ids, cache, &BatchAdapters::none())
+    }
+
+    /// As [`Model::forward_all`], each batch row with its adapter.
+    pub fn forward_all_with(
+        &self,
+        ids: &Tensor,
+        cache: &mut Cache,
+        ad: &BatchAdapters,
+    ) -> Result<Tensor> {
+        let h = self.forward_hidden_with(ids, cache, ad)?;
+        self.logits(&h, ad)
     }
 
     /// Logits `[batch, vocab]` of the last position only (the generation step).
     pub fn forward_last(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
-        let h = self.forward_hidden(ids, cache)?;
+        self.forward_last_with(ids, cache, &BatchAdapters::none())
+    }
+
+    /// As [`Model::forward_last`], each batch row with its adapter.
+    pub fn forward_last_with(
+        &self,
+        ids: &Tensor,
+        cache: &mut Cache,
+        ad: &BatchAdapters,
+    ) -> Result<Tensor> {
+        let h = self.forward_hidden_with(ids, cache, ad)?;
         let s = h.dim(1)?;
-        self.logits(&h.narrow(1, s - 1, 1)?.squeeze(1)?)
+        self.logits(&h.narrow(1, s - 1, 1)?.squeeze(1)?, ad)
     }
 
     /// Convenience: logits of the last position for a token slice, as a vector.
     pub fn step(&self, ids: &[u32], cache: &mut Cache) -> Result<Vec<f32>> {
+        self.step_with(ids, cache, &BatchAdapters::none())
+    }
+
+    /// As [`Model::step`], with an adapter.
+    pub fn step_with(
+        &self,
+        ids: &[u32],
+        cache: &mut Cache,
+        ad: &BatchAdapters,
+    ) -> Result<Vec<f32>> {
         let t = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        Ok(self.forward_last(&t, cache)?.squeeze(0)?.to_vec1::<f32>()?)
+        Ok(self
+            .forward_last_with(&t, cache, ad)?
+            .squeeze(0)?
+            .to_vec1::<f32>()?)
     }
 }

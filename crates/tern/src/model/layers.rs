@@ -4,6 +4,7 @@
 use super::config::ModelConfig;
 use crate::checkpoint::Weights;
 use crate::error::{Result, TernError};
+use crate::lora::{BatchAdapters, LoraPair};
 use crate::quant::{q4_1::Q4_1Matrix, q8_0::Q8_0Matrix, RowKernel};
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Module, Tensor};
@@ -27,11 +28,16 @@ enum LinearWeight {
     Kernel(Arc<dyn RowKernel>),
 }
 
-/// `y = x W^T (+ b)`, with `W` float or quantized.
+/// `y = x W^T (+ b)`, with `W` float or quantized, plus the LoRA delta of whatever adapter
+/// each batch row uses (found by the layer's slot number).
 #[derive(Debug, Clone)]
 pub struct Linear {
     w: LinearWeight,
     b: Option<Tensor>,
+    /// Hugging Face module name (`model.layers.0.self_attn.q_proj`).
+    name: String,
+    /// Index in the model's slot table, once the model has numbered its layers.
+    slot: Option<usize>,
 }
 
 impl Linear {
@@ -49,7 +55,9 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self::new(weight, b))
+        let mut l = Self::new(weight, b);
+        l.name = prefix.to_string();
+        Ok(l)
     }
 
     /// An output head over Q8_0 blocks whose logits are exact to the stored weights.
@@ -57,6 +65,8 @@ impl Linear {
         Self {
             w: LinearWeight::Kernel(Arc::new(m)),
             b: None,
+            name: "lm_head".into(),
+            slot: None,
         }
     }
 
@@ -76,7 +86,76 @@ impl Linear {
             }
             _ => LinearWeight::Candle(w),
         };
-        Self { w, b }
+        Self {
+            w,
+            b,
+            name: String::new(),
+            slot: None,
+        }
+    }
+
+    /// Names the layer (for layers not built by [`Linear::load`]).
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = name.to_string();
+        self
+    }
+
+    /// The Hugging Face module name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match &self.w {
+            LinearWeight::Candle(QMatMul::Tensor(t))
+            | LinearWeight::Candle(QMatMul::TensorF16(t)) => t.dims2()?,
+            LinearWeight::Candle(QMatMul::QTensor(q)) => q.shape().dims2()?,
+            LinearWeight::Kernel(m) => m.dims(),
+        })
+    }
+
+    /// The layer's slot number in the model's table.
+    pub fn slot(&self) -> Option<usize> {
+        self.slot
+    }
+
+    /// Gives the layer its slot number in the model's table.
+    pub(crate) fn set_slot(&mut self, slot: usize) {
+        self.slot = Some(slot);
+    }
+
+    /// The base layer plus each row's LoRA delta.
+    pub fn forward_with(&self, x: &Tensor, adapters: &BatchAdapters) -> Result<Tensor> {
+        let y = self.forward(x)?;
+        match self.slot {
+            Some(slot) if !adapters.is_empty() => adapters.apply(slot, x, y),
+            _ => Ok(y),
+        }
+    }
+
+    /// `W += sign * scale * B A` (sign 1 merges, -1 unmerges), in f32, stored back in
+    /// `dtype`. A quantized weight becomes a float one: the sum is not on the quantization
+    /// grid.
+    pub fn merge(&mut self, pair: &LoraPair, sign: f64, dtype: DType) -> Result<()> {
+        let w = match &self.w {
+            LinearWeight::Candle(QMatMul::Tensor(t))
+            | LinearWeight::Candle(QMatMul::TensorF16(t)) => t.clone(),
+            LinearWeight::Candle(QMatMul::QTensor(q)) => q.dequantize(&q.device())?,
+            LinearWeight::Kernel(m) => m.dequantize(pair.a.device())?,
+        };
+        let delta = (pair.delta_weight()?.to_device(w.device())? * sign)?;
+        let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?;
+        self.w = LinearWeight::Candle(QMatMul::Tensor(merged));
+        Ok(())
+    }
+
+    /// Whether the weight is stored quantized.
+    pub fn is_quantized(&self) -> bool {
+        !matches!(
+            self.w,
+            LinearWeight::Candle(QMatMul::Tensor(_)) | LinearWeight::Candle(QMatMul::TensorF16(_))
+        )
     }
 
     /// Applies the layer to `[.., in]`.
@@ -157,10 +236,23 @@ impl Mlp {
         })
     }
 
-    /// Applies the MLP.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate.forward(x)?.silu()?;
-        self.down.forward(&(g * self.up.forward(x)?)?)
+    /// Applies the MLP with each row's adapter.
+    pub fn forward(&self, x: &Tensor, ad: &BatchAdapters) -> Result<Tensor> {
+        let g = self.gate.forward_with(x, ad)?.silu()?;
+        self.down
+            .forward_with(&(g * self.up.forward_with(x, ad)?)?, ad)
+    }
+
+    /// Whether any of its layers keeps quantized weights.
+    pub fn is_quantized(&self) -> bool {
+        [&self.gate, &self.up, &self.down]
+            .iter()
+            .any(|l| l.is_quantized())
+    }
+
+    /// Its three linear layers.
+    pub fn linears_mut(&mut self) -> [&mut Linear; 3] {
+        [&mut self.gate, &mut self.up, &mut self.down]
     }
 }
 

@@ -6,9 +6,11 @@ use super::decoder::Model;
 use crate::checkpoint::{weights::load_safetensors, Checkpoint, LoadReport};
 use crate::device::{default_dtype, DeviceKind};
 use crate::error::{Result, TernError};
+use crate::lora::{AdapterRegistry, LoraAdapter};
 use crate::tokenizer::{gguf::from_gguf, ChatTemplate, Tokenizer};
 use candle_core::DType;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// How to load a checkpoint.
 #[derive(Debug, Clone, Default)]
@@ -21,6 +23,10 @@ pub struct LoadOptions {
     /// For GGUF models with tied embeddings: compute logits through candle's quantized matmul
     /// (int8-rounded activations, as llama.cpp) instead of exactly from the stored blocks.
     pub quantized_head: bool,
+    /// Storage dtype of LoRA adapters; `None` = the compute dtype, except f16 over a quantized
+    /// base on the CPU (decode there is bound by bytes read, and f16 halves the adapter's;
+    /// its rounding is far below the base's own).
+    pub adapter_dtype: Option<DType>,
 }
 
 /// A model ready to generate with.
@@ -40,6 +46,8 @@ pub struct LoadedModel {
     pub source: PathBuf,
     /// `hf` or `gguf`.
     pub format: &'static str,
+    /// Storage dtype of adapters loaded for this model.
+    pub adapter_dtype: DType,
 }
 
 fn read_json(p: &Path) -> Result<serde_json::Value> {
@@ -52,6 +60,27 @@ fn read_json(p: &Path) -> Result<serde_json::Value> {
 }
 
 impl LoadedModel {
+    /// Reads a PEFT adapter for this model, its weights in the model's dtype and device.
+    pub fn load_adapter(&self, path: &Path, name: &str) -> Result<Arc<LoraAdapter>> {
+        Ok(Arc::new(LoraAdapter::load(
+            path,
+            name,
+            self.model.slots(),
+            self.adapter_dtype,
+            self.model.device(),
+        )?))
+    }
+
+    /// A registry of named adapters for this model; `budget` caps resident adapter bytes.
+    pub fn adapter_registry(&self, budget: Option<usize>) -> AdapterRegistry {
+        AdapterRegistry::new(
+            self.model.slots().clone(),
+            self.adapter_dtype,
+            self.model.device().clone(),
+            budget,
+        )
+    }
+
     /// Loads a Hugging Face directory or a GGUF file.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
         let device = opts.device.resolve()?;
@@ -110,7 +139,15 @@ impl LoadedModel {
                 }
             }
         }
+        let adapter_dtype =
+            opts.adapter_dtype
+                .unwrap_or(if model.is_quantized() && model.device().is_cpu() {
+                    DType::F16
+                } else {
+                    model.dtype()
+                });
         Ok(Self {
+            adapter_dtype,
             model,
             tokenizer,
             chat_template,

@@ -1,0 +1,174 @@
+//! The LoRA forward: `y = x W^T + scale * (x A^T) B^T` for one adapter over the whole batch
+//! or a different adapter (or none) per batch row, without ever forming `B A`.
+
+use super::adapter::LoraAdapter;
+use super::kernel::{apply_runs, RowRun, View};
+use crate::error::Result;
+use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+
+/// Below this many activation rows the fused CPU kernel runs; above it (prefill) the two thin
+/// matmuls per adapter go through candle's GEMM, which wins once there is real arithmetic.
+const KERNEL_MAX_ROWS: usize = 32;
+
+/// The batch rows that share one adapter.
+#[derive(Debug, Clone)]
+struct Group {
+    adapter: Arc<LoraAdapter>,
+    /// Batch rows, ascending.
+    rows: Vec<u32>,
+    /// The same rows as a tensor for gather/scatter; `None` when the group is the whole batch.
+    index: Option<Tensor>,
+}
+
+/// Which adapter each row of a batch uses, resolved once per forward pass and handed to every
+/// linear layer. Holding the `Arc`s pins the adapter versions for the whole step.
+#[derive(Debug, Clone, Default)]
+pub struct BatchAdapters {
+    groups: Vec<Group>,
+}
+
+impl BatchAdapters {
+    /// No adapter on any row.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// The same adapter (or none) on every row.
+    pub fn uniform(adapter: Option<Arc<LoraAdapter>>) -> Self {
+        Self {
+            groups: adapter
+                .into_iter()
+                .map(|adapter| Group {
+                    adapter,
+                    rows: vec![],
+                    index: None,
+                })
+                .collect(),
+        }
+    }
+
+    /// One entry per batch row.
+    pub fn per_row(rows: &[Option<Arc<LoraAdapter>>], device: &Device) -> Result<Self> {
+        let mut groups: Vec<Group> = Vec::new();
+        for (i, a) in rows.iter().enumerate() {
+            let Some(a) = a else { continue };
+            match groups.iter_mut().find(|g| Arc::ptr_eq(&g.adapter, a)) {
+                Some(g) => g.rows.push(i as u32),
+                None => groups.push(Group {
+                    adapter: a.clone(),
+                    rows: vec![i as u32],
+                    index: None,
+                }),
+            }
+        }
+        for g in &mut groups {
+            if g.rows.len() < rows.len() {
+                g.index = Some(Tensor::new(g.rows.as_slice(), device)?);
+            }
+        }
+        Ok(Self { groups })
+    }
+
+    /// Whether no row has an adapter.
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// The distinct adapters in use.
+    pub fn adapters(&self) -> impl Iterator<Item = &Arc<LoraAdapter>> {
+        self.groups.iter().map(|g| &g.adapter)
+    }
+
+    /// `y + delta` for the linear layer in `slot`; `x` is `[batch, .., in]` and `y`
+    /// `[batch, .., out]`, the base layer's output.
+    pub fn apply(&self, slot: usize, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        if !self.groups.iter().any(|g| g.adapter.pair(slot).is_some()) {
+            return Ok(y);
+        }
+        if let Some(out) = self.apply_kernel(slot, x, &y)? {
+            return Ok(out);
+        }
+        self.apply_ops(slot, x, y)
+    }
+
+    /// The fused path: f32 on the CPU, few rows, no gradients wanted.
+    fn apply_kernel(&self, slot: usize, x: &Tensor, y: &Tensor) -> Result<Option<Tensor>> {
+        let in_dim = x.dim(candle_core::D::Minus1)?;
+        let out_dim = y.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / in_dim.max(1);
+        if rows > KERNEL_MAX_ROWS || !x.device().is_cpu() || x.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let batch = x.dim(0)?;
+        let per_item = rows / batch.max(1);
+        let x = x.contiguous()?;
+        let Some(xv) = View::of(&x) else {
+            return Ok(None);
+        };
+        let Some(xs) = xv.f32() else {
+            return Ok(None);
+        };
+        let mut views = Vec::new();
+        for g in &self.groups {
+            if let Some(p) = g.adapter.pair(slot) {
+                if p.a.is_variable() || p.bt.is_variable() {
+                    return Ok(None); // training wants the differentiable path
+                }
+                match (View::of(&p.a), View::of(&p.bt)) {
+                    (Some(a), Some(bt)) => views.push((g, a, bt, p.scale as f32)),
+                    _ => return Ok(None),
+                }
+            }
+        }
+        let mut runs = Vec::new();
+        for (g, a, bt, scale) in &views {
+            let (a, bt) = (a.values(), bt.values());
+            if g.index.is_none() {
+                runs.push(RowRun {
+                    start: 0,
+                    len: rows,
+                    a,
+                    bt,
+                    scale: *scale,
+                });
+            } else {
+                for &r in &g.rows {
+                    let start = r as usize * per_item;
+                    runs.push(RowRun {
+                        start,
+                        len: per_item,
+                        a,
+                        bt,
+                        scale: *scale,
+                    });
+                }
+            }
+        }
+        let mut out = y.flatten_all()?.to_vec1::<f32>()?;
+        apply_runs(xs, &mut out, in_dim, out_dim, &runs);
+        Ok(Some(Tensor::from_vec(out, y.shape(), y.device())?))
+    }
+
+    /// The general path through candle ops (any device and dtype; differentiable).
+    fn apply_ops(&self, slot: usize, x: &Tensor, mut y: Tensor) -> Result<Tensor> {
+        for g in &self.groups {
+            let Some(p) = g.adapter.pair(slot) else {
+                continue;
+            };
+            let xg = match &g.index {
+                Some(idx) => x.index_select(idx, 0)?,
+                None => x.clone(),
+            };
+            // Pairs kept in f16 over a quantized base are widened for the GEMM.
+            let (a, bt) = (p.a.to_dtype(x.dtype())?, p.bt.to_dtype(x.dtype())?);
+            let t = (xg.broadcast_matmul(&a.t()?)? * p.scale)?;
+            let d = t.broadcast_matmul(&bt)?;
+            y = match &g.index {
+                Some(idx) => y.index_add(idx, &d, 0)?,
+                None => (y + d)?,
+            };
+        }
+        Ok(y)
+    }
+}

@@ -1,0 +1,333 @@
+//! `tern merge`: an adapter folded into its base checkpoint, written as a Hugging Face
+//! directory any loader reads.
+//!
+//! Tensors stream from the mapped base files to the output one at a time (a merge never
+//! holds a second copy of the model), `W + scale * B A` computed in f32 and rounded once to
+//! the output dtype. Everything is written into a temp directory beside the destination and
+//! renamed into place at the end, so an interrupted merge leaves nothing at the destination.
+
+use super::adapter::{LoraAdapter, SlotTable};
+use crate::checkpoint::safetensors::SafetensorsFile;
+use crate::checkpoint::writer::{tensor_bytes, write_bytes_atomic, write_streaming, TensorSpec};
+use crate::checkpoint::HfDir;
+use crate::error::{Result, TernError};
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How to merge.
+#[derive(Debug, Clone)]
+pub struct MergeOptions {
+    /// Output dtype of float tensors; `None` keeps each tensor's stored dtype.
+    pub dtype: Option<DType>,
+    /// Largest shard in bytes (a single larger tensor gets a shard of its own).
+    pub shard_size: u64,
+    /// Replace an existing destination.
+    pub force: bool,
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        Self {
+            dtype: None,
+            shard_size: 2_000_000_000,
+            force: false,
+        }
+    }
+}
+
+/// What a merge did.
+#[derive(Debug, Clone)]
+pub struct MergeReport {
+    /// The written directory.
+    pub out: PathBuf,
+    /// Tensors written.
+    pub tensors: usize,
+    /// Of which had the adapter folded in.
+    pub merged: usize,
+    /// Safetensors files written.
+    pub shards: usize,
+    /// Bytes of tensor data written.
+    pub bytes: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// Files of a model directory that are weights in some format (not copied to the output).
+fn is_weight_file(name: &str) -> bool {
+    name.ends_with(".safetensors")
+        || name == "model.safetensors.index.json"
+        || name.ends_with(".bin")
+        || name.ends_with(".bin.index.json")
+        || name.ends_with(".pt")
+        || name.ends_with(".pth")
+        || name.ends_with(".gguf")
+        || name.ends_with(".h5")
+        || name.ends_with(".msgpack")
+}
+
+/// Parses a size such as `2GB`, `500MB`, `200KB`, `1.5GiB` or a byte count.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.trim().parse().map_err(|_| {
+        TernError::InvalidArgument(format!(
+            "size `{s}`: expected a number with an optional unit (e.g. 2GB, 500MB, 5GiB)"
+        ))
+    })?;
+    let mult: f64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        _ => {
+            return Err(TernError::InvalidArgument(format!(
+                "size `{s}`: unknown unit `{unit}` (use B, KB, MB, GB, KiB, MiB or GiB)"
+            )))
+        }
+    };
+    if n <= 0.0 || !n.is_finite() {
+        return Err(TernError::InvalidArgument(format!(
+            "size `{s}` must be positive"
+        )));
+    }
+    Ok((n * mult) as u64)
+}
+
+/// The linear layers of a checkpoint, from its tensor headers alone.
+pub fn slots_from_headers<'a>(
+    entries: impl Iterator<Item = (&'a String, &'a [usize])>,
+) -> SlotTable {
+    let mut named: Vec<(&String, &[usize])> = entries
+        .filter(|(n, s)| n.ends_with(".weight") && s.len() == 2 && !n.contains("embed_tokens"))
+        .collect();
+    named.sort();
+    let mut slots = SlotTable::default();
+    for (n, s) in named {
+        let module = n.trim_end_matches(".weight");
+        slots.push(module, s[0], s[1], module == "lm_head");
+    }
+    slots
+}
+
+/// Folds the adapter at `adapter` into the Hugging Face checkpoint at `model` and writes the
+/// result to `out`.
+pub fn merge_checkpoint(
+    model: &Path,
+    adapter: &Path,
+    out: &Path,
+    opts: &MergeOptions,
+) -> Result<MergeReport> {
+    let t0 = Instant::now();
+    if out.exists() && !opts.force {
+        return Err(TernError::InvalidArgument(format!(
+            "{} already exists; pass --force to replace it, or choose another --out",
+            out.display()
+        )));
+    }
+    if !model.is_dir() {
+        return Err(TernError::InvalidArgument(format!(
+            "{}: merge needs a Hugging Face model directory (safetensors) as its base; GGUF bases are not supported",
+            model.display()
+        )));
+    }
+    if out.canonicalize().ok() == model.canonicalize().ok() {
+        return Err(TernError::InvalidArgument(
+            "--out must differ from --model: the base is read while the output is written".into(),
+        ));
+    }
+    let base = HfDir::open(model)?;
+    let files = base
+        .weight_files
+        .iter()
+        .map(|p| SafetensorsFile::open(p))
+        .collect::<Result<Vec<_>>>()?;
+    let mut tensors: Vec<(String, usize)> = files
+        .iter()
+        .enumerate()
+        .flat_map(|(i, f)| f.entries().keys().map(move |k| (k.clone(), i)))
+        .collect();
+    tensors.sort();
+    let slots = slots_from_headers(
+        files
+            .iter()
+            .flat_map(|f| f.entries().iter().map(|(k, e)| (k, e.shape.as_slice()))),
+    );
+    let lora = LoraAdapter::load(adapter, "merge", &slots, DType::F32, &Device::Cpu)?;
+
+    // Plan: specs in name order, split into shards.
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|(n, fi)| {
+            let e = &files[*fi].entries()[n];
+            let float = matches!(e.dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64);
+            TensorSpec {
+                name: n.clone(),
+                dtype: opts.dtype.filter(|_| float).unwrap_or(e.dtype),
+                shape: e.shape.clone(),
+            }
+        })
+        .collect();
+    let mut shards: Vec<Vec<usize>> = vec![vec![]];
+    let mut size = 0u64;
+    for (i, s) in specs.iter().enumerate() {
+        let n = s.nbytes() as u64;
+        if size > 0 && size + n > opts.shard_size {
+            shards.push(vec![]);
+            size = 0;
+        }
+        shards.last_mut().expect("one shard at least").push(i);
+        size += n;
+    }
+    let total: u64 = specs.iter().map(|s| s.nbytes() as u64).sum();
+
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| TernError::io(&parent, e))?;
+    let out_name = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("merged")
+        .to_string();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{out_name}.tmp-"))
+        .tempdir_in(&parent)
+        .map_err(|e| TernError::io(&parent, e))?;
+
+    let mut merged = 0;
+    let n_shards = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (si, idx) in shards.iter().enumerate() {
+        let file_name = if n_shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", si + 1, n_shards)
+        };
+        let shard_specs: Vec<TensorSpec> = idx.iter().map(|&i| specs[i].clone()).collect();
+        for s in &shard_specs {
+            weight_map.insert(s.name.clone(), serde_json::json!(file_name));
+        }
+        write_streaming(&tmp.path().join(&file_name), &shard_specs, |k| {
+            let spec = &shard_specs[k];
+            let (name, fi) = &tensors[idx[k]];
+            let file = &files[*fi];
+            let module = name.strip_suffix(".weight").unwrap_or(name);
+            let pair = slots.get(module).and_then(|s| lora.pair(s));
+            let stored = file.entries()[name].dtype;
+            match pair {
+                Some(p) => {
+                    merged += 1;
+                    let w = file.tensor(name, DType::F32, &Device::Cpu)?;
+                    let w: Tensor = (w + p.delta_weight()?)?;
+                    tensor_bytes(&w.to_dtype(spec.dtype)?)
+                }
+                None if stored == spec.dtype => Ok(file.bytes(name)?.1.to_vec()),
+                None => tensor_bytes(&file.tensor(name, spec.dtype, &Device::Cpu)?),
+            }
+        })?;
+    }
+    if n_shards > 1 {
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        write_bytes_atomic(
+            &tmp.path().join("model.safetensors.index.json"),
+            serde_json::to_string_pretty(&index)
+                .expect("json")
+                .as_bytes(),
+        )?;
+    }
+    copy_side_files(&base.dir, tmp.path(), opts.dtype)?;
+
+    // Into place: the destination only ever holds a complete checkpoint.
+    let staged = tmp.keep();
+    let replace = || -> Result<()> {
+        if out.exists() {
+            let old = parent.join(format!(".{out_name}.old-{}", std::process::id()));
+            std::fs::rename(out, &old).map_err(|e| TernError::io(out, e))?;
+            std::fs::rename(&staged, out).map_err(|e| TernError::io(out, e))?;
+            let _ = std::fs::remove_dir_all(&old);
+        } else {
+            std::fs::rename(&staged, out).map_err(|e| TernError::io(out, e))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = replace() {
+        let _ = std::fs::remove_dir_all(&staged);
+        return Err(e);
+    }
+    Ok(MergeReport {
+        out: out.to_path_buf(),
+        tensors: specs.len(),
+        merged,
+        shards: n_shards,
+        bytes: total,
+        elapsed: t0.elapsed(),
+    })
+}
+
+/// Copies config, tokenizer, chat template and every other non-weight file; records the new
+/// dtype in config.json when it changed.
+fn copy_side_files(from: &Path, to: &Path, dtype: Option<DType>) -> Result<()> {
+    for e in std::fs::read_dir(from).map_err(|e| TernError::io(from, e))? {
+        let e = e.map_err(|e| TernError::io(from, e))?;
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().to_string();
+        if !p.is_file() || is_weight_file(&name) || name.starts_with('.') {
+            continue;
+        }
+        let dest = to.join(&name);
+        if name == "config.json" {
+            if let Some(d) = dtype {
+                let text = std::fs::read_to_string(&p).map_err(|e| TernError::io(&p, e))?;
+                let mut v: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| TernError::Config {
+                        file: p.clone(),
+                        key: "(file)".into(),
+                        detail: format!("not valid JSON: {e}"),
+                    })?;
+                let s = match d {
+                    DType::F16 => "float16",
+                    DType::BF16 => "bfloat16",
+                    _ => "float32",
+                };
+                if let Some(o) = v.as_object_mut() {
+                    let key = if o.contains_key("dtype") {
+                        "dtype"
+                    } else {
+                        "torch_dtype"
+                    };
+                    o.insert(key.into(), serde_json::json!(s));
+                }
+                let text = serde_json::to_string_pretty(&v).expect("json") + "\n";
+                std::fs::write(&dest, text).map_err(|e| TernError::io(&dest, e))?;
+                continue;
+            }
+        }
+        std::fs::copy(&p, &dest).map_err(|e| TernError::io(&dest, e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
+        assert_eq!(parse_size("200KB").unwrap(), 200_000);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("2XB")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown unit"));
+        assert!(parse_size("-1GB").is_err());
+    }
+}

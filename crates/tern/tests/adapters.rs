@@ -1,0 +1,414 @@
+//! LoRA adapters against PEFT (reference.json files made by
+//! scripts/fixtures/make_adapter_fixtures.py): adapted prompt log-probs within 1e-4 (f32; the
+//! references are rounded to 6 significant digits), greedy ids identical, the same after
+//! merging (on disk and in memory), mixed-adapter batches row-for-row equal to single runs,
+//! the PEFT file format written back, the registry, and bad adapters refused by name.
+
+mod common;
+
+use candle_core::{DType, Tensor};
+use common::*;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tern::lora::merge::{merge_checkpoint, MergeOptions};
+use tern::lora::{BatchAdapters, LoraAdapter};
+use tern::{GenerateRequest, LoadOptions, LoadedModel};
+
+/// Tolerance on log-probabilities, f32.
+const TOL: f32 = 1e-4;
+const ADAPTERS: &[&str] = &["llama_rslora_all", "qwen2_qv_bf16", "qwen3_rank_pattern"];
+
+#[derive(serde::Deserialize)]
+struct AdapterRef {
+    base: String,
+    input_ids: Vec<u32>,
+    prompt_logprobs: Vec<Vec<f32>>,
+    greedy_ids: Vec<u32>,
+    greedy_logprobs: Vec<f32>,
+}
+
+fn adapter_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/adapters")
+        .join(name)
+}
+
+fn adapter_ref(name: &str) -> AdapterRef {
+    let p = adapter_dir(name).join("reference.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn load(path: &Path) -> LoadedModel {
+    LoadedModel::load(path, &LoadOptions::default()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Log-probs `[seq, vocab]` of one row run with `ad`.
+fn lp_with(lm: &LoadedModel, ids: &[u32], ad: &BatchAdapters) -> Vec<Vec<f32>> {
+    let t = Tensor::new(ids, lm.model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = lm
+        .model
+        .forward_all_with(&t, &mut lm.model.new_cache(), ad)
+        .unwrap();
+    tern::model::attention::log_softmax_last(&logits)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
+fn worst(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| max_abs_diff(x, y))
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn adapted_logprobs_and_greedy_match_peft() {
+    for name in ADAPTERS {
+        let r = adapter_ref(name);
+        let lm = load(&fixture(&r.base));
+        let a = lm.load_adapter(&adapter_dir(name), name).unwrap();
+        let lp = lp_with(&lm, &r.input_ids, &BatchAdapters::uniform(Some(a.clone())));
+        let d = worst(&lp, &r.prompt_logprobs);
+        assert!(d < TOL, "{name}: max |logprob - peft| = {d}");
+        // The base alone is far from the reference: the adapter is really applied.
+        let base = lp_with(&lm, &r.input_ids, &BatchAdapters::none());
+        assert!(
+            worst(&base, &r.prompt_logprobs) > 0.1,
+            "{name}: adapter has no effect"
+        );
+
+        let mut req =
+            GenerateRequest::new(r.input_ids.clone(), r.greedy_ids.len()).with_adapter(Some(a));
+        req.stop_at_eos = false;
+        let out = lm.generate_collect(req).unwrap();
+        assert_eq!(out.ids(), r.greedy_ids, "{name}: greedy ids");
+        let lps: Vec<f32> = out.tokens.iter().map(|t| t.logprob).collect();
+        let d = max_abs_diff(&lps, &r.greedy_logprobs);
+        assert!(d < TOL, "{name}: greedy logprob diff {d}");
+    }
+}
+
+#[test]
+fn merged_checkpoints_match_peft() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ADAPTERS {
+        let r = adapter_ref(name);
+        let out = tmp.path().join(format!("{name}-merged"));
+        // Keep f32 so the comparison measures the merge, not rounding to a half type; a small
+        // shard size forces the sharded layout with its index.
+        let opts = MergeOptions {
+            dtype: Some(DType::F32),
+            shard_size: 60_000,
+            force: false,
+        };
+        let rep = merge_checkpoint(&fixture(&r.base), &adapter_dir(name), &out, &opts).unwrap();
+        assert!(rep.merged > 0 && rep.shards > 1, "{name}: {rep:?}");
+        assert!(out.join("model.safetensors.index.json").is_file());
+        assert!(out.join("tokenizer.json").is_file() && out.join("config.json").is_file());
+        let lm = load(&out);
+        let d = worst(
+            &lp_with(&lm, &r.input_ids, &BatchAdapters::none()),
+            &r.prompt_logprobs,
+        );
+        assert!(
+            d < TOL,
+            "{name}: merged checkpoint differs from peft by {d}"
+        );
+        // Nothing but the output directory is left behind.
+        let stray: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(stray.is_empty(), "temp files left: {stray:?}");
+    }
+}
+
+#[test]
+fn merge_keeps_stored_dtype_and_refuses_to_clobber() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m");
+    let r = adapter_ref("qwen2_qv_bf16");
+    merge_checkpoint(
+        &fixture("qwen2"),
+        &adapter_dir("qwen2_qv_bf16"),
+        &out,
+        &MergeOptions::default(),
+    )
+    .unwrap();
+    assert!(out.join("model.safetensors").is_file());
+    // A second merge to the same place is refused and leaves the first intact.
+    let err = merge_checkpoint(
+        &fixture("qwen2"),
+        &adapter_dir("qwen2_qv_bf16"),
+        &out,
+        &MergeOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("--force"), "{err}");
+    let lm = load(&out);
+    let d = worst(
+        &lp_with(&lm, &r.input_ids, &BatchAdapters::none()),
+        &r.prompt_logprobs,
+    );
+    assert!(d < TOL, "{d}");
+    // A failing merge (adapter does not fit the base) leaves nothing at the destination.
+    let out2 = tmp.path().join("m2");
+    let err = merge_checkpoint(
+        &fixture("llama"),
+        &adapter_dir("qwen2_qv_bf16"),
+        &out2,
+        &MergeOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("v_proj"), "{err}");
+    assert!(!out2.exists());
+    // --force replaces atomically.
+    let opts = MergeOptions {
+        force: true,
+        dtype: Some(DType::BF16),
+        ..Default::default()
+    };
+    merge_checkpoint(
+        &fixture("qwen2"),
+        &adapter_dir("qwen2_qv_bf16"),
+        &out,
+        &opts,
+    )
+    .unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert!(cfg.to_string().contains("bfloat16"), "{cfg}");
+}
+
+#[test]
+fn in_memory_merge_and_unmerge() {
+    let r = adapter_ref("llama_rslora_all");
+    let mut lm = load(&fixture("llama"));
+    let base = lp_with(&lm, &r.input_ids, &BatchAdapters::none());
+    let a = lm
+        .load_adapter(&adapter_dir("llama_rslora_all"), "a")
+        .unwrap();
+    lm.model.merge_adapter(&a).unwrap();
+    assert!(
+        lm.model.merge_adapter(&a).is_err(),
+        "double merge must be refused"
+    );
+    let d = worst(
+        &lp_with(&lm, &r.input_ids, &BatchAdapters::none()),
+        &r.prompt_logprobs,
+    );
+    assert!(d < TOL, "merged in memory: {d}");
+    lm.model.unmerge_adapter(&a).unwrap();
+    let d = worst(&lp_with(&lm, &r.input_ids, &BatchAdapters::none()), &base);
+    assert!(d < TOL, "unmerged: {d}");
+}
+
+/// A second adapter for the llama base: the fixture's pairs with B negated and halved.
+fn variant(lm: &LoadedModel, a: &LoraAdapter) -> Arc<LoraAdapter> {
+    let tensors = a
+        .modules()
+        .map(|(m, p)| (m.to_string(), p.a.clone(), (p.b().unwrap() * -0.5).unwrap()))
+        .collect();
+    Arc::new(
+        LoraAdapter::from_tensors("neg", a.config().clone(), lm.model.slots(), tensors).unwrap(),
+    )
+}
+
+#[test]
+fn mixed_adapter_batch_rows_equal_single_runs() {
+    let r = adapter_ref("llama_rslora_all");
+    let lm = load(&fixture("llama"));
+    let a = lm
+        .load_adapter(&adapter_dir("llama_rslora_all"), "a")
+        .unwrap();
+    let b = variant(&lm, &a);
+    let rows = vec![Some(a.clone()), None, Some(b.clone()), Some(a.clone())];
+    let dev = lm.model.device();
+    let n = rows.len();
+    let ids = &r.input_ids;
+    let batch = Tensor::new(ids.as_slice(), dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .repeat((n, 1))
+        .unwrap();
+    let ad = BatchAdapters::per_row(&rows, dev).unwrap();
+    let mut cache = lm.model.new_cache();
+    // Prefill of the whole batch (the gather/scatter path), then decode steps (the fused
+    // kernel), each row compared with the same row run alone.
+    let mut logits = vec![lm.model.forward_last_with(&batch, &mut cache, &ad).unwrap()];
+    let steps = [5u32, 17, 42];
+    for &t in &steps {
+        let x = Tensor::new(vec![t; n], dev).unwrap().unsqueeze(1).unwrap();
+        logits.push(lm.model.forward_last_with(&x, &mut cache, &ad).unwrap());
+    }
+    for (i, row) in rows.iter().enumerate() {
+        let solo = BatchAdapters::uniform(row.clone());
+        let mut c = lm.model.new_cache();
+        let mut want = vec![lm.model.step_with(ids, &mut c, &solo).unwrap()];
+        for &t in &steps {
+            want.push(lm.model.step_with(&[t], &mut c, &solo).unwrap());
+        }
+        for (s, (got, w)) in logits.iter().zip(&want).enumerate() {
+            let got = got.get(i).unwrap().to_vec1::<f32>().unwrap();
+            let d = max_abs_diff(&got, w);
+            assert!(d < TOL, "row {i} step {s}: batch vs alone differ by {d}");
+        }
+    }
+    // The rows really differ from each other.
+    let l0 = logits[0].get(0).unwrap().to_vec1::<f32>().unwrap();
+    let l2 = logits[0].get(2).unwrap().to_vec1::<f32>().unwrap();
+    assert!(max_abs_diff(&l0, &l2) > 0.1);
+}
+
+#[test]
+fn saved_adapters_are_peft_files_and_load_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ADAPTERS {
+        let r = adapter_ref(name);
+        let lm = load(&fixture(&r.base));
+        let a = lm.load_adapter(&adapter_dir(name), name).unwrap();
+        let out = tmp.path().join(name);
+        a.save(&out).unwrap();
+        // Same tensor names as PEFT writes (without the in-memory adapter name).
+        let keys = |p: &Path| {
+            let f = tern::checkpoint::safetensors::SafetensorsFile::open(
+                &p.join("adapter_model.safetensors"),
+            )
+            .unwrap();
+            let mut k: Vec<String> = f
+                .entries()
+                .keys()
+                .map(|k| k.replace(".default.", "."))
+                .collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&out), keys(&adapter_dir(name)), "{name}");
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["peft_type"], "LORA");
+        let back = lm.load_adapter(&out, "back").unwrap();
+        let d = worst(
+            &lp_with(&lm, &r.input_ids, &BatchAdapters::uniform(Some(back))),
+            &r.prompt_logprobs,
+        );
+        assert!(d < TOL, "{name}: reloaded copy differs by {d}");
+    }
+}
+
+#[test]
+fn registry_swaps_keeps_versions_and_evicts() {
+    let lm = load(&fixture("llama"));
+    let dir = adapter_dir("llama_rslora_all");
+    let one = lm.load_adapter(&dir, "x").unwrap().bytes();
+    let reg = lm.adapter_registry(Some(one + one / 2));
+    let a1 = reg.load("a", &dir).unwrap();
+    assert!(Arc::ptr_eq(&reg.get("a").unwrap(), &a1));
+    // Reloading a name gives a new version; the holder of the old one keeps it.
+    let held = reg.get("a").unwrap();
+    let a2 = reg.load("a", &dir).unwrap();
+    assert_ne!(held.version(), a2.version());
+    assert_eq!(reg.get("a").unwrap().version(), a2.version());
+    drop((held, a1, a2));
+    // The budget fits one adapter: loading `b` evicts the unused `a`, which comes back
+    // from disk when asked for.
+    reg.load("b", &dir).unwrap();
+    let info = reg.list();
+    assert_eq!(
+        info.iter()
+            .map(|i| (i.name.as_str(), i.resident))
+            .collect::<Vec<_>>(),
+        [("a", false), ("b", true)]
+    );
+    assert!(reg.resident_bytes() <= one + one / 2);
+    let a = reg.get("a").unwrap();
+    assert!(reg.list().iter().find(|i| i.name == "a").unwrap().resident);
+    // With `a` in use, `b` cannot evict it: a clear error instead of breaking a request.
+    let err = reg.load("b", &dir).unwrap_err().to_string();
+    assert!(err.contains("budget"), "{err}");
+    drop(a);
+    reg.unload("a").unwrap();
+    let err = reg.get("a").unwrap_err().to_string();
+    assert!(err.contains("unknown adapter `a`"), "{err}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn bad_adapters_are_refused_by_name() {
+    let lm = load(&fixture("llama"));
+    let tmp = tempfile::tempdir().unwrap();
+    let err = |p: &Path| lm.load_adapter(p, "x").unwrap_err().to_string();
+
+    // Made for another model: qwen2's v_proj is [32, 64], llama's [64, 64].
+    let e = err(&adapter_dir("qwen2_qv_bf16"));
+    assert!(e.contains("v_proj") && e.contains("[64, 64]"), "{e}");
+
+    let e = err(&tmp.path().join("nowhere"));
+    assert!(e.contains("adapter_config.json"), "{e}");
+
+    let edit = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let d = tmp.path().join(name);
+        copy_dir(&adapter_dir("llama_rslora_all"), &d);
+        let p = d.join("adapter_config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(&p, v.to_string()).unwrap();
+        d
+    };
+    let e = err(&edit("dora", &|v| v["use_dora"] = true.into()));
+    assert!(e.contains("DoRA"), "{e}");
+    let e = err(&edit("mts", &|v| {
+        v["modules_to_save"] = serde_json::json!(["lm_head"])
+    }));
+    assert!(e.contains("modules_to_save"), "{e}");
+    let e = err(&edit("bias", &|v| v["bias"] = "lora_only".into()));
+    assert!(e.contains("bias"), "{e}");
+    // A rank that disagrees with the file's tensors.
+    let e = err(&edit("rank", &|v| v["r"] = 4.into()));
+    assert!(e.contains("rank is 4"), "{e}");
+
+    // An embedding LoRA tensor.
+    let d = tmp.path().join("emb");
+    copy_dir(&adapter_dir("llama_rslora_all"), &d);
+    let t = Tensor::zeros((4, 320), DType::F32, &candle_core::Device::Cpu).unwrap();
+    tern::checkpoint::safetensors::write_atomic(
+        &d.join("adapter_model.safetensors"),
+        &[(
+            "base_model.model.model.embed_tokens.lora_embedding_A".into(),
+            t,
+        )],
+    )
+    .unwrap();
+    let e = err(&d);
+    assert!(e.contains("embedding"), "{e}");
+
+    // A truncated weights file is a typed safetensors error, not a panic.
+    let d = tmp.path().join("trunc");
+    copy_dir(&adapter_dir("llama_rslora_all"), &d);
+    let p = d.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    let e = err(&d);
+    assert!(e.contains("adapter_model.safetensors"), "{e}");
+}
