@@ -21,9 +21,13 @@ pub struct GenerateArgs {
     /// Model: a Hugging Face checkpoint directory or a .gguf file.
     #[arg(long)]
     pub model: PathBuf,
-    /// LoRA adapter directory (PEFT format).
+    /// LoRA adapter directory (PEFT format: adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Fold the adapter into the weights before generating (no per-token LoRA cost; quantized
+    /// layers it touches become float).
+    #[arg(long, requires = "adapter")]
+    pub merge_adapter: bool,
     /// Raw prompt text.
     #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
     pub prompt: Option<String>,
@@ -71,9 +75,6 @@ pub struct GenerateArgs {
 
 /// Runs `tern generate`.
 pub fn run(a: GenerateArgs) -> Result<()> {
-    if a.adapter.is_some() {
-        bail!("--adapter is not yet supported (LoRA adapters at inference are the next milestone)");
-    }
     let sampling = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,
@@ -88,7 +89,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         .as_deref()
         .map(tern::device::parse_dtype)
         .transpose()?;
-    let lm = LoadedModel::load(
+    let mut lm = LoadedModel::load(
         &a.model,
         &LoadOptions {
             dtype,
@@ -97,6 +98,20 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         },
     )
     .with_context(|| format!("loading {}", a.model.display()))?;
+    let adapter = match &a.adapter {
+        Some(p) => {
+            let ad = lm
+                .load_adapter(p, "adapter")
+                .with_context(|| format!("loading adapter {}", p.display()))?;
+            if a.merge_adapter {
+                lm.model.merge_adapter(&ad)?;
+                None
+            } else {
+                Some(ad)
+            }
+        }
+        None => None,
+    };
     let prompt = match (&a.prompt, &a.chat) {
         (Some(p), _) => Prompt::Text(p.clone()),
         (None, Some(c)) => {
@@ -110,7 +125,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         (None, None) => bail!("give --prompt TEXT or --chat TEXT"),
     };
     let ids = lm.encode_prompt(&prompt)?;
-    let mut req = GenerateRequest::new(ids, a.max_tokens);
+    let mut req = GenerateRequest::new(ids, a.max_tokens).with_adapter(adapter);
     req.sampling = sampling;
     req.stop = a.stop.clone();
     let stdout = std::io::stdout();

@@ -4,6 +4,7 @@
 mod bench;
 mod generate;
 mod inspect;
+mod merge;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Stream tokens from a model (Hugging Face directory or .gguf file).
     Generate(generate::GenerateArgs),
+    /// Fold a LoRA adapter into its base and write a Hugging Face checkpoint.
+    Merge(merge::MergeArgs),
     /// Describe a checkpoint: architecture, parameters, dtypes, files, tokenizer, template.
     Inspect(inspect::InspectArgs),
     /// Measure load, prompt and decode speed, memory and streaming overhead.
@@ -54,12 +57,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     // Single-threaded here, before any model code: see the function's doc for why.
-    if matches!(cli.command, Command::Generate(_) | Command::Bench(_)) {
+    if matches!(
+        cli.command,
+        Command::Generate(_) | Command::Bench(_) | Command::Merge(_)
+    ) {
         tern::device::pin_cpu_threads();
     }
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Merge(a) => merge::run(a),
         Command::Bench(b) => bench::run(b),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "tern", &mut std::io::stdout());
