@@ -11,6 +11,41 @@ use tern::LoadOptions;
 pub enum BenchCommand {
     /// Load time, prompt and decode tok/s, time to first token, peak RSS, streaming overhead.
     Generate(GenerateBenchArgs),
+    /// LoRA at inference: adapter switch and load time, decode base vs unmerged vs merged,
+    /// a batch of distinct adapters vs one.
+    Adapters(AdapterBenchArgs),
+}
+
+/// Arguments of `tern bench adapters`.
+#[derive(Args, Debug)]
+pub struct AdapterBenchArgs {
+    /// A Hugging Face checkpoint directory or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT adapter to measure (default: random all-linear adapters of --rank).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Rank of the random adapters.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 32)]
+    pub prompt_tokens: usize,
+    /// Tokens to decode per run.
+    #[arg(long, default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Timed runs (best kept).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Rows of the batched comparison.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Compute dtype (for GGUF: dequantize to it).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Adapter storage dtype (default: f16 over a quantized base, else the compute dtype).
+    #[arg(long)]
+    pub adapter_dtype: Option<String>,
 }
 
 /// Arguments of `tern bench generate`.
@@ -40,6 +75,7 @@ pub struct GenerateBenchArgs {
 /// Runs a benchmark.
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
+        BenchCommand::Adapters(a) => adapters(a),
         BenchCommand::Generate(a) => {
             let dtype = a
                 .dtype
@@ -106,4 +142,85 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn adapters(a: AdapterBenchArgs) -> Result<()> {
+    let dtype = a
+        .dtype
+        .as_deref()
+        .map(tern::device::parse_dtype)
+        .transpose()?;
+    let adapter_dtype = a
+        .adapter_dtype
+        .as_deref()
+        .map(tern::device::parse_dtype)
+        .transpose()?;
+    let opts = tern::bench::adapters::AdapterBenchOptions {
+        adapter: a.adapter.clone(),
+        rank: a.rank,
+        prompt_tokens: a.prompt_tokens,
+        gen_tokens: a.gen_tokens,
+        runs: a.runs,
+        batch: a.batch,
+    };
+    let r = tern::bench::adapters::run(
+        &a.model,
+        &LoadOptions {
+            dtype,
+            adapter_dtype,
+            ..Default::default()
+        },
+        &opts,
+    )
+    .with_context(|| format!("benchmarking adapters on {}", a.model.display()))?;
+    let rows = [
+        ("model", r.model.clone()),
+        (
+            "adapter",
+            format!("{} ({:.1} MB {})", r.adapter, r.adapter_mb, r.adapter_dtype),
+        ),
+        (
+            "load",
+            format!("{:.2} ms (median, page cache warm)", r.load_ms),
+        ),
+        (
+            "switch",
+            format!("{:.0} ns (resident, name -> ready batch spec)", r.switch_ns),
+        ),
+        ("decode base", format!("{:.1} tok/s", r.decode_base_tok_s)),
+        (
+            "decode lora",
+            format!(
+                "{:.1} tok/s unmerged ({:+.1} % vs base)",
+                r.decode_unmerged_tok_s, -r.unmerged_overhead_pct
+            ),
+        ),
+        (
+            "decode swap",
+            format!(
+                "{:.1} tok/s (switching adapter every token)",
+                r.decode_alternating_tok_s
+            ),
+        ),
+        (
+            "decode merged",
+            format!("{:.1} tok/s", r.decode_merged_tok_s),
+        ),
+        (
+            "batch",
+            format!(
+                "{} rows: {:.1} tok/s one adapter, {:.1} tok/s distinct ({:+.1} %)",
+                r.batch,
+                r.batch_one_adapter_tok_s,
+                r.batch_distinct_tok_s,
+                -r.batch_distinct_overhead_pct
+            ),
+        ),
+        ("peak RSS", format!("{:.0} MB", r.peak_rss_mb)),
+    ];
+    for (k, v) in rows {
+        println!("{k:<14} {v}");
+    }
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
 }

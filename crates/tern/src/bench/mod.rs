@@ -1,5 +1,6 @@
 //! Measurements behind `tern bench`: each returns plain numbers; printing is the CLI's job.
 
+pub mod adapters;
 pub mod generate;
 
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.
