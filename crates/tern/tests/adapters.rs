@@ -403,6 +403,19 @@ fn bad_adapters_are_refused_by_name() {
     let e = err(&d);
     assert!(e.contains("embedding"), "{e}");
 
+    // Merging needs a safetensors base directory.
+    let gguf = tmp.path().join("m.gguf");
+    std::fs::write(&gguf, b"GGUF").unwrap();
+    let e = merge_checkpoint(
+        &gguf,
+        &adapter_dir("llama_rslora_all"),
+        &tmp.path().join("o"),
+        &MergeOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("GGUF bases are not supported"), "{e}");
+
     // A truncated weights file is a typed safetensors error, not a panic.
     let d = tmp.path().join("trunc");
     copy_dir(&adapter_dir("llama_rslora_all"), &d);
@@ -411,4 +424,43 @@ fn bad_adapters_are_refused_by_name() {
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
     let e = err(&d);
     assert!(e.contains("adapter_model.safetensors"), "{e}");
+}
+
+#[test]
+fn adapters_load_and_unload_while_generation_runs() {
+    let r = adapter_ref("llama_rslora_all");
+    let lm = load(&fixture("llama"));
+    let dir = adapter_dir("llama_rslora_all");
+    let reg = lm.adapter_registry(None);
+    reg.load("a", &dir).unwrap();
+    let run = |a: Arc<LoraAdapter>| {
+        let mut req =
+            GenerateRequest::new(r.input_ids.clone(), r.greedy_ids.len()).with_adapter(Some(a));
+        req.stop_at_eos = false;
+        lm.generate_collect(req).unwrap().ids()
+    };
+    std::thread::scope(|s| {
+        let gen = s.spawn(|| {
+            (0..4)
+                .map(|_| run(reg.get("a").unwrap()))
+                .collect::<Vec<_>>()
+        });
+        // Meanwhile: reload the name, add and drop others. In-flight requests hold their copy.
+        for i in 0..6 {
+            reg.load("a", &dir).unwrap();
+            reg.load(&format!("tmp{i}"), &dir).unwrap();
+            reg.unload(&format!("tmp{i}")).unwrap();
+        }
+        for ids in gen.join().unwrap() {
+            assert_eq!(ids, r.greedy_ids);
+        }
+    });
+    let held = reg.get("a").unwrap();
+    reg.unload("a").unwrap();
+    assert_eq!(
+        run(held),
+        r.greedy_ids,
+        "an unloaded adapter still serves its holder"
+    );
+    assert_eq!(reg.list().len(), 0);
 }
