@@ -15,18 +15,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--gen-tokens", type=int, default=64)
-    ap.add_argument("--tern", default=str(ROOT / "target/release/tern"))
-    a = ap.parse_args()
-
+def ensure_hf_dir():
+    """SmolLM2's Q4_1 GGUF dequantized to an f32 Hugging Face directory (made once, cached)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(a.threads)
     gguf = subprocess.check_output([str(ROOT / "scripts/fetch-smollm2.sh")], text=True).strip()
     hf_dir = Path(gguf).with_suffix(".hf-f32")
     if not (hf_dir / "model.safetensors").exists():
@@ -47,6 +40,22 @@ def main():
         m.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, hf_dir)
+    return hf_dir
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--tern", default=str(ROOT / "target/release/tern"))
+    a = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(a.threads)
+    hf_dir = ensure_hf_dir()
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     text = "The quick brown fox jumps over the lazy dog while the river runs to the sea. " * a.prompt_tokens
