@@ -13,6 +13,17 @@ fn tern(args: &[&str]) -> Output {
 
 /// `tern generate` greedy on `model` for `prompt`, as text or jsonl.
 fn greedy(model: &str, prompt: &str, max_tokens: usize, jsonl: bool) -> Output {
+    greedy_with(model, prompt, max_tokens, jsonl, &[])
+}
+
+/// As [`greedy`], with extra arguments.
+fn greedy_with(
+    model: &str,
+    prompt: &str,
+    max_tokens: usize,
+    jsonl: bool,
+    extra: &[&str],
+) -> Output {
     let n = max_tokens.to_string();
     let mut args = vec![
         "generate",
@@ -28,6 +39,7 @@ fn greedy(model: &str, prompt: &str, max_tokens: usize, jsonl: bool) -> Output {
     if jsonl {
         args.extend(["--output", "jsonl"]);
     }
+    args.extend_from_slice(extra);
     tern(&args)
 }
 
@@ -50,22 +62,7 @@ fn adapter_fixture(name: &str) -> PathBuf {
 
 /// Greedy ids from `tern generate ... --output jsonl` with extra arguments.
 fn greedy_ids(model: &str, prompt: &str, n: usize, extra: &[&str]) -> Vec<u64> {
-    let n = n.to_string();
-    let mut args = vec![
-        "generate",
-        "--model",
-        model,
-        "--prompt",
-        prompt,
-        "--temperature",
-        "0",
-        "--max-tokens",
-        &n,
-        "--output",
-        "jsonl",
-    ];
-    args.extend_from_slice(extra);
-    let o = tern(&args);
+    let o = greedy_with(model, prompt, n, true, extra);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8(o.stdout)
         .unwrap()

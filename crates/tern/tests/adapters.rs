@@ -44,28 +44,7 @@ fn load(path: &Path) -> LoadedModel {
 
 /// Log-probs `[seq, vocab]` of one row run with `ad`.
 fn lp_with(lm: &LoadedModel, ids: &[u32], ad: &BatchAdapters) -> Vec<Vec<f32>> {
-    let t = Tensor::new(ids, lm.model.device())
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits = lm
-        .model
-        .forward_all_with(&t, &mut lm.model.new_cache(), ad)
-        .unwrap();
-    tern::model::attention::log_softmax_last(&logits)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2()
-        .unwrap()
-}
-
-fn worst(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| max_abs_diff(x, y))
-        .fold(0.0, f32::max)
+    logprobs_with(lm, ids, &mut lm.model.new_cache(), ad)
 }
 
 #[test]
@@ -75,12 +54,12 @@ fn adapted_logprobs_and_greedy_match_peft() {
         let lm = load(&fixture(&r.base));
         let a = lm.load_adapter(&adapter_dir(name), name).unwrap();
         let lp = lp_with(&lm, &r.input_ids, &BatchAdapters::uniform(Some(a.clone())));
-        let d = worst(&lp, &r.prompt_logprobs);
+        let d = worst_row_diff(&lp, &r.prompt_logprobs);
         assert!(d < TOL, "{name}: max |logprob - peft| = {d}");
         // The base alone is far from the reference: the adapter is really applied.
         let base = lp_with(&lm, &r.input_ids, &BatchAdapters::none());
         assert!(
-            worst(&base, &r.prompt_logprobs) > 0.1,
+            worst_row_diff(&base, &r.prompt_logprobs) > 0.1,
             "{name}: adapter has no effect"
         );
 
@@ -113,7 +92,7 @@ fn merged_checkpoints_match_peft() {
         assert!(out.join("model.safetensors.index.json").is_file());
         assert!(out.join("tokenizer.json").is_file() && out.join("config.json").is_file());
         let lm = load(&out);
-        let d = worst(
+        let d = worst_row_diff(
             &lp_with(&lm, &r.input_ids, &BatchAdapters::none()),
             &r.prompt_logprobs,
         );
@@ -155,7 +134,7 @@ fn merge_keeps_stored_dtype_and_refuses_to_clobber() {
     .to_string();
     assert!(err.contains("--force"), "{err}");
     let lm = load(&out);
-    let d = worst(
+    let d = worst_row_diff(
         &lp_with(&lm, &r.input_ids, &BatchAdapters::none()),
         &r.prompt_logprobs,
     );
@@ -203,13 +182,13 @@ fn in_memory_merge_and_unmerge() {
         lm.model.merge_adapter(&a).is_err(),
         "double merge must be refused"
     );
-    let d = worst(
+    let d = worst_row_diff(
         &lp_with(&lm, &r.input_ids, &BatchAdapters::none()),
         &r.prompt_logprobs,
     );
     assert!(d < TOL, "merged in memory: {d}");
     lm.model.unmerge_adapter(&a).unwrap();
-    let d = worst(&lp_with(&lm, &r.input_ids, &BatchAdapters::none()), &base);
+    let d = worst_row_diff(&lp_with(&lm, &r.input_ids, &BatchAdapters::none()), &base);
     assert!(d < TOL, "unmerged: {d}");
 }
 
@@ -301,7 +280,7 @@ fn saved_adapters_are_peft_files_and_load_back() {
         .unwrap();
         assert_eq!(cfg["peft_type"], "LORA");
         let back = lm.load_adapter(&out, "back").unwrap();
-        let d = worst(
+        let d = worst_row_diff(
             &lp_with(&lm, &r.input_ids, &BatchAdapters::uniform(Some(back))),
             &r.prompt_logprobs,
         );

@@ -16,14 +16,6 @@ fn load(name: &str) -> LoadedModel {
         .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
-fn worst_row_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| max_abs_diff(x, y))
-        .fold(0.0, f32::max)
-}
-
 #[test]
 fn prompt_logprobs_match_transformers() {
     for name in ARCHS {

@@ -189,6 +189,12 @@ impl LoraAdapter {
             });
         }
         let config = AdapterConfig::from_file(&cfg_path)?;
+        if config.fan_in_fan_out {
+            tracing::warn!(
+                "{}: fan_in_fan_out is for Conv1D layers; ignored on Linear layers, as PEFT does",
+                cfg_path.display()
+            );
+        }
         let w_path = dir.join(WEIGHTS_FILE);
         if !w_path.is_file() {
             let hint = if dir.join("adapter_model.bin").is_file() {

@@ -58,6 +58,9 @@ pub struct AdapterConfig {
     pub base_model_name_or_path: Option<String>,
     /// Dropout used in training (kept for training and for writing back).
     pub lora_dropout: f64,
+    /// Set for GPT-2 style Conv1D layers; PEFT ignores it (with a warning) on Linear layers,
+    /// which are all tern has, and so does tern.
+    pub fan_in_fan_out: bool,
     rank_re: Vec<Regex>,
     alpha_re: Vec<Regex>,
     /// The file as read (or as built), written back on save so nothing is lost.
@@ -188,6 +191,7 @@ impl AdapterConfig {
             layers_pattern: vec![],
             base_model_name_or_path: None,
             lora_dropout: 0.0,
+            fan_in_fan_out: false,
             rank_re: vec![],
             alpha_re: vec![],
             raw,
@@ -345,6 +349,7 @@ impl AdapterConfig {
             layers_pattern,
             base_model_name_or_path: get("base_model_name_or_path").as_str().map(str::to_string),
             lora_dropout: get("lora_dropout").as_f64().unwrap_or(0.0),
+            fan_in_fan_out: get("fan_in_fan_out").as_bool().unwrap_or(false),
             raw,
         })
     }

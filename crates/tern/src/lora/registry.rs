@@ -99,19 +99,18 @@ impl AdapterRegistry {
         let bytes = adapter.bytes();
         let mut map = self.write();
         if let Some(budget) = self.budget {
-            let others: usize = map
-                .iter()
-                .filter(|(n, e)| *n != name && e.adapter.is_some())
-                .map(|(_, e)| e.bytes)
-                .sum();
-            if others + bytes > budget {
-                evict_lru(&mut map, others + bytes - budget, name);
+            // Bytes resident besides the copy of `name` being replaced.
+            let others = |map: &HashMap<String, Entry>| -> usize {
+                map.iter()
+                    .filter(|(n, e)| *n != name && e.adapter.is_some())
+                    .map(|(_, e)| e.bytes)
+                    .sum()
+            };
+            let before = others(&map);
+            if before + bytes > budget {
+                evict_lru(&mut map, before + bytes - budget, name);
             }
-            let now: usize = map
-                .iter()
-                .filter(|(n, e)| *n != name && e.adapter.is_some())
-                .map(|(_, e)| e.bytes)
-                .sum();
+            let now = others(&map);
             if now + bytes > budget {
                 return Err(TernError::InvalidArgument(format!(
                     "adapter `{name}` needs {bytes} bytes but only {} of the {budget}-byte adapter budget can be freed (the rest is in use); raise the budget or unload adapters",

@@ -47,15 +47,34 @@ pub fn logprobs(
     ids: &[u32],
     cache: &mut tern::model::Cache,
 ) -> Vec<Vec<f32>> {
+    logprobs_with(lm, ids, cache, &tern::lora::BatchAdapters::none())
+}
+
+/// As [`logprobs`], with adapters.
+pub fn logprobs_with(
+    lm: &tern::LoadedModel,
+    ids: &[u32],
+    cache: &mut tern::model::Cache,
+    ad: &tern::lora::BatchAdapters,
+) -> Vec<Vec<f32>> {
     let t = candle_core::Tensor::new(ids, lm.model.device())
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    let logits = lm.model.forward_all(&t, cache).unwrap();
+    let logits = lm.model.forward_all_with(&t, cache, ad).unwrap();
     tern::model::attention::log_softmax_last(&logits)
         .unwrap()
         .squeeze(0)
         .unwrap()
         .to_vec2()
         .unwrap()
+}
+
+/// The largest row-wise max |a - b| over two `[seq, vocab]` tables.
+pub fn worst_row_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| max_abs_diff(x, y))
+        .fold(0.0, f32::max)
 }
