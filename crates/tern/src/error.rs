@@ -137,6 +137,22 @@ pub enum TernError {
     /// The chat template failed to parse or render.
     #[error("chat template: {0}")]
     Template(String),
+    /// A Hugging Face Hub id could not be resolved.
+    #[error("{id}: {detail}")]
+    Hub {
+        /// `ORG/NAME@revision`.
+        id: String,
+        /// What was looked for and how to fix it.
+        detail: String,
+    },
+    /// A legacy PyTorch pickle that is malformed or asks for code to be run.
+    #[error("{file}: {detail}")]
+    Pickle {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
     /// A LoRA adapter's files are malformed, use a PEFT feature tern does not support, or do
     /// not fit the base model.
     #[error("{path}: {detail}")]

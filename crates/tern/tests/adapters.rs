@@ -261,7 +261,7 @@ fn saved_adapters_are_peft_files_and_load_back() {
         a.save(&out).unwrap();
         // Same tensor names as PEFT writes (without the in-memory adapter name).
         let keys = |p: &Path| {
-            let f = tern::checkpoint::safetensors::SafetensorsFile::open(
+            let f = tern::checkpoint::safetensors::TensorFile::open(
                 &p.join("adapter_model.safetensors"),
             )
             .unwrap();

@@ -5,7 +5,7 @@ mod common;
 
 use common::fixture;
 use std::path::{Path, PathBuf};
-use tern::checkpoint::safetensors::{write_atomic, SafetensorsFile};
+use tern::checkpoint::safetensors::{write_atomic, TensorFile};
 use tern::{LoadOptions, LoadedModel, TernError};
 
 fn copy_fixture(name: &str, to: &Path) -> PathBuf {
@@ -63,7 +63,7 @@ fn missing_tensor_names_it() {
     let t = tempfile::tempdir().unwrap();
     let d = copy_fixture("llama", t.path());
     let p = d.join("model.safetensors");
-    let st = SafetensorsFile::open(&p).unwrap();
+    let st = TensorFile::open(&p).unwrap();
     let kept: Vec<(String, candle_core::Tensor)> = st
         .entries()
         .keys()

@@ -9,7 +9,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use std::path::{Path, PathBuf};
-use tern::checkpoint::safetensors::SafetensorsFile;
+use tern::checkpoint::safetensors::TensorFile;
 use tern::checkpoint::{gguf::gguf_name, GgufFile};
 use tern::{LoadOptions, LoadedModel, Prompt};
 
@@ -32,7 +32,7 @@ fn write_gguf(fixture_name: &str, out: &Path, qtype: GgmlDType) {
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let heads = cfg["num_attention_heads"].as_u64().unwrap() as usize;
     let kv = cfg["num_key_value_heads"].as_u64().unwrap() as usize;
-    let st = SafetensorsFile::open(&dir.join("model.safetensors")).unwrap();
+    let st = TensorFile::open(&dir.join("model.safetensors")).unwrap();
     let mut names: Vec<&String> = st.entries().keys().collect();
     names.sort();
     let mut tensors = Vec::new();

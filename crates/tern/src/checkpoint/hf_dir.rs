@@ -18,9 +18,11 @@ pub struct HfDir {
     pub tokenizer_config: Option<PathBuf>,
     /// `chat_template.jinja`, when present (newer checkpoints keep the template there).
     pub chat_template: Option<PathBuf>,
-    /// The safetensors files holding the weights (one, or the shards of the index).
+    /// The files holding the weights (one, or the shards of the index): safetensors, or
+    /// legacy PyTorch pickles when the directory has no safetensors.
     pub weight_files: Vec<PathBuf>,
-    /// `model.safetensors.index.json` when the weights are sharded.
+    /// The shard index (`model.safetensors.index.json`, or `pytorch_model.bin.index.json`
+    /// for legacy checkpoints) when the weights are sharded.
     pub index: Option<PathBuf>,
 }
 
@@ -39,6 +41,8 @@ impl HfDir {
             });
         }
         let index_path = dir.join("model.safetensors.index.json");
+        let bin_index = dir.join("pytorch_model.bin.index.json");
+        // Safetensors always win; legacy pickles only when there is nothing else.
         let (weight_files, index) = if index_path.is_file() {
             (shards_from_index(&index_path)?, Some(index_path))
         } else if dir.join("model.safetensors").is_file() {
@@ -50,18 +54,18 @@ impl HfDir {
                 .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
                 .collect();
             found.sort();
-            if found.is_empty() {
-                let hint = if dir.join("pytorch_model.bin").is_file() {
-                    "only pytorch_model.bin found; legacy .bin weights are not supported yet, save the model with safe_serialization=True"
-                } else {
-                    "no model.safetensors, model.safetensors.index.json or *.safetensors in the directory"
-                };
+            if !found.is_empty() {
+                (found, None)
+            } else if bin_index.is_file() {
+                (shards_from_index(&bin_index)?, Some(bin_index))
+            } else if dir.join("pytorch_model.bin").is_file() {
+                (vec![dir.join("pytorch_model.bin")], None)
+            } else {
                 return Err(TernError::MissingFile {
                     path: dir.join("model.safetensors"),
-                    hint: hint.into(),
+                    hint: "no model.safetensors, model.safetensors.index.json, *.safetensors or pytorch_model.bin in the directory".into(),
                 });
             }
-            (found, None)
         };
         Ok(Self {
             config,
@@ -76,7 +80,7 @@ impl HfDir {
     }
 }
 
-/// Reads the shard list from `model.safetensors.index.json` and checks every shard exists.
+/// Reads the shard list from a shard index and checks every shard exists.
 fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| TernError::io(index, e))?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| TernError::Config {

@@ -1,9 +1,14 @@
 //! Finding and reading weights: Hugging Face directories (single or sharded safetensors) and
 //! GGUF files, into [`Weights`] keyed by Hugging Face tensor names.
 
+pub mod convert;
 pub mod gguf;
 pub mod hf_dir;
+pub mod hub;
+pub mod pickle;
 pub mod safetensors;
+pub mod tensor_file;
+pub mod torch_zip;
 pub mod weights;
 pub mod writer;
 

@@ -1,37 +1,15 @@
-//! Memory-mapped safetensors files.
+//! The safetensors header, validated.
 //!
 //! We parse the header ourselves rather than through the `safetensors` crate so each kind of
 //! corruption (truncated file, header past the end, bad JSON, out-of-range or overlapping
 //! offsets, unknown dtype) becomes its own typed error naming the file and tensor, and so
-//! tensors are built straight from the mapped bytes.
+//! tensors are built straight from the mapped bytes (see `tensor_file.rs`).
 
 use crate::error::{Result, TernError};
-use candle_core::{DType, Device, Tensor};
-use memmap2::Mmap;
+use candle_core::DType;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-/// Where one tensor lives inside a safetensors file.
-#[derive(Debug, Clone)]
-pub struct TensorEntry {
-    /// Stored dtype.
-    pub dtype: DType,
-    /// Shape, row-major.
-    pub shape: Vec<usize>,
-    /// Byte range inside the data section.
-    pub start: usize,
-    /// End of the byte range (exclusive).
-    pub end: usize,
-}
-
-/// One mapped safetensors file with its validated header.
-#[derive(Debug)]
-pub struct SafetensorsFile {
-    path: PathBuf,
-    mmap: Mmap,
-    data_start: usize,
-    entries: HashMap<String, TensorEntry>,
-}
+use std::path::Path;
 
 #[derive(serde::Deserialize)]
 struct RawEntry {
@@ -54,81 +32,11 @@ fn parse_dtype(s: &str) -> Option<DType> {
     })
 }
 
-impl SafetensorsFile {
-    /// Maps the file and validates its header and every tensor's offsets.
-    pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                TernError::MissingFile {
-                    path: path.to_path_buf(),
-                    hint: "weights file named by the checkpoint".into(),
-                }
-            } else {
-                TernError::io(path, e)
-            }
-        })?;
-        // SAFETY: the map is read-only; tern never writes checkpoint files in place (writers
-        // rename a fresh temp file over), so the bytes cannot change under us from our side.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| TernError::io(path, e))?;
-        let (data_start, entries) = parse_header(path, &mmap)?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            mmap,
-            data_start,
-            entries,
-        })
-    }
-
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// All tensor entries by name.
-    pub fn entries(&self) -> &HashMap<String, TensorEntry> {
-        &self.entries
-    }
-
-    /// Size of the file in bytes.
-    pub fn len_bytes(&self) -> usize {
-        self.mmap.len()
-    }
-
-    /// The raw bytes of one tensor.
-    pub fn bytes(&self, name: &str) -> Result<(&TensorEntry, &[u8])> {
-        let e = self
-            .entries
-            .get(name)
-            .ok_or_else(|| TernError::MissingTensor {
-                file: self.path.clone(),
-                tensor: name.to_string(),
-            })?;
-        Ok((
-            e,
-            &self.mmap[self.data_start + e.start..self.data_start + e.end],
-        ))
-    }
-
-    /// Builds a tensor on `device` in `dtype` from the mapped bytes (one copy, then a cast
-    /// only if the stored dtype differs).
-    pub fn tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
-        let (e, bytes) = self.bytes(name)?;
-        let t = Tensor::from_raw_buffer(bytes, e.dtype, &e.shape, &Device::Cpu)?;
-        let t = if e.dtype == dtype {
-            t
-        } else {
-            t.to_dtype(dtype)?
-        };
-        Ok(if device.is_cpu() {
-            t
-        } else {
-            t.to_device(device)?
-        })
-    }
-}
-
 /// Validates the header; returns the start of the data section and the entries.
-fn parse_header(path: &Path, buf: &[u8]) -> Result<(usize, HashMap<String, TensorEntry>)> {
+pub(crate) fn parse_header(
+    path: &Path,
+    buf: &[u8],
+) -> Result<(usize, HashMap<String, TensorEntry>)> {
     let file = || path.to_path_buf();
     if buf.len() < 8 {
         return Err(TernError::Truncated {
@@ -230,11 +138,14 @@ fn parse_header(path: &Path, buf: &[u8]) -> Result<(usize, HashMap<String, Tenso
     Ok((data_start, entries))
 }
 
+pub use super::tensor_file::{TensorEntry, TensorFile};
 pub use super::writer::write_atomic;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{Device, Tensor};
+    use std::path::PathBuf;
 
     fn write_raw(dir: &Path, header: &str, data: &[u8]) -> PathBuf {
         let p = dir.join("m.safetensors");
@@ -254,7 +165,7 @@ mod tests {
             .reshape((2, 3))
             .unwrap();
         write_atomic(&p, &[("w".into(), t.clone())]).unwrap();
-        let f = SafetensorsFile::open(&p).unwrap();
+        let f = TensorFile::open(&p).unwrap();
         let back = f.tensor("w", DType::BF16, &Device::Cpu).unwrap();
         assert_eq!(back.dtype(), DType::BF16);
         let back = back.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
@@ -271,7 +182,7 @@ mod tests {
         let p = dir.join("short.safetensors");
         std::fs::write(&p, [1u8, 2, 3]).unwrap();
         assert!(matches!(
-            SafetensorsFile::open(&p),
+            TensorFile::open(&p),
             Err(TernError::Truncated { .. })
         ));
         // header length past the end
@@ -280,7 +191,7 @@ mod tests {
         b.extend_from_slice(b"{}");
         std::fs::write(&p, b).unwrap();
         assert!(matches!(
-            SafetensorsFile::open(&p),
+            TensorFile::open(&p),
             Err(TernError::HeaderPastEnd {
                 header_len: 1000,
                 ..
@@ -289,7 +200,7 @@ mod tests {
         // header not json
         let p = write_raw(dir, "{not json", &[]);
         assert!(matches!(
-            SafetensorsFile::open(&p),
+            TensorFile::open(&p),
             Err(TernError::HeaderNotJson { .. })
         ));
         // unknown dtype
@@ -298,7 +209,7 @@ mod tests {
             r#"{"w":{"dtype":"Q7","shape":[1],"data_offsets":[0,4]}}"#,
             &[0; 4],
         );
-        match SafetensorsFile::open(&p) {
+        match TensorFile::open(&p) {
             Err(TernError::UnknownDtype { tensor, dtype, .. }) => {
                 assert_eq!((tensor.as_str(), dtype.as_str()), ("w", "Q7"))
             }
@@ -310,7 +221,7 @@ mod tests {
             r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
             &[0; 8],
         );
-        let err = SafetensorsFile::open(&p).unwrap_err();
+        let err = TensorFile::open(&p).unwrap_err();
         assert!(matches!(err, TernError::Truncated { .. }));
         assert!(err.to_string().contains("`w`"));
         // size inconsistent with shape
@@ -320,7 +231,7 @@ mod tests {
             &[0; 8],
         );
         assert!(matches!(
-            SafetensorsFile::open(&p),
+            TensorFile::open(&p),
             Err(TernError::BadOffsets { .. })
         ));
         // overlapping tensors
@@ -330,7 +241,7 @@ mod tests {
             &[0; 12],
         );
         assert!(matches!(
-            SafetensorsFile::open(&p),
+            TensorFile::open(&p),
             Err(TernError::OverlappingTensors { .. })
         ));
         // missing tensor
@@ -339,14 +250,14 @@ mod tests {
             r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
             &[0; 8],
         );
-        let f = SafetensorsFile::open(&p).unwrap();
+        let f = TensorFile::open(&p).unwrap();
         assert!(matches!(
             f.tensor("b", DType::F32, &Device::Cpu),
             Err(TernError::MissingTensor { .. })
         ));
         // missing file
         assert!(matches!(
-            SafetensorsFile::open(&dir.join("nope.safetensors")),
+            TensorFile::open(&dir.join("nope.safetensors")),
             Err(TernError::MissingFile { .. })
         ));
     }

@@ -1,7 +1,7 @@
 //! Loaded weights by Hugging Face tensor name, float or quantized, and the parallel loader
 //! that fills them from safetensors files.
 
-use super::safetensors::SafetensorsFile;
+use super::safetensors::TensorFile;
 use crate::error::{Result, TernError};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -163,9 +163,9 @@ pub fn load_safetensors(
     device: &Device,
 ) -> Result<(Weights, LoadReport)> {
     let start = Instant::now();
-    let mapped: Vec<SafetensorsFile> = files
+    let mapped: Vec<TensorFile> = files
         .iter()
-        .map(|f| SafetensorsFile::open(f))
+        .map(|f| TensorFile::open(f))
         .collect::<Result<_>>()?;
     let mut jobs: Vec<(usize, String, usize)> = Vec::new();
     let mut stored = Vec::new();

@@ -8,6 +8,167 @@ use candle_core::{DType, Device, Tensor};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// An output directory built in a temp directory beside its destination and renamed into
+/// place by [`StagedDir::commit`]: the destination only ever holds a complete result, and a
+/// failure (or an early drop) removes the temp directory.
+#[derive(Debug)]
+pub struct StagedDir {
+    tmp: tempfile::TempDir,
+    out: PathBuf,
+    parent: PathBuf,
+    name: String,
+}
+
+impl StagedDir {
+    /// Prepares to write `out`; refuses an existing `out` unless `force`.
+    pub fn new(out: &Path, force: bool) -> Result<Self> {
+        if out.exists() && !force {
+            return Err(TernError::InvalidArgument(format!(
+                "{} already exists; pass --force to replace it, or choose another --out",
+                out.display()
+            )));
+        }
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(|e| TernError::io(&parent, e))?;
+        let name = out
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("out")
+            .to_string();
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}.tmp-"))
+            .tempdir_in(&parent)
+            .map_err(|e| TernError::io(&parent, e))?;
+        Ok(Self {
+            tmp,
+            out: out.to_path_buf(),
+            parent,
+            name,
+        })
+    }
+
+    /// Where to write the files.
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Moves the finished directory to its destination (replacing an old one only now).
+    pub fn commit(self) -> Result<()> {
+        let staged = self.tmp.keep();
+        let out = &self.out;
+        let replace = || -> Result<()> {
+            if out.exists() {
+                let old = self
+                    .parent
+                    .join(format!(".{}.old-{}", self.name, std::process::id()));
+                std::fs::rename(out, &old).map_err(|e| TernError::io(out, e))?;
+                std::fs::rename(&staged, out).map_err(|e| TernError::io(out, e))?;
+                let _ = std::fs::remove_dir_all(&old);
+            } else {
+                std::fs::rename(&staged, out).map_err(|e| TernError::io(out, e))?;
+            }
+            Ok(())
+        };
+        replace().inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&staged);
+        })
+    }
+}
+
+/// Files of a model or adapter directory that hold weights in some format.
+pub fn is_weight_file(name: &str) -> bool {
+    name.ends_with(".safetensors")
+        || name.ends_with(".safetensors.index.json")
+        || name.ends_with(".bin")
+        || name.ends_with(".bin.index.json")
+        || name.ends_with(".pt")
+        || name.ends_with(".pth")
+        || name.ends_with(".gguf")
+        || name.ends_with(".h5")
+        || name.ends_with(".msgpack")
+}
+
+/// Copies every non-weight file (config, tokenizer, chat template, README...) of `from` to
+/// `to`; with `dtype`, records it in config.json as the weights' dtype.
+pub fn copy_side_files(from: &Path, to: &Path, dtype: Option<DType>) -> Result<()> {
+    for e in std::fs::read_dir(from).map_err(|e| TernError::io(from, e))? {
+        let e = e.map_err(|e| TernError::io(from, e))?;
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().to_string();
+        if !p.is_file() || is_weight_file(&name) || name.starts_with('.') {
+            continue;
+        }
+        let dest = to.join(&name);
+        if let (Some(d), "config.json") = (dtype, name.as_str()) {
+            let text = std::fs::read_to_string(&p).map_err(|e| TernError::io(&p, e))?;
+            let mut v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| TernError::Config {
+                    file: p.clone(),
+                    key: "(file)".into(),
+                    detail: format!("not valid JSON: {e}"),
+                })?;
+            let s = match d {
+                DType::F16 => "float16",
+                DType::BF16 => "bfloat16",
+                _ => "float32",
+            };
+            if let Some(o) = v.as_object_mut() {
+                let key = if o.contains_key("dtype") {
+                    "dtype"
+                } else {
+                    "torch_dtype"
+                };
+                o.insert(key.into(), serde_json::json!(s));
+            }
+            let text = serde_json::to_string_pretty(&v).expect("json") + "\n";
+            std::fs::write(&dest, text).map_err(|e| TernError::io(&dest, e))?;
+        } else {
+            std::fs::copy(&p, &dest).map_err(|e| TernError::io(&dest, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `groups` of tensors as `model.safetensors`, or as numbered shards plus
+/// `model.safetensors.index.json` when there is more than one group; `fill(i)` gives the
+/// bytes of `specs[i]`.
+pub fn write_shards(
+    dir: &Path,
+    specs: &[TensorSpec],
+    groups: &[Vec<usize>],
+    mut fill: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<()> {
+    let n = groups.len();
+    let mut weight_map = serde_json::Map::new();
+    for (si, idx) in groups.iter().enumerate() {
+        let file = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", si + 1, n)
+        };
+        let shard: Vec<TensorSpec> = idx.iter().map(|&i| specs[i].clone()).collect();
+        for s in &shard {
+            weight_map.insert(s.name.clone(), serde_json::json!(file));
+        }
+        write_streaming(&dir.join(&file), &shard, |k| fill(idx[k]))?;
+    }
+    if n > 1 {
+        let total: usize = specs.iter().map(TensorSpec::nbytes).sum();
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        write_bytes_atomic(
+            &dir.join("model.safetensors.index.json"),
+            serde_json::to_string_pretty(&index)
+                .expect("json")
+                .as_bytes(),
+        )?;
+    }
+    Ok(())
+}
+
 /// What one tensor of a file to be written will be.
 #[derive(Debug, Clone)]
 pub struct TensorSpec {

@@ -3,7 +3,7 @@
 //! back in the same format.
 
 use super::config::{adapter_dir, AdapterConfig};
-use crate::checkpoint::safetensors::SafetensorsFile;
+use crate::checkpoint::safetensors::TensorFile;
 use crate::checkpoint::writer::{write_atomic, write_bytes_atomic};
 use crate::error::{Result, TernError};
 use candle_core::{DType, Device, Tensor};
@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const CONFIG_FILE: &str = "adapter_config.json";
 /// The weights file PEFT writes by default.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The weights file of adapters saved before safetensors (a torch.save pickle).
+pub const LEGACY_WEIGHTS_FILE: &str = "adapter_model.bin";
 /// PEFT's prefix on every tensor name of a causal-LM adapter.
 const PEFT_PREFIX: &str = "base_model.model.";
 
@@ -195,19 +197,17 @@ impl LoraAdapter {
                 cfg_path.display()
             );
         }
-        let w_path = dir.join(WEIGHTS_FILE);
+        let mut w_path = dir.join(WEIGHTS_FILE);
+        if !w_path.is_file() && dir.join(LEGACY_WEIGHTS_FILE).is_file() {
+            w_path = dir.join(LEGACY_WEIGHTS_FILE); // read without executing its pickle
+        }
         if !w_path.is_file() {
-            let hint = if dir.join("adapter_model.bin").is_file() {
-                "only adapter_model.bin is there: legacy pickle adapters are not read yet; re-save it with PEFT (safe_serialization=True)"
-            } else {
-                "the adapter's weights are missing"
-            };
             return Err(TernError::MissingFile {
                 path: w_path,
-                hint: hint.into(),
+                hint: "the adapter's weights are missing (adapter_model.safetensors or adapter_model.bin)".into(),
             });
         }
-        let file = SafetensorsFile::open(&w_path)?;
+        let file = TensorFile::open(&w_path)?;
         let mut halves: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
         let mut adapter_name: Option<String> = None;
         for key in file.entries().keys() {

@@ -7,8 +7,10 @@
 //! renamed into place at the end, so an interrupted merge leaves nothing at the destination.
 
 use super::adapter::{LoraAdapter, SlotTable};
-use crate::checkpoint::safetensors::SafetensorsFile;
-use crate::checkpoint::writer::{tensor_bytes, write_bytes_atomic, write_streaming, TensorSpec};
+use crate::checkpoint::safetensors::TensorFile;
+use crate::checkpoint::writer::{
+    copy_side_files, tensor_bytes, write_shards, StagedDir, TensorSpec,
+};
 use crate::checkpoint::HfDir;
 use crate::error::{Result, TernError};
 use candle_core::{DType, Device, Tensor};
@@ -51,19 +53,6 @@ pub struct MergeReport {
     pub bytes: u64,
     /// Wall time.
     pub elapsed: Duration,
-}
-
-/// Files of a model directory that are weights in some format (not copied to the output).
-fn is_weight_file(name: &str) -> bool {
-    name.ends_with(".safetensors")
-        || name == "model.safetensors.index.json"
-        || name.ends_with(".bin")
-        || name.ends_with(".bin.index.json")
-        || name.ends_with(".pt")
-        || name.ends_with(".pth")
-        || name.ends_with(".gguf")
-        || name.ends_with(".h5")
-        || name.ends_with(".msgpack")
 }
 
 /// Parses a size such as `2GB`, `500MB`, `200KB`, `1.5GiB` or a byte count.
@@ -123,12 +112,6 @@ pub fn merge_checkpoint(
     opts: &MergeOptions,
 ) -> Result<MergeReport> {
     let t0 = Instant::now();
-    if out.exists() && !opts.force {
-        return Err(TernError::InvalidArgument(format!(
-            "{} already exists; pass --force to replace it, or choose another --out",
-            out.display()
-        )));
-    }
     if !model.is_dir() {
         return Err(TernError::InvalidArgument(format!(
             "{}: merge needs a Hugging Face model directory (safetensors) as its base; GGUF bases are not supported",
@@ -144,7 +127,7 @@ pub fn merge_checkpoint(
     let files = base
         .weight_files
         .iter()
-        .map(|p| SafetensorsFile::open(p))
+        .map(|p| TensorFile::open(p))
         .collect::<Result<Vec<_>>>()?;
     let mut tensors: Vec<(String, usize)> = files
         .iter()
@@ -185,133 +168,34 @@ pub fn merge_checkpoint(
     }
     let total: u64 = specs.iter().map(|s| s.nbytes() as u64).sum();
 
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(|e| TernError::io(&parent, e))?;
-    let out_name = out
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("merged")
-        .to_string();
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{out_name}.tmp-"))
-        .tempdir_in(&parent)
-        .map_err(|e| TernError::io(&parent, e))?;
-
+    let staged = StagedDir::new(out, opts.force)?;
     let mut merged = 0;
-    let n_shards = shards.len();
-    let mut weight_map = serde_json::Map::new();
-    for (si, idx) in shards.iter().enumerate() {
-        let file_name = if n_shards == 1 {
-            "model.safetensors".to_string()
-        } else {
-            format!("model-{:05}-of-{:05}.safetensors", si + 1, n_shards)
-        };
-        let shard_specs: Vec<TensorSpec> = idx.iter().map(|&i| specs[i].clone()).collect();
-        for s in &shard_specs {
-            weight_map.insert(s.name.clone(), serde_json::json!(file_name));
-        }
-        write_streaming(&tmp.path().join(&file_name), &shard_specs, |k| {
-            let spec = &shard_specs[k];
-            let (name, fi) = &tensors[idx[k]];
-            let file = &files[*fi];
-            let module = name.strip_suffix(".weight").unwrap_or(name);
-            let pair = slots.get(module).and_then(|s| lora.pair(s));
-            let stored = file.entries()[name].dtype;
-            match pair {
-                Some(p) => {
-                    merged += 1;
-                    let w = file.tensor(name, DType::F32, &Device::Cpu)?;
-                    let w: Tensor = (w + p.delta_weight()?)?;
-                    tensor_bytes(&w.to_dtype(spec.dtype)?)
-                }
-                None if stored == spec.dtype => Ok(file.bytes(name)?.1.to_vec()),
-                None => tensor_bytes(&file.tensor(name, spec.dtype, &Device::Cpu)?),
+    write_shards(staged.path(), &specs, &shards, |i| {
+        let spec = &specs[i];
+        let (name, fi) = &tensors[i];
+        let file = &files[*fi];
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        match slots.get(module).and_then(|s| lora.pair(s)) {
+            Some(p) => {
+                merged += 1;
+                let w = file.tensor(name, DType::F32, &Device::Cpu)?;
+                let w: Tensor = (w + p.delta_weight()?)?;
+                tensor_bytes(&w.to_dtype(spec.dtype)?)
             }
-        })?;
-    }
-    if n_shards > 1 {
-        let index =
-            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        write_bytes_atomic(
-            &tmp.path().join("model.safetensors.index.json"),
-            serde_json::to_string_pretty(&index)
-                .expect("json")
-                .as_bytes(),
-        )?;
-    }
-    copy_side_files(&base.dir, tmp.path(), opts.dtype)?;
-
-    // Into place: the destination only ever holds a complete checkpoint.
-    let staged = tmp.keep();
-    let replace = || -> Result<()> {
-        if out.exists() {
-            let old = parent.join(format!(".{out_name}.old-{}", std::process::id()));
-            std::fs::rename(out, &old).map_err(|e| TernError::io(out, e))?;
-            std::fs::rename(&staged, out).map_err(|e| TernError::io(out, e))?;
-            let _ = std::fs::remove_dir_all(&old);
-        } else {
-            std::fs::rename(&staged, out).map_err(|e| TernError::io(out, e))?;
+            None if file.entries()[name].dtype == spec.dtype => Ok(file.bytes(name)?.1.to_vec()),
+            None => tensor_bytes(&file.tensor(name, spec.dtype, &Device::Cpu)?),
         }
-        Ok(())
-    };
-    if let Err(e) = replace() {
-        let _ = std::fs::remove_dir_all(&staged);
-        return Err(e);
-    }
+    })?;
+    copy_side_files(&base.dir, staged.path(), opts.dtype)?;
+    staged.commit()?;
     Ok(MergeReport {
         out: out.to_path_buf(),
         tensors: specs.len(),
         merged,
-        shards: n_shards,
+        shards: shards.len(),
         bytes: total,
         elapsed: t0.elapsed(),
     })
-}
-
-/// Copies config, tokenizer, chat template and every other non-weight file; records the new
-/// dtype in config.json when it changed.
-fn copy_side_files(from: &Path, to: &Path, dtype: Option<DType>) -> Result<()> {
-    for e in std::fs::read_dir(from).map_err(|e| TernError::io(from, e))? {
-        let e = e.map_err(|e| TernError::io(from, e))?;
-        let p = e.path();
-        let name = e.file_name().to_string_lossy().to_string();
-        if !p.is_file() || is_weight_file(&name) || name.starts_with('.') {
-            continue;
-        }
-        let dest = to.join(&name);
-        if name == "config.json" {
-            if let Some(d) = dtype {
-                let text = std::fs::read_to_string(&p).map_err(|e| TernError::io(&p, e))?;
-                let mut v: serde_json::Value =
-                    serde_json::from_str(&text).map_err(|e| TernError::Config {
-                        file: p.clone(),
-                        key: "(file)".into(),
-                        detail: format!("not valid JSON: {e}"),
-                    })?;
-                let s = match d {
-                    DType::F16 => "float16",
-                    DType::BF16 => "bfloat16",
-                    _ => "float32",
-                };
-                if let Some(o) = v.as_object_mut() {
-                    let key = if o.contains_key("dtype") {
-                        "dtype"
-                    } else {
-                        "torch_dtype"
-                    };
-                    o.insert(key.into(), serde_json::json!(s));
-                }
-                let text = serde_json::to_string_pretty(&v).expect("json") + "\n";
-                std::fs::write(&dest, text).map_err(|e| TernError::io(&dest, e))?;
-                continue;
-            }
-        }
-        std::fs::copy(&p, &dest).map_err(|e| TernError::io(&dest, e))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

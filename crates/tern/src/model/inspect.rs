@@ -2,7 +2,7 @@
 //! `tern inspect` prints.
 
 use super::config::ModelConfig;
-use crate::checkpoint::{safetensors::SafetensorsFile, Checkpoint};
+use crate::checkpoint::{safetensors::TensorFile, Checkpoint};
 use crate::error::Result;
 use crate::tokenizer::{gguf::from_gguf, ChatTemplate, Tokenizer};
 use std::collections::BTreeMap;
@@ -60,7 +60,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         Checkpoint::Hf(d) => {
             let cfg = ModelConfig::from_hf_file(&d.config)?;
             for f in &d.weight_files {
-                let st = SafetensorsFile::open(f)?;
+                let st = TensorFile::open(f)?;
                 bytes += st.len_bytes() as u64;
                 for e in st.entries().values() {
                     *dtypes
