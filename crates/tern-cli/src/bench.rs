@@ -19,7 +19,7 @@ pub enum BenchCommand {
 /// Arguments of `tern bench adapters`.
 #[derive(Args, Debug)]
 pub struct AdapterBenchArgs {
-    /// A Hugging Face checkpoint directory or a .gguf file.
+    /// A Hugging Face checkpoint directory, a .gguf file or a Hub id.
     #[arg(long)]
     pub model: PathBuf,
     /// A PEFT adapter to measure (default: random all-linear adapters of --rank).
@@ -51,7 +51,7 @@ pub struct AdapterBenchArgs {
 /// Arguments of `tern bench generate`.
 #[derive(Args, Debug)]
 pub struct GenerateBenchArgs {
-    /// A Hugging Face checkpoint directory or a .gguf file.
+    /// A Hugging Face checkpoint directory, a .gguf file or a Hub id.
     #[arg(long)]
     pub model: PathBuf,
     /// Prompt length in tokens.
@@ -88,7 +88,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 runs: a.runs,
             };
             let r = tern::bench::generate::run(
-                &a.model,
+                &crate::resolve::model(&a.model)?,
                 &LoadOptions {
                     dtype,
                     quantized_head: a.quantized_head,
@@ -156,7 +156,11 @@ fn adapters(a: AdapterBenchArgs) -> Result<()> {
         .map(tern::device::parse_dtype)
         .transpose()?;
     let opts = tern::bench::adapters::AdapterBenchOptions {
-        adapter: a.adapter.clone(),
+        adapter: a
+            .adapter
+            .as_deref()
+            .map(crate::resolve::adapter)
+            .transpose()?,
         rank: a.rank,
         prompt_tokens: a.prompt_tokens,
         gen_tokens: a.gen_tokens,
@@ -164,7 +168,7 @@ fn adapters(a: AdapterBenchArgs) -> Result<()> {
         batch: a.batch,
     };
     let r = tern::bench::adapters::run(
-        &a.model,
+        &crate::resolve::model(&a.model)?,
         &LoadOptions {
             dtype,
             adapter_dtype,

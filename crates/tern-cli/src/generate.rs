@@ -18,10 +18,12 @@ pub enum Output {
 /// Arguments of `tern generate`.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Model: a Hugging Face checkpoint directory or a .gguf file.
+    /// Model: a Hugging Face checkpoint directory, a .gguf file, or a Hub id
+    /// ORG/NAME[@revision] (from the Hugging Face cache, downloaded unless HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub model: PathBuf,
-    /// LoRA adapter directory (PEFT format: adapter_config.json + adapter_model.safetensors).
+    /// LoRA adapter: a PEFT directory (adapter_config.json + adapter_model.safetensors or
+    /// .bin) or a Hub id.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Fold the adapter into the weights before generating (no per-token LoRA cost; quantized
@@ -89,8 +91,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         .as_deref()
         .map(tern::device::parse_dtype)
         .transpose()?;
+    let model = crate::resolve::model(&a.model)?;
     let mut lm = LoadedModel::load(
-        &a.model,
+        &model,
         &LoadOptions {
             dtype,
             quantized_head: a.quantized_head,
@@ -100,8 +103,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     .with_context(|| format!("loading {}", a.model.display()))?;
     let adapter = match &a.adapter {
         Some(p) => {
+            let p = crate::resolve::adapter(p)?;
             let ad = lm
-                .load_adapter(p, "adapter")
+                .load_adapter(&p, "adapter")
                 .with_context(|| format!("loading adapter {}", p.display()))?;
             if a.merge_adapter {
                 lm.model.merge_adapter(&ad)?;

@@ -16,7 +16,7 @@ pub struct InspectArgs {
 
 /// Runs `tern inspect`.
 pub fn run(a: InspectArgs) -> Result<()> {
-    let i = tern::model::inspect::inspect(&a.path)?;
+    let i = tern::model::inspect::inspect(&crate::resolve::model(&a.path)?)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&i)?);
         return Ok(());

@@ -2,9 +2,11 @@
 //! subcommand loads what it needs.
 
 mod bench;
+mod convert;
 mod generate;
 mod inspect;
 mod merge;
+mod resolve;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
@@ -22,10 +24,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Stream tokens from a model (Hugging Face directory or .gguf file).
+    /// Stream tokens from a model (Hugging Face directory, .gguf file or Hub id).
     Generate(generate::GenerateArgs),
     /// Fold a LoRA adapter into its base and write a Hugging Face checkpoint.
     Merge(merge::MergeArgs),
+    /// Rewrite a legacy PyTorch (.bin) checkpoint or adapter as safetensors.
+    Convert(convert::ConvertArgs),
     /// Describe a checkpoint: architecture, parameters, dtypes, files, tokenizer, template.
     Inspect(inspect::InspectArgs),
     /// Measure load, prompt and decode speed, memory and streaming overhead.
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Convert(a) => convert::run(a),
         Command::Bench(b) => bench::run(b),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "tern", &mut std::io::stdout());

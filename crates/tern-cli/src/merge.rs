@@ -8,10 +8,10 @@ use tern::lora::merge::{merge_checkpoint, parse_size, MergeOptions};
 /// Arguments of `tern merge`.
 #[derive(Args, Debug)]
 pub struct MergeArgs {
-    /// Base model: a Hugging Face checkpoint directory (safetensors).
+    /// Base model: a Hugging Face checkpoint directory or Hub id.
     #[arg(long)]
     pub model: PathBuf,
-    /// LoRA adapter directory (PEFT format).
+    /// LoRA adapter: a PEFT directory or Hub id.
     #[arg(long)]
     pub adapter: PathBuf,
     /// Output directory (written atomically: it appears only when complete).
@@ -39,7 +39,11 @@ pub fn run(a: MergeArgs) -> Result<()> {
         shard_size: parse_size(&a.shard_size)?,
         force: a.force,
     };
-    let r = merge_checkpoint(&a.model, &a.adapter, &a.out, &opts)
+    let (model, adapter) = (
+        crate::resolve::model(&a.model)?,
+        crate::resolve::adapter(&a.adapter)?,
+    );
+    let r = merge_checkpoint(&model, &adapter, &a.out, &opts)
         .with_context(|| format!("merging {} into {}", a.adapter.display(), a.model.display()))?;
     println!(
         "merged {} of {} tensors into {} ({} shard{}, {:.1} MB) in {:.2} s",

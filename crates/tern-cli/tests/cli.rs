@@ -5,8 +5,14 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn tern(args: &[&str]) -> Output {
+    tern_env(args, &[])
+}
+
+/// `tern` with extra environment variables.
+fn tern_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run tern")
 }
@@ -129,7 +135,14 @@ fn help_and_completions_need_no_model() {
     let o = tern(&["--help"]);
     assert!(o.status.success());
     let s = String::from_utf8(o.stdout).unwrap();
-    for cmd in ["generate", "merge", "inspect", "bench", "completions"] {
+    for cmd in [
+        "generate",
+        "merge",
+        "convert",
+        "inspect",
+        "bench",
+        "completions",
+    ] {
         assert!(s.contains(cmd), "{s}");
     }
     let o = tern(&["generate", "--help"]);
@@ -308,7 +321,7 @@ fn errors_are_one_clear_line() {
                 "--adapter",
                 "a",
             ],
-            "adapter_config.json: file not found",
+            "not a Hub id",
         ),
         (
             vec![
@@ -345,4 +358,82 @@ fn errors_are_one_clear_line() {
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+#[test]
+fn hub_ids_from_the_cache_and_legacy_bin_conversion() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A Hugging Face cache holding the llama fixture as `org/llama`.
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = tmp.path().join("hub/models--org--llama");
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    for e in std::fs::read_dir(fixture("llama")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), snap.join(e.file_name())).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let cache = tmp.path().join("hub");
+    let env = [
+        ("HF_HUB_CACHE", cache.to_str().unwrap()),
+        ("HF_HUB_OFFLINE", "1"),
+    ];
+    let o = tern_env(
+        &[
+            "generate",
+            "--model",
+            "org/llama",
+            "--prompt",
+            "The quick",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "4",
+            "--output",
+            "jsonl",
+        ],
+        &env,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let by_path = greedy_ids(fixture("llama").to_str().unwrap(), "The quick", 4, &[]);
+    let by_id: Vec<u64> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["id"].as_u64())
+        .collect();
+    assert_eq!(by_id, by_path);
+    let o = tern_env(
+        &["generate", "--model", "org/missing", "--prompt", "x"],
+        &env,
+    );
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(
+        !o.status.success()
+            && err.contains("HF_HUB_OFFLINE")
+            && err.trim_end().lines().count() == 1,
+        "{err}"
+    );
+
+    // A legacy pickle checkpoint runs directly and converts to safetensors.
+    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tern/tests/fixtures/bin/smollm");
+    let out = tmp.path().join("smollm-st");
+    let o = tern(&[
+        "convert",
+        "--model",
+        bin.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("model.safetensors").is_file());
+    let r = reference("smollm");
+    let prompt = r["prompt"].as_str().unwrap();
+    let a = greedy_ids(bin.to_str().unwrap(), prompt, 6, &[]);
+    assert_eq!(a, greedy_ids(out.to_str().unwrap(), prompt, 6, &[]));
+    assert_eq!(
+        a,
+        greedy_ids(fixture("smollm").to_str().unwrap(), prompt, 6, &[])
+    );
 }
