@@ -576,6 +576,16 @@ mod tests {
     }
 
     #[test]
+    fn ordered_dict_with_metadata_as_state_dict_pickles_it() {
+        // torch.save(model.state_dict()): OrderedDict() via REDUCE, items, then BUILD with
+        // {'_metadata': ...}; long memo opcodes and LONG1 as in large checkpoints.
+        let mut p = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rr\x01\x00\x00\x00(".to_vec();
+        p.extend(b"X\x01\x00\x00\x00a\x8a\x02\x00\x01u}X\x09\x00\x00\x00_metadataj\x01\x00\x00\x00sb.");
+        let o = run(&p).unwrap();
+        assert_eq!(o, Object::Dict(vec![(Object::Str("a".into()), Object::Int(256))]));
+    }
+
+    #[test]
     fn dangerous_globals_and_opcodes_are_refused() {
         let e = run(b"\x80\x02cposix\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85R.").unwrap_err();
         assert!(
