@@ -14,6 +14,7 @@ pub mod lora;
 pub mod model;
 pub mod quant;
 pub mod tokenizer;
+pub mod train;
 
 pub use device::DeviceKind;
 pub use error::{Result, TernError};

@@ -425,10 +425,12 @@ impl<'a> Machine<'a> {
                     }
                 }
                 b'.' => return self.pop(),
-                other => return Err(self.err(format!(
+                other => {
+                    return Err(self.err(format!(
                     "opcode 0x{other:02x} at offset {} is not one a state dict uses; refusing it",
                     self.pos - 1
-                ))),
+                )))
+                }
             }
         }
     }
@@ -580,9 +582,14 @@ mod tests {
         // torch.save(model.state_dict()): OrderedDict() via REDUCE, items, then BUILD with
         // {'_metadata': ...}; long memo opcodes and LONG1 as in large checkpoints.
         let mut p = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rr\x01\x00\x00\x00(".to_vec();
-        p.extend(b"X\x01\x00\x00\x00a\x8a\x02\x00\x01u}X\x09\x00\x00\x00_metadataj\x01\x00\x00\x00sb.");
+        p.extend(
+            b"X\x01\x00\x00\x00a\x8a\x02\x00\x01u}X\x09\x00\x00\x00_metadataj\x01\x00\x00\x00sb.",
+        );
         let o = run(&p).unwrap();
-        assert_eq!(o, Object::Dict(vec![(Object::Str("a".into()), Object::Int(256))]));
+        assert_eq!(
+            o,
+            Object::Dict(vec![(Object::Str("a".into()), Object::Int(256))])
+        );
     }
 
     #[test]

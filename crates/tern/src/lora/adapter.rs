@@ -276,18 +276,19 @@ impl LoraAdapter {
         })
     }
 
-    /// Builds an adapter from pairs `(module, A [r, in], B [out, r])` (training, tests).
-    pub fn from_tensors(
+    /// Builds an adapter from `(module, A [r, in], B^T [r, out])` taken as they are, so the
+    /// tensors can be training variables (a transposed copy would cut their gradients).
+    pub fn from_pairs(
         name: &str,
         config: AdapterConfig,
         slots: &SlotTable,
-        tensors: Vec<(String, Tensor, Tensor)>,
+        pairs_in: Vec<(String, Tensor, Tensor)>,
     ) -> Result<Self> {
         let here = Path::new(name);
         let mut pairs: Vec<Option<LoraPair>> = vec![None; slots.len()];
         let mut modules = Vec::new();
         let mut bytes = 0;
-        for (module, a, b) in tensors {
+        for (module, a, bt) in pairs_in {
             let slot = slots.get(&module).ok_or_else(|| {
                 bad(
                     here,
@@ -296,26 +297,27 @@ impl LoraAdapter {
             })?;
             let s = slots.slot(slot);
             let r = a.dims()[0];
-            if a.dims() != [r, s.in_dim] || b.dims() != [s.out_dim, r] {
+            if a.dims() != [r, s.in_dim] || bt.dims() != [r, s.out_dim] {
                 return Err(bad(
                     here,
                     format!(
-                        "module `{module}`: A {:?} / B {:?} do not fit [{}, {}]",
+                        "module `{module}`: A {:?} / B^T {:?} do not fit [{}, {}]",
                         a.dims(),
-                        b.dims(),
+                        bt.dims(),
                         s.out_dim,
                         s.in_dim
                     ),
                 ));
             }
-            bytes += (a.elem_count() + b.elem_count()) * a.dtype().size_in_bytes();
+            bytes += (a.elem_count() + bt.elem_count()) * a.dtype().size_in_bytes();
             pairs[slot] = Some(LoraPair {
-                bt: b.t()?.contiguous()?,
-                a,
                 scale: config.scale_for(&module),
+                a,
+                bt,
             });
             modules.push((module, slot));
         }
+        modules.sort();
         Ok(Self {
             name: name.to_string(),
             version: NEXT_VERSION.fetch_add(1, Ordering::Relaxed),
@@ -325,6 +327,20 @@ impl LoraAdapter {
             modules,
             bytes,
         })
+    }
+
+    /// Builds an adapter from pairs `(module, A [r, in], B [out, r])` (tests, benchmarks).
+    pub fn from_tensors(
+        name: &str,
+        config: AdapterConfig,
+        slots: &SlotTable,
+        tensors: Vec<(String, Tensor, Tensor)>,
+    ) -> Result<Self> {
+        let pairs = tensors
+            .into_iter()
+            .map(|(m, a, b)| Ok((m, a, b.t()?.contiguous()?)))
+            .collect::<Result<Vec<_>>>()?;
+        Self::from_pairs(name, config, slots, pairs)
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` to `dir` in PEFT's

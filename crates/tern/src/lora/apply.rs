@@ -26,6 +26,7 @@ struct Group {
 #[derive(Debug, Clone, Default)]
 pub struct BatchAdapters {
     groups: Vec<Group>,
+    train: bool,
 }
 
 impl BatchAdapters {
@@ -37,6 +38,7 @@ impl BatchAdapters {
     /// The same adapter (or none) on every row.
     pub fn uniform(adapter: Option<Arc<LoraAdapter>>) -> Self {
         Self {
+            train: false,
             groups: adapter
                 .into_iter()
                 .map(|adapter| Group {
@@ -67,7 +69,22 @@ impl BatchAdapters {
                 g.index = Some(Tensor::new(g.rows.as_slice(), device)?);
             }
         }
-        Ok(Self { groups })
+        Ok(Self {
+            groups,
+            train: false,
+        })
+    }
+
+    /// The same, for a training step: the forward pass uses only differentiable ops
+    /// (candle's fused rope, softmax and RMSNorm have no backward) and no KV cache.
+    pub fn for_training(mut self) -> Self {
+        self.train = true;
+        self
+    }
+
+    /// Whether this pass must be differentiable.
+    pub fn is_training(&self) -> bool {
+        self.train
     }
 
     /// Whether no row has an adapter.
@@ -97,7 +114,7 @@ impl BatchAdapters {
         let in_dim = x.dim(candle_core::D::Minus1)?;
         let out_dim = y.dim(candle_core::D::Minus1)?;
         let rows = x.elem_count() / in_dim.max(1);
-        if rows > KERNEL_MAX_ROWS || !x.device().is_cpu() || x.dtype() != DType::F32 {
+        if self.train || rows > KERNEL_MAX_ROWS || !x.device().is_cpu() || x.dtype() != DType::F32 {
             return Ok(None);
         }
         let batch = x.dim(0)?;

@@ -426,6 +426,13 @@ impl AdapterConfig {
         self
     }
 
+    /// Sets the training dropout (written to `lora_dropout`).
+    pub fn with_dropout(mut self, p: f64) -> Self {
+        self.lora_dropout = p;
+        self.raw.insert("lora_dropout".into(), json!(p));
+        self
+    }
+
     /// Records the base model (written to `base_model_name_or_path`).
     pub fn with_base_model(mut self, base: &str) -> Self {
         self.base_model_name_or_path = Some(base.to_string());

@@ -65,10 +65,11 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let hd = self.head_dim;
+        let train = ad.is_training();
         let split = |t: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
             let t = t.reshape((b, s, n, hd))?;
             let t = match norm {
-                Some(nm) => nm.forward(&t)?,
+                Some(nm) => nm.forward_with(&t, train)?,
                 None => t,
             };
             Ok(t.transpose(1, 2)?.contiguous()?)
@@ -76,9 +77,11 @@ impl Attention {
         let q = split(self.q.forward_with(x, ad)?, self.heads, &self.q_norm)?;
         let k = split(self.k.forward_with(x, ad)?, self.kv_heads, &self.k_norm)?;
         let v = split(self.v.forward_with(x, ad)?, self.kv_heads, &None)?;
-        let q = rope.apply(&q, offset)?;
-        let k = rope.apply(&k, offset)?;
-        let (k, v) = cache.append(&k, &v)?;
+        let q = rope.apply(&q, offset, train)?;
+        let k = rope.apply(&k, offset, train)?;
+        // The cache writes in place, which gradients cannot pass; training runs whole
+        // sequences, so it needs none.
+        let (k, v) = if train { (k, v) } else { cache.append(&k, &v)? };
         let t = k.dim(2)?;
         // Heads of one kv group are adjacent, so folding them into the row dimension lets one
         // matmul per kv head serve the whole group without repeating k/v in memory.
@@ -97,7 +100,12 @@ impl Attention {
                 .broadcast_add(&mask)?
                 .reshape((b, self.kv_heads, rep * s, t))?;
         }
-        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(v.dtype())?;
+        let att = if train {
+            candle_nn::ops::softmax(&att, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&att)?
+        }
+        .to_dtype(v.dtype())?;
         let y = att.matmul(&v)?; // [b, kv, rep*s, hd]
         let y = y
             .reshape((b, self.heads, s, hd))?

@@ -284,16 +284,25 @@ impl Model {
             .embed
             .lookup(&ids.flatten_all()?, self.dtype)?
             .reshape((b, s, self.cfg.hidden_size))?;
+        let train = ad.is_training();
         for (blk, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            let h = blk
-                .attn
-                .forward(&blk.attn_norm.forward(&x)?, &self.rope, kv, offset, ad)?;
+            let h = blk.attn.forward(
+                &blk.attn_norm.forward_with(&x, train)?,
+                &self.rope,
+                kv,
+                offset,
+                ad,
+            )?;
             x = (x + h)?;
-            let h = blk.mlp.forward(&blk.mlp_norm.forward(&x)?, ad)?;
+            let h = blk
+                .mlp
+                .forward(&blk.mlp_norm.forward_with(&x, train)?, ad)?;
             x = (x + h)?;
         }
-        cache.pos += s;
-        self.norm.forward(&x)
+        if !train {
+            cache.pos += s;
+        }
+        self.norm.forward_with(&x, train)
     }
 
     /// Output logits in f32 for hidden states `[batch, .., hidden]`.

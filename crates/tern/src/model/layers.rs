@@ -207,6 +207,15 @@ impl RmsNorm {
         })
     }
 
+    /// Normalises over the last dimension; `differentiable` uses plain ops (candle's fused
+    /// kernel has no backward).
+    pub fn forward_with(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
+        if differentiable {
+            return Ok(candle_nn::ops::rms_norm_slow(x, &self.w, self.eps)?);
+        }
+        self.forward(x)
+    }
+
     /// Normalises over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(

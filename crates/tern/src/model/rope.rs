@@ -94,8 +94,9 @@ impl Rope {
         self.max_len
     }
 
-    /// Rotates `x` `[batch, heads, seq, head_dim]` for positions `offset..offset+seq`.
-    pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+    /// Rotates `x` `[batch, heads, seq, head_dim]` for positions `offset..offset+seq`;
+    /// `differentiable` uses plain ops (candle's fused kernel has no backward).
+    pub fn apply(&self, x: &Tensor, offset: usize, differentiable: bool) -> Result<Tensor> {
         let seq = x.dim(2)?;
         if offset + seq > self.max_len {
             return Err(TernError::InvalidArgument(format!(
@@ -106,6 +107,9 @@ impl Rope {
         }
         let cos = self.cos.narrow(0, offset, seq)?;
         let sin = self.sin.narrow(0, offset, seq)?;
+        if differentiable {
+            return Ok(candle_nn::rotary_emb::rope_slow(x, &cos, &sin)?);
+        }
         Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
     }
 }

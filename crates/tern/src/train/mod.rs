@@ -1,0 +1,10 @@
+//! LoRA training: the run's config, jsonl data into padded batches, AdamW with clipping and
+//! schedules, and the trainer that writes a PEFT adapter and metrics.
+
+pub mod config;
+pub mod data;
+pub mod optim;
+pub mod trainer;
+
+pub use config::{Schedule, TargetModules, TrainConfig};
+pub use trainer::{StepReport, TrainReport, Trainer};

@@ -1,0 +1,561 @@
+//! The training loop: LoRA pairs as variables over a frozen base, completion-only
+//! cross-entropy, gradient accumulation, clipping, AdamW, the schedule, eval with early
+//! stopping, checkpoints that resume to the same result, and the PEFT adapter at the end.
+
+use super::config::TrainConfig;
+use super::data::{epoch_batches, pad, Batch, Example};
+use super::optim::{clip_grad_norm, lr_at, AdamW, AdamWParams};
+use crate::checkpoint::safetensors::TensorFile;
+use crate::checkpoint::writer::{write_atomic, write_bytes_atomic};
+use crate::error::{Result, TernError};
+use crate::lora::{BatchAdapters, LoraAdapter};
+use crate::model::LoadedModel;
+use candle_core::{DType, Tensor, Var, D};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepReport {
+    /// Steps done (1-based).
+    pub step: usize,
+    /// Steps the run will take.
+    pub total_steps: usize,
+    /// Epoch (0-based).
+    pub epoch: usize,
+    /// Mean loss over the step's target tokens.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens (padding excluded) per second over the step.
+    pub tokens_per_s: f64,
+    /// Eval loss, when this step evaluated.
+    pub eval_loss: Option<f64>,
+    /// Seconds since the run started.
+    pub elapsed_s: f64,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainReport {
+    /// Optimizer steps done.
+    pub steps: usize,
+    /// Loss of the last step.
+    pub final_loss: f64,
+    /// Best eval loss, when there was eval data.
+    pub best_eval_loss: Option<f64>,
+    /// Whether early stopping ended it.
+    pub stopped_early: bool,
+    /// Tokens trained on.
+    pub tokens: usize,
+    /// Wall seconds of the loop.
+    pub elapsed_s: f64,
+    /// Tokens per second over the loop.
+    pub tokens_per_s: f64,
+    /// Where the adapter is.
+    pub out: PathBuf,
+}
+
+/// Where a checkpoint left off.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct State {
+    step: usize,
+    epoch: usize,
+    /// Batches of `epoch` already consumed.
+    batch: usize,
+    best_eval: Option<f64>,
+    bad_evals: usize,
+    tokens: usize,
+}
+
+/// A LoRA training run over one loaded base model.
+pub struct Trainer<'a> {
+    lm: &'a LoadedModel,
+    cfg: TrainConfig,
+    vars: Vec<Var>,
+    names: Vec<String>,
+    adapter: Arc<LoraAdapter>,
+    opt: AdamW,
+    state: State,
+}
+
+fn nan_error(step: usize, out: &Path) -> TernError {
+    TernError::InvalidArgument(format!(
+        "loss became NaN/inf at step {step}; stopped without writing over the last good checkpoint in {} (lower --lr or --max-grad-norm)",
+        out.display()
+    ))
+}
+
+impl<'a> Trainer<'a> {
+    /// A fresh adapter as PEFT initialises one: `A` Kaiming-uniform, `B` zero.
+    pub fn new(lm: &'a LoadedModel, cfg: TrainConfig) -> Result<Self> {
+        let acfg = cfg.adapter_config()?;
+        let dev = lm.model.device();
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        let mut pairs = Vec::new();
+        for s in lm.model.slots().iter() {
+            if !acfg.targets(&s.name, s.is_head) {
+                continue;
+            }
+            let r = acfg.rank_for(&s.name);
+            let bound = 1.0 / (s.in_dim as f32).sqrt();
+            let a: Vec<f32> = (0..r * s.in_dim)
+                .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * bound)
+                .collect();
+            pairs.push((
+                s.name.clone(),
+                Tensor::from_vec(a, (r, s.in_dim), dev)?,
+                Tensor::zeros((r, s.out_dim), DType::F32, dev)?,
+            ));
+        }
+        if pairs.is_empty() {
+            return Err(TernError::InvalidArgument(format!(
+                "target_modules {:?} selects no linear layer of this model",
+                cfg.target_modules
+            )));
+        }
+        Self::with_pairs(lm, cfg, pairs)
+    }
+
+    /// Starts from a saved PEFT adapter (its weights become the variables).
+    pub fn from_adapter(lm: &'a LoadedModel, cfg: TrainConfig, dir: &Path) -> Result<Self> {
+        let a = LoraAdapter::load(
+            dir,
+            "train",
+            lm.model.slots(),
+            DType::F32,
+            lm.model.device(),
+        )?;
+        let pairs = a
+            .modules()
+            .map(|(m, p)| (m.to_string(), p.a.clone(), p.bt.clone()))
+            .collect();
+        let mut t = Self::with_pairs(lm, cfg, pairs)?;
+        // Keep the file's own config (ranks, alphas, targets) for the output.
+        t.adapter = Arc::new(LoraAdapter::from_pairs(
+            "train",
+            a.config().clone(),
+            lm.model.slots(),
+            t.pair_tensors(),
+        )?);
+        Ok(t)
+    }
+
+    fn pair_tensors(&self) -> Vec<(String, Tensor, Tensor)> {
+        self.vars
+            .chunks(2)
+            .zip(self.names.chunks(2))
+            .map(|(v, n)| {
+                let module = n[0]
+                    .trim_start_matches("base_model.model.")
+                    .trim_end_matches(".lora_A.weight")
+                    .to_string();
+                (module, v[0].as_tensor().clone(), v[1].as_tensor().clone())
+            })
+            .collect()
+    }
+
+    fn with_pairs(
+        lm: &'a LoadedModel,
+        cfg: TrainConfig,
+        pairs: Vec<(String, Tensor, Tensor)>,
+    ) -> Result<Self> {
+        let mut vars = Vec::new();
+        let mut names = Vec::new();
+        let mut tensors = Vec::new();
+        for (m, a, bt) in pairs {
+            let (a, bt) = (
+                Var::from_tensor(&a.to_dtype(DType::F32)?)?,
+                Var::from_tensor(&bt.to_dtype(DType::F32)?)?,
+            );
+            names.push(format!("base_model.model.{m}.lora_A.weight"));
+            names.push(format!("base_model.model.{m}.lora_B.weight"));
+            tensors.push((m, a.as_tensor().clone(), bt.as_tensor().clone()));
+            vars.push(a);
+            vars.push(bt);
+        }
+        let adapter = Arc::new(LoraAdapter::from_pairs(
+            "train",
+            cfg.adapter_config()?,
+            lm.model.slots(),
+            tensors,
+        )?);
+        let opt = AdamW::new(
+            &vars,
+            AdamWParams {
+                weight_decay: cfg.weight_decay,
+                ..Default::default()
+            },
+        )?;
+        Ok(Self {
+            lm,
+            cfg,
+            vars,
+            names,
+            adapter,
+            opt,
+            state: State::default(),
+        })
+    }
+
+    /// The adapter being trained (its tensors are the variables).
+    pub fn adapter(&self) -> &Arc<LoraAdapter> {
+        &self.adapter
+    }
+
+    /// Trainable variables, `A` and `B^T` of each module in turn.
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
+    /// PEFT names of the variables (`…lora_A.weight`, `…lora_B.weight`; B's is transposed).
+    pub fn var_names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Summed negative log-likelihood of the batch's target tokens, and their count.
+    fn batch_nll(&self, b: &Batch, train: bool) -> Result<(Tensor, usize)> {
+        let model = &self.lm.model;
+        let dev = model.device();
+        let ids = Tensor::from_vec(b.ids.clone(), (b.rows, b.len), dev)?;
+        let mut ad = BatchAdapters::uniform(Some(self.adapter.clone()));
+        if train {
+            ad = ad.for_training();
+        }
+        let h = model.forward_hidden_with(&ids, &mut model.new_cache(), &ad)?;
+        // Position p predicts token p + 1: only target positions reach the output head.
+        let (mut pos, mut tgt) = (Vec::new(), Vec::new());
+        for r in 0..b.rows {
+            for p in 0..b.len.saturating_sub(1) {
+                if b.target[r * b.len + p + 1] {
+                    pos.push((r * b.len + p) as u32);
+                    tgt.push(b.ids[r * b.len + p + 1]);
+                }
+            }
+        }
+        let n = pos.len();
+        if n == 0 {
+            return Ok((Tensor::zeros((), DType::F32, dev)?, 0));
+        }
+        let hidden = h.dim(D::Minus1)?;
+        let sel = h
+            .reshape((b.rows * b.len, hidden))?
+            .index_select(&Tensor::new(pos, dev)?, 0)?;
+        let logits = model.logits(&sel, &ad)?;
+        let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let picked = lsm.gather(&Tensor::new(tgt, dev)?.unsqueeze(1)?, 1)?;
+        Ok((picked.sum_all()?.neg()?, n))
+    }
+
+    /// Mean loss over the target tokens of `batches` and its gradient for every variable.
+    pub fn loss_and_grads(&self, batches: &[Batch]) -> Result<(f64, Vec<Tensor>)> {
+        let total: usize = batches
+            .iter()
+            .map(|b| b.target.iter().filter(|&&t| t).count())
+            .sum();
+        let mut grads: Vec<Tensor> = self
+            .vars
+            .iter()
+            .map(|v| v.as_tensor().zeros_like())
+            .collect::<candle_core::Result<_>>()?;
+        let mut loss = 0f64;
+        for b in batches {
+            let (nll, n) = self.batch_nll(b, true)?;
+            if n == 0 {
+                continue;
+            }
+            let l = (nll / total.max(1) as f64)?;
+            loss += l.to_scalar::<f32>()? as f64;
+            let gs = l.backward()?;
+            for (g, v) in grads.iter_mut().zip(&self.vars) {
+                if let Some(d) = gs.get(v.as_tensor()) {
+                    *g = (&*g + d)?;
+                }
+            }
+        }
+        Ok((loss, grads))
+    }
+
+    /// One optimizer step over `batches` (one per accumulation micro-step) at rate `lr`;
+    /// returns the loss and the gradient norm before clipping.
+    pub fn step(&mut self, batches: &[Batch], lr: f64) -> Result<(f64, f64)> {
+        let (loss, mut grads) = self.loss_and_grads(batches)?;
+        if !loss.is_finite() {
+            return Err(TernError::InvalidArgument(format!("loss is {loss}")));
+        }
+        let norm = clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
+        if !norm.is_finite() {
+            return Err(TernError::InvalidArgument(format!(
+                "gradient norm is {norm}"
+            )));
+        }
+        self.opt.step(&self.vars, &grads, lr)?;
+        Ok((loss, norm))
+    }
+
+    /// Mean loss over the target tokens of `examples` (no gradients).
+    pub fn eval_loss(&self, examples: &[Example]) -> Result<f64> {
+        let (mut sum, mut n) = (0f64, 0usize);
+        let pad_id = self.pad_id();
+        for chunk in examples.chunks(self.cfg.batch_size) {
+            let refs: Vec<&Example> = chunk.iter().collect();
+            let (nll, k) = self.batch_nll(&pad(&refs, pad_id), false)?;
+            sum += nll.to_scalar::<f32>()? as f64;
+            n += k;
+        }
+        Ok(sum / n.max(1) as f64)
+    }
+
+    fn pad_id(&self) -> u32 {
+        self.lm.eos_ids.first().copied().unwrap_or(0)
+    }
+
+    /// Steps the run takes over `n` training examples.
+    pub fn total_steps(&self, n: usize) -> usize {
+        let per_epoch = n
+            .div_ceil(self.cfg.batch_size)
+            .div_ceil(self.cfg.grad_accum);
+        self.cfg.max_steps.unwrap_or(per_epoch * self.cfg.epochs)
+    }
+
+    fn save_checkpoint(&self, out: &Path) -> Result<PathBuf> {
+        let dir = out.join(format!("checkpoint-{}", self.state.step));
+        self.adapter.save(&dir)?;
+        let mut t: Vec<(String, Tensor)> = Vec::new();
+        for (i, n) in self.names.iter().enumerate() {
+            t.push((format!("m.{n}"), self.opt.m[i].clone()));
+            t.push((format!("v.{n}"), self.opt.v[i].clone()));
+        }
+        write_atomic(&dir.join("optimizer.safetensors"), &t)?;
+        let st = serde_json::to_string_pretty(&(&self.state, self.opt.step)).expect("json");
+        write_bytes_atomic(&dir.join("trainer_state.json"), st.as_bytes())?;
+        // Keep only the newest `keep_checkpoints`.
+        let mut all = checkpoints(out);
+        while all.len() > self.cfg.keep_checkpoints.max(1) {
+            let (_, old) = all.remove(0);
+            let _ = std::fs::remove_dir_all(old);
+        }
+        Ok(dir)
+    }
+
+    /// Continues from a checkpoint directory written by this trainer.
+    pub fn resume_from(&mut self, dir: &Path) -> Result<()> {
+        let bad = |d: String| TernError::Config {
+            file: dir.to_path_buf(),
+            key: "resume".into(),
+            detail: d,
+        };
+        let text = std::fs::read_to_string(dir.join("trainer_state.json"))
+            .map_err(|e| TernError::io(dir.join("trainer_state.json"), e))?;
+        let (state, opt_step): (State, usize) =
+            serde_json::from_str(&text).map_err(|e| bad(format!("trainer_state.json: {e}")))?;
+        let a = LoraAdapter::load(
+            dir,
+            "resume",
+            self.lm.model.slots(),
+            DType::F32,
+            self.lm.model.device(),
+        )?;
+        let opt = TensorFile::open(&dir.join("optimizer.safetensors"))?;
+        let dev = self.lm.model.device();
+        for (i, n) in self.names.iter().enumerate() {
+            let module = n
+                .trim_start_matches("base_model.model.")
+                .trim_end_matches(".lora_A.weight")
+                .trim_end_matches(".lora_B.weight");
+            let slot = self
+                .lm
+                .model
+                .slots()
+                .get(module)
+                .ok_or_else(|| bad(format!("no module {module}")))?;
+            let p = a.pair(slot).ok_or_else(|| bad(format!("the checkpoint has no weights for {module}; it was made with other target_modules")))?;
+            let src = if n.ends_with("lora_A.weight") {
+                &p.a
+            } else {
+                &p.bt
+            };
+            if src.dims() != self.vars[i].as_tensor().dims() {
+                return Err(bad(format!(
+                    "{n}: shape {:?} differs from this run's {:?} (other rank?)",
+                    src.dims(),
+                    self.vars[i].as_tensor().dims()
+                )));
+            }
+            self.vars[i].set(src)?;
+            self.opt.m[i] = opt.tensor(&format!("m.{n}"), DType::F32, dev)?;
+            self.opt.v[i] = opt.tensor(&format!("v.{n}"), DType::F32, dev)?;
+        }
+        self.opt.step = opt_step;
+        self.state = state;
+        Ok(())
+    }
+
+    /// Trains on `train`, evaluating on `eval` (may be empty), writing the adapter, metrics
+    /// and checkpoints under `out`; `on_step` sees every step.
+    pub fn run(
+        &mut self,
+        train: &[Example],
+        eval: &[Example],
+        out: &Path,
+        mut on_step: impl FnMut(&StepReport),
+    ) -> Result<TrainReport> {
+        std::fs::create_dir_all(out).map_err(|e| TernError::io(out, e))?;
+        let metrics_path = out.join("metrics.jsonl");
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(self.state.step > 0)
+            .write(true)
+            .truncate(self.state.step == 0)
+            .open(&metrics_path)
+            .map_err(|e| TernError::io(&metrics_path, e))?;
+        let total = self.total_steps(train.len());
+        let warmup = (self.cfg.warmup_ratio * total as f64).ceil() as usize;
+        let (bs, accum) = (self.cfg.batch_size, self.cfg.grad_accum);
+        let pad_id = self.pad_id();
+        let t0 = Instant::now();
+        let start_tokens = self.state.tokens;
+        let mut last_loss = f64::NAN;
+        let mut stopped_early = false;
+        let eval_every = if eval.is_empty() {
+            0
+        } else {
+            self.cfg.eval_every
+        };
+        let mut epoch = self.state.epoch;
+        'outer: while self.state.step < total {
+            // An epoch's order depends only on (seed, epoch): a resumed run sees the same.
+            let order = epoch_batches(train, bs, self.cfg.seed.wrapping_add(epoch as u64));
+            let skip = if epoch == self.state.epoch {
+                self.state.batch
+            } else {
+                0
+            };
+            let groups: Vec<&[Vec<usize>]> = order[skip..].chunks(accum).collect();
+            // Padding runs ahead on a worker thread, a few steps deep.
+            let result: Result<bool> = std::thread::scope(|s| {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Batch>>(4);
+                s.spawn(move || {
+                    for g in groups {
+                        let batches = g
+                            .iter()
+                            .map(|idx| {
+                                pad(&idx.iter().map(|&i| &train[i]).collect::<Vec<_>>(), pad_id)
+                            })
+                            .collect();
+                        if tx.send(batches).is_err() {
+                            break;
+                        }
+                    }
+                });
+                for batches in rx {
+                    if self.state.step >= total {
+                        return Ok(true);
+                    }
+                    let ts = Instant::now();
+                    let lr = lr_at(
+                        self.cfg.lr,
+                        self.cfg.lr_schedule,
+                        warmup,
+                        self.state.step,
+                        total,
+                    );
+                    let (loss, norm) = self
+                        .step(&batches, lr)
+                        .map_err(|_| nan_error(self.state.step + 1, out))?;
+                    let tokens: usize = batches.iter().map(|b| b.tokens).sum();
+                    self.state.step += 1;
+                    self.state.batch += batches.len();
+                    self.state.tokens += tokens;
+                    last_loss = loss;
+                    let mut eval_loss = None;
+                    let at_end = self.state.step == total;
+                    if !eval.is_empty()
+                        && ((eval_every > 0 && self.state.step.is_multiple_of(eval_every))
+                            || at_end)
+                    {
+                        let e = self.eval_loss(eval)?;
+                        eval_loss = Some(e);
+                        if self.state.best_eval.is_none_or(|b| e < b) {
+                            self.state.best_eval = Some(e);
+                            self.state.bad_evals = 0;
+                            self.adapter.save(out)?; // the best adapter is the output
+                        } else {
+                            self.state.bad_evals += 1;
+                        }
+                    }
+                    let r = StepReport {
+                        step: self.state.step,
+                        total_steps: total,
+                        epoch,
+                        loss,
+                        lr,
+                        grad_norm: norm,
+                        tokens_per_s: tokens as f64 / ts.elapsed().as_secs_f64(),
+                        eval_loss,
+                        elapsed_s: t0.elapsed().as_secs_f64(),
+                    };
+                    writeln!(metrics, "{}", serde_json::to_string(&r).expect("json"))
+                        .map_err(|e| TernError::io(&metrics_path, e))?;
+                    on_step(&r);
+                    if self.cfg.save_every > 0
+                        && self.state.step.is_multiple_of(self.cfg.save_every)
+                    {
+                        self.save_checkpoint(out)?;
+                    }
+                    let patience = self.cfg.early_stopping_patience;
+                    if patience > 0 && self.state.bad_evals >= patience {
+                        stopped_early = true;
+                        return Ok(true);
+                    }
+                }
+                Ok(false)
+            });
+            if result? {
+                break 'outer;
+            }
+            epoch += 1;
+            self.state.epoch = epoch;
+            self.state.batch = 0;
+        }
+        if eval.is_empty() {
+            self.adapter.save(out)?;
+        }
+        let elapsed = t0.elapsed().as_secs_f64();
+        let tokens = self.state.tokens - start_tokens;
+        Ok(TrainReport {
+            steps: self.state.step,
+            final_loss: last_loss,
+            best_eval_loss: self.state.best_eval,
+            stopped_early,
+            tokens,
+            elapsed_s: elapsed,
+            tokens_per_s: tokens as f64 / elapsed.max(1e-9),
+            out: out.to_path_buf(),
+        })
+    }
+}
+
+/// Checkpoint directories under `out`, oldest first.
+pub fn checkpoints(out: &Path) -> Vec<(usize, PathBuf)> {
+    let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            n.strip_prefix("checkpoint-")?
+                .parse()
+                .ok()
+                .map(|s| (s, e.path()))
+        })
+        .collect();
+    v.sort();
+    v
+}
