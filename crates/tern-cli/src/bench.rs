@@ -14,6 +14,31 @@ pub enum BenchCommand {
     /// LoRA at inference: adapter switch and load time, decode base vs unmerged vs merged,
     /// a batch of distinct adapters vs one.
     Adapters(AdapterBenchArgs),
+    /// LoRA training tokens/s and peak RSS (rank 16 all-linear, batch 4 x 128 tokens).
+    Train(TrainBenchArgs),
+}
+
+/// Arguments of `tern bench train`.
+#[derive(Args, Debug)]
+pub struct TrainBenchArgs {
+    /// A Hugging Face checkpoint directory, a .gguf file or a Hub id.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Compute dtype of the frozen base.
+    #[arg(long)]
+    pub dtype: Option<String>,
 }
 
 /// Arguments of `tern bench adapters`.
@@ -76,6 +101,7 @@ pub struct GenerateBenchArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Adapters(a) => adapters(a),
+        BenchCommand::Train(a) => train(a),
         BenchCommand::Generate(a) => {
             let dtype = a
                 .dtype
@@ -225,6 +251,42 @@ fn adapters(a: AdapterBenchArgs) -> Result<()> {
     for (k, v) in rows {
         println!("{k:<14} {v}");
     }
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+fn train(a: TrainBenchArgs) -> Result<()> {
+    let dtype = a
+        .dtype
+        .as_deref()
+        .map(tern::device::parse_dtype)
+        .transpose()?;
+    let o = tern::bench::train::TrainBenchOptions {
+        rank: a.rank,
+        batch: a.batch,
+        seq_len: a.seq_len,
+        steps: a.steps,
+    };
+    let r = tern::bench::train::run(
+        &crate::resolve::model(&a.model)?,
+        &LoadOptions {
+            dtype,
+            ..Default::default()
+        },
+        &o,
+    )
+    .with_context(|| format!("benchmarking training on {}", a.model.display()))?;
+    println!("{:<14} {}", "model", r.model);
+    println!(
+        "{:<14} rank {} all-linear, {} trainable parameters",
+        "adapter", r.rank, r.trainable_params
+    );
+    println!("{:<14} {} x {} tokens", "batch", r.batch, r.seq_len);
+    println!(
+        "{:<14} {:.1} tok/s ({:.2} s per step)",
+        "train", r.tokens_per_s, r.step_s
+    );
+    println!("{:<14} {:.0} MB", "peak RSS", r.peak_rss_mb);
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

@@ -7,6 +7,7 @@ mod generate;
 mod inspect;
 mod merge;
 mod resolve;
+mod train;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
@@ -26,6 +27,8 @@ struct Cli {
 enum Command {
     /// Stream tokens from a model (Hugging Face directory, .gguf file or Hub id).
     Generate(generate::GenerateArgs),
+    /// LoRA-train an adapter on jsonl data (settings from --config YAML and/or flags).
+    Train(train::TrainArgs),
     /// Fold a LoRA adapter into its base and write a Hugging Face checkpoint.
     Merge(merge::MergeArgs),
     /// Rewrite a legacy PyTorch (.bin) checkpoint or adapter as safetensors.
@@ -63,7 +66,7 @@ fn main() -> ExitCode {
     // Single-threaded here, before any model code: see the function's doc for why.
     if matches!(
         cli.command,
-        Command::Generate(_) | Command::Bench(_) | Command::Merge(_)
+        Command::Generate(_) | Command::Bench(_) | Command::Merge(_) | Command::Train(_)
     ) {
         tern::device::pin_cpu_threads();
     }
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Train(a) => train::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Bench(b) => bench::run(b),
         Command::Completions { shell } => {

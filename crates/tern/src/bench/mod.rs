@@ -2,6 +2,7 @@
 
 pub mod adapters;
 pub mod generate;
+pub mod train;
 
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.
 pub fn peak_rss_bytes() -> Option<u64> {

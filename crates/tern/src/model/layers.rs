@@ -125,9 +125,37 @@ impl Linear {
         self.slot = Some(slot);
     }
 
+    /// The weight as a float `[out, in]` tensor in `dtype` (dequantized when stored quantized).
+    fn float_weight(&self, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+        Ok(match &self.w {
+            LinearWeight::Candle(QMatMul::Tensor(t))
+            | LinearWeight::Candle(QMatMul::TensorF16(t)) => t.to_dtype(dtype)?,
+            LinearWeight::Candle(QMatMul::QTensor(q)) => q.dequantize(device)?.to_dtype(dtype)?,
+            LinearWeight::Kernel(m) => m.dequantize(device)?.to_dtype(dtype)?,
+        })
+    }
+
+    /// The frozen base layer for a training step: `x W^T` computed outside the graph and
+    /// re-attached by [`FrozenMatmul`], whose backward gives only `dL/dx`.
+    fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
+        let in_dim = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / in_dim.max(1);
+        let w = self.float_weight(x.dtype(), x.device())?;
+        let x2 = x.reshape((rows, in_dim))?;
+        let y = x2.detach().matmul(&w.t()?)?;
+        let y = x2.apply_op2(&y, FrozenMatmul { w })?;
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = y.dim(1)?;
+        self.add_bias(y.reshape(dims)?)
+    }
+
     /// The base layer plus each row's LoRA delta.
     pub fn forward_with(&self, x: &Tensor, adapters: &BatchAdapters) -> Result<Tensor> {
-        let y = self.forward(x)?;
+        let y = if adapters.is_training() && x.device().is_cpu() {
+            self.forward_frozen(x)?
+        } else {
+            self.forward_dense_if(x, adapters.is_training())?
+        };
         match self.slot {
             Some(slot) if !adapters.is_empty() => adapters.apply(slot, x, y),
             _ => Ok(y),
@@ -160,8 +188,14 @@ impl Linear {
 
     /// Applies the layer to `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_dense_if(x, false)
+    }
+
+    /// As [`Linear::forward`]; `dense` forces the dequantized GEMM for quantized weights
+    /// (training needs it: the int8 kernels pass no gradient to `x`).
+    fn forward_dense_if(&self, x: &Tensor, dense: bool) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
-        let prefill = rows >= DEQUANT_MIN_ROWS;
+        let prefill = dense || rows >= DEQUANT_MIN_ROWS;
         // Dequantized weight times x in x's dtype (the exact, compute-bound prefill path).
         let dense =
             |w: Tensor| -> Result<Tensor> { Ok(x.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)?) };
@@ -188,6 +222,52 @@ impl Linear {
             Some(b) => Ok(y.broadcast_add(b)?),
             None => Ok(y),
         }
+    }
+}
+
+/// Re-attaches a product `y = x W^T` computed outside the graph, with the backward a frozen
+/// weight needs: `dL/dx = dL/dy W` only. candle's matmul backward also forms `x^T dL/dy` for
+/// the weight whether or not anything wants it, and keeps it until the end of the backward
+/// pass: one weight-sized tensor per layer (x the batch, for 3-d inputs), gigabytes even for
+/// a 135M model, and half the backward's arithmetic.
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl candle_core::CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        y: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let (a, b) = l.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("frozen-matmul: product not contiguous".into())
+        })?;
+        let out = match y {
+            S::F32(v) => S::F32(v[a..b].to_vec()),
+            S::F16(v) => S::F16(v[a..b].to_vec()),
+            S::BF16(v) => S::BF16(v[a..b].to_vec()),
+            S::F64(v) => S::F64(v[a..b].to_vec()),
+            _ => candle_core::bail!("frozen-matmul: only float products"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&self.w)?), None))
     }
 }
 

@@ -214,6 +214,11 @@ impl<'a> Trainer<'a> {
         &self.vars
     }
 
+    /// Number of trainable parameters.
+    pub fn trainable_params(&self) -> usize {
+        self.vars.iter().map(|v| v.as_tensor().elem_count()).sum()
+    }
+
     /// PEFT names of the variables (`…lora_A.weight`, `…lora_B.weight`; B's is transposed).
     pub fn var_names(&self) -> &[String] {
         &self.names

@@ -1,0 +1,167 @@
+//! `tern train`: flags (or a YAML config) to `tern::train::run::run`, with a progress bar.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::path::PathBuf;
+use tern::train::TrainConfig;
+
+/// Arguments of `tern train`: every key of the YAML config as a flag of the same name.
+#[derive(Args, Debug, Serialize)]
+pub struct TrainArgs {
+    /// YAML file of settings; flags override it.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Continue from a checkpoint directory, or `latest` under --out.
+    #[arg(long)]
+    #[serde(skip)]
+    pub resume: Option<String>,
+    /// Base model: directory, .gguf file or Hub id.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Training data (jsonl: text, prompt/completion, messages or alpaca lines).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Output directory (adapter, metrics.jsonl, checkpoints).
+    #[arg(long)]
+    pub out: Option<String>,
+    /// Peak learning rate [2e-4].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Passes over the data [1].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Stop after this many optimizer steps.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Sequences per micro-batch [4].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [1].
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// LoRA rank [16].
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// LoRA alpha [32].
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// LoRA dropout [0].
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Modules to adapt: `all-linear`, a comma-separated list, or a regex [all-linear].
+    #[arg(long)]
+    #[serde(skip)]
+    pub target_modules: Option<String>,
+    /// Scale by alpha / sqrt(rank).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub use_rslora: Option<bool>,
+    /// Truncate longer examples [512].
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// Share of steps warming up [0].
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    /// cosine, linear or constant [cosine].
+    #[arg(long)]
+    pub lr_schedule: Option<String>,
+    /// AdamW decoupled weight decay [0].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Clip the global gradient norm (0 = off) [1].
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Held-out jsonl for eval loss.
+    #[arg(long)]
+    pub eval_data: Option<String>,
+    /// Share of --data held out for eval [0].
+    #[arg(long)]
+    pub eval_split: Option<f64>,
+    /// Evaluate every N steps (0 = at the end).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Stop after N evals without improvement (0 = never).
+    #[arg(long)]
+    pub early_stopping_patience: Option<usize>,
+    /// Checkpoint every N steps (0 = none).
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Checkpoints kept [2].
+    #[arg(long)]
+    pub keep_checkpoints: Option<usize>,
+    /// Seed [42].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Compute dtype of the frozen base (f32, bf16, f16).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Recompute activations in backward to save memory.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub grad_checkpointing: Option<bool>,
+    /// Pack short examples together.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub packing: Option<bool>,
+    /// Loss on prompt tokens too.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub train_on_prompt: Option<bool>,
+}
+
+/// Runs `tern train`.
+pub fn run(a: TrainArgs) -> Result<()> {
+    let mut flags = serde_json::to_value(&a)?;
+    if let Some(t) = &a.target_modules {
+        let v = if t == "all-linear" || !t.contains(',') {
+            serde_json::json!(t)
+        } else {
+            serde_json::json!(t.split(',').map(str::trim).collect::<Vec<_>>())
+        };
+        flags["target_modules"] = v;
+    }
+    let cfg = TrainConfig::load(a.config.as_deref(), flags)?;
+    let bar = ProgressBar::hidden();
+    let report = tern::train::run::run(
+        &cfg,
+        a.resume.as_deref(),
+        |lm, t, n_train, n_eval| {
+            let total = t.total_steps(n_train);
+            eprintln!(
+                "training a rank-{} LoRA ({} parameters) on {}: {n_train} examples, {n_eval} for eval, {total} steps",
+                cfg.rank,
+                t.trainable_params(),
+                lm.source.display(),
+            );
+            bar.set_length(total as u64);
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
+                    .expect("static template"),
+            );
+        },
+        |r| {
+            let eval = r.eval_loss.map(|e| format!(" eval {e:.4}")).unwrap_or_default();
+            bar.set_position(r.step as u64);
+            bar.set_message(format!("loss {:.4}{eval} lr {:.2e} {:.0} tok/s", r.loss, r.lr, r.tokens_per_s));
+        },
+    )
+    .context("training")?;
+    bar.finish();
+    println!(
+        "{} steps, final loss {:.4}{}{}, {:.0} tok/s; adapter in {}",
+        report.steps,
+        report.final_loss,
+        report
+            .best_eval_loss
+            .map(|e| format!(", best eval {e:.4}"))
+            .unwrap_or_default(),
+        if report.stopped_early {
+            " (stopped early)"
+        } else {
+            ""
+        },
+        report.tokens_per_s,
+        report.out.display()
+    );
+    Ok(())
+}
