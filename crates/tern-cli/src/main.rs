@@ -28,7 +28,7 @@ enum Command {
     /// Stream tokens from a model (Hugging Face directory, .gguf file or Hub id).
     Generate(generate::GenerateArgs),
     /// LoRA-train an adapter on jsonl data (settings from --config YAML and/or flags).
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Fold a LoRA adapter into its base and write a Hugging Face checkpoint.
     Merge(merge::MergeArgs),
     /// Rewrite a legacy PyTorch (.bin) checkpoint or adapter as safetensors.
@@ -74,7 +74,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Merge(a) => merge::run(a),
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
         Command::Convert(a) => convert::run(a),
         Command::Bench(b) => bench::run(b),
         Command::Completions { shell } => {
