@@ -60,8 +60,24 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+/// Keeps freed memory in the process instead of handing it back to the kernel after every
+/// tensor: a training step allocates and frees gigabytes of activations and gradients, and
+/// glibc's defaults turned half its time into page faults (SmolLM2 LoRA: 50 -> 65 tok/s).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc's thresholds; called once before other threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 1 << 30);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Train(_) | Command::Bench(_)) {
+        tune_allocator();
+    }
     init_logging(cli.verbose);
     // Single-threaded here, before any model code: see the function's doc for why.
     if matches!(

@@ -1,0 +1,81 @@
+"""LoRA training speed and memory: tern vs transformers + PEFT, same recipe, one run.
+
+SmolLM2-135M-Instruct in f32 (the Q4_1 GGUF dequantized, as in vs_transformers.py), rank 16
+on every linear layer, batch 4 x 128 tokens, AdamW, full-sequence loss; both sides train the
+same synthetic text. Prints tokens/s and peak RSS of each side and the ratios.
+
+    python scripts/bench/vs_peft_train.py [--threads 2] [--steps 3]
+
+Needs torch, transformers, peft and gguf (pip, in a venv outside the repo) and a release
+build of tern (`cargo build --release`). PEFT runs in a child process so its peak RSS is its
+own.
+"""
+import argparse, json, os, resource, subprocess, sys, time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vs_transformers import ROOT, ensure_hf_dir  # noqa: E402
+
+
+def peft_side(hf_dir, threads, steps, rank, batch, seq):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
+                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
+    model.train()
+    text = "The quick brown fox jumps over the lazy dog while the river runs to the sea. " * seq
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :seq].repeat(batch, 1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    dt = (time.perf_counter() - t) / steps
+    return {"tokens_per_s": batch * seq / dt, "step_s": dt,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--tern", default=str(ROOT / "target/release/tern"))
+    ap.add_argument("--peft-child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    rank, batch, seq = 16, 4, 128
+    if a.peft_child:
+        print(json.dumps(peft_side(a.peft_child, a.threads, a.steps, rank, batch, seq)))
+        return 0
+    hf_dir = ensure_hf_dir()
+    peft = json.loads(subprocess.check_output(
+        [sys.executable, __file__, "--peft-child", str(hf_dir), "--threads", str(a.threads),
+         "--steps", str(a.steps)], text=True, stderr=subprocess.DEVNULL).strip().splitlines()[-1])
+    out = subprocess.check_output(
+        [a.tern, "bench", "train", "--model", str(hf_dir), "--rank", str(rank), "--batch", str(batch),
+         "--seq-len", str(seq), "--steps", str(a.steps)],
+        text=True, env={**os.environ, "RAYON_NUM_THREADS": str(a.threads)}, stderr=subprocess.DEVNULL)
+    tern = json.loads(out.strip().splitlines()[-1])
+    print(f"peft {__import__('peft').__version__}: {peft['tokens_per_s']:.1f} tok/s, peak RSS {peft['peak_rss_mb']:.0f} MB")
+    print(f"tern: {tern['tokens_per_s']:.1f} tok/s, peak RSS {tern['peak_rss_mb']:.0f} MB")
+    print(json.dumps({"peft": peft, "tern": tern,
+                      "ratio_tokens_per_s": tern["tokens_per_s"] / peft["tokens_per_s"],
+                      "ratio_peak_rss": tern["peak_rss_mb"] / peft["peak_rss_mb"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
