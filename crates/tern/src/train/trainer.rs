@@ -280,7 +280,9 @@ impl<'a> Trainer<'a> {
             let gs = l.backward()?;
             for (g, v) in grads.iter_mut().zip(&self.vars) {
                 if let Some(d) = gs.get(v.as_tensor()) {
-                    *g = (&*g + d)?;
+                    // Detached: a gradient still linked to this step's graph would keep every
+                    // activation alive through the optimizer's moments, step after step.
+                    *g = (&*g + d.detach())?;
                 }
             }
         }
