@@ -437,3 +437,72 @@ fn hub_ids_from_the_cache_and_legacy_bin_conversion() {
         greedy_ids(fixture("smollm").to_str().unwrap(), prompt, 6, &[])
     );
 }
+
+#[test]
+fn train_from_yaml_and_flags_writes_a_peft_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tern/tests/fixtures/train");
+    let out = tmp.path().join("adapter");
+    let cfg = tmp.path().join("train.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model: {}\ndata: {}\nrank: 8\nalpha: 16\nlr: 1.0e-2\nepochs: 60\nlr_schedule: constant\n",
+            fixture("llama").display(),
+            train_dir.join("memorise.jsonl").display()
+        ),
+    )
+    .unwrap();
+    // Flags override the file (batch size, output); the run memorises the pairs.
+    let o = tern(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--batch-size",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("60 steps"));
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "metrics.jsonl",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let o = tern(&[
+        "generate",
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "--prompt",
+        "Q: cat",
+        "--temperature",
+        "0",
+        "--adapter",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim_end(), " A: dog.");
+
+    // Bad keys and values: one line naming the choices.
+    std::fs::write(&cfg, "rnak: 8\n").unwrap();
+    for (args, needle) in [
+        (
+            vec!["train", "--config", cfg.to_str().unwrap()],
+            "unknown field `rnak`",
+        ),
+        (
+            vec!["train", "--lr-schedule", "step"],
+            "`cosine`, `linear`, `constant`",
+        ),
+        (vec!["train", "--data", "x.jsonl"], "--model"),
+    ] {
+        let o = tern(&args);
+        let err = String::from_utf8(o.stderr).unwrap();
+        assert!(
+            !o.status.success() && err.contains(needle) && err.trim_end().lines().count() == 1,
+            "{args:?}: {err}"
+        );
+    }
+}
