@@ -264,3 +264,35 @@ fn data_formats_masks_and_bad_lines() {
     let e = load_jsonl(&p, &lm, 512, false).unwrap_err().to_string();
     assert!(e.contains("line 2") && e.contains("not valid JSON"), "{e}");
 }
+
+#[test]
+fn lora_dropout_is_seeded_and_only_in_training() {
+    let r: Ref =
+        serde_json::from_str(&std::fs::read_to_string(train_fixture("reference.json")).unwrap())
+            .unwrap();
+    let lm = load(&fixture("llama"));
+    let (rows, len) = (r.input_ids.len(), r.input_ids[0].len());
+    let batch = Batch {
+        rows,
+        len,
+        ids: r.input_ids.concat(),
+        target: r.labels.concat().iter().map(|&l| l != -100).collect(),
+        tokens: 0,
+    };
+    let run = |p: f64| {
+        let t = Trainer::from_adapter(
+            &lm,
+            cfg(serde_json::json!({ "dropout": p })),
+            &train_fixture("adapter_init"),
+        )
+        .unwrap();
+        t.loss_and_grads(std::slice::from_ref(&batch)).unwrap().0
+    };
+    let (a, b, none) = (run(0.3), run(0.3), run(0.0));
+    assert_eq!(a, b, "same seed, same masks");
+    assert!(
+        (a - none).abs() > 1e-3,
+        "dropout changed nothing: {a} vs {none}"
+    );
+    assert!(((none - r.loss) / r.loss).abs() < 1e-4);
+}

@@ -7,6 +7,20 @@ use crate::error::Result;
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
+/// A keep-mask scaled by 1/(1-p), seeded by the step's seed and the layer.
+fn dropout_mask(dims: &[usize], p: f32, seed: u64, slot: usize, dev: &Device) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        seed ^ (slot as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
+    let n: usize = dims.iter().product();
+    let keep = 1.0 / (1.0 - p);
+    let m: Vec<f32> = (0..n)
+        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+        .collect();
+    Ok(Tensor::from_vec(m, dims, dev)?)
+}
+
 /// Below this many activation rows the fused CPU kernel runs; above it (prefill) the two thin
 /// matmuls per adapter go through candle's GEMM, which wins once there is real arithmetic.
 const KERNEL_MAX_ROWS: usize = 32;
@@ -27,6 +41,8 @@ struct Group {
 pub struct BatchAdapters {
     groups: Vec<Group>,
     train: bool,
+    /// LoRA dropout on the adapter's input while training: probability and mask seed.
+    dropout: Option<(f32, u64)>,
 }
 
 impl BatchAdapters {
@@ -39,6 +55,7 @@ impl BatchAdapters {
     pub fn uniform(adapter: Option<Arc<LoraAdapter>>) -> Self {
         Self {
             train: false,
+            dropout: None,
             groups: adapter
                 .into_iter()
                 .map(|adapter| Group {
@@ -72,6 +89,7 @@ impl BatchAdapters {
         Ok(Self {
             groups,
             train: false,
+            dropout: None,
         })
     }
 
@@ -79,6 +97,16 @@ impl BatchAdapters {
     /// (candle's fused rope, softmax and RMSNorm have no backward) and no KV cache.
     pub fn for_training(mut self) -> Self {
         self.train = true;
+        self
+    }
+
+    /// Drops each input element of the adapters with probability `p` (scaling the rest by
+    /// 1/(1-p)), as PEFT's `lora_dropout`; masks come from `seed` and the layer, so a step
+    /// replays exactly (resume gives the same run).
+    pub fn with_dropout(mut self, p: f32, seed: u64) -> Self {
+        if p > 0.0 {
+            self.dropout = Some((p, seed));
+        }
         self
     }
 
@@ -173,10 +201,14 @@ impl BatchAdapters {
             let Some(p) = g.adapter.pair(slot) else {
                 continue;
             };
-            let xg = match &g.index {
+            let mut xg = match &g.index {
                 Some(idx) => x.index_select(idx, 0)?,
                 None => x.clone(),
             };
+            if let (true, Some((rate, seed))) = (self.train, self.dropout) {
+                let mask = dropout_mask(xg.dims(), rate, seed, slot, xg.device())?;
+                xg = (xg * mask.to_dtype(x.dtype())?)?;
+            }
             // Pairs kept in f16 over a quantized base are widened for the GEMM.
             let (a, bt) = (p.a.to_dtype(x.dtype())?, p.bt.to_dtype(x.dtype())?);
             let t = (xg.broadcast_matmul(&a.t()?)? * p.scale)?;

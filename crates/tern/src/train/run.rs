@@ -49,13 +49,6 @@ pub fn run(
 ) -> Result<TrainReport> {
     let model = need(&cfg.model, "model", "pass --model PATH or a Hub id")?;
     let out = PathBuf::from(need(&cfg.out, "out", "pass --out DIR for the adapter")?);
-    if cfg.dropout > 0.0 {
-        return Err(TernError::Config {
-            file: "train config".into(),
-            key: "dropout".into(),
-            detail: "LoRA dropout is not implemented yet; use 0".into(),
-        });
-    }
     if cfg.grad_checkpointing {
         return Err(TernError::Config {
             file: "train config".into(),

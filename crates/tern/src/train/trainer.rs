@@ -225,13 +225,15 @@ impl<'a> Trainer<'a> {
     }
 
     /// Summed negative log-likelihood of the batch's target tokens, and their count.
-    fn batch_nll(&self, b: &Batch, train: bool) -> Result<(Tensor, usize)> {
+    fn batch_nll(&self, b: &Batch, train: bool, seed: u64) -> Result<(Tensor, usize)> {
         let model = &self.lm.model;
         let dev = model.device();
         let ids = Tensor::from_vec(b.ids.clone(), (b.rows, b.len), dev)?;
         let mut ad = BatchAdapters::uniform(Some(self.adapter.clone()));
         if train {
-            ad = ad.for_training();
+            ad = ad
+                .for_training()
+                .with_dropout(self.cfg.dropout as f32, seed);
         }
         let h = model.forward_hidden_with(&ids, &mut model.new_cache(), &ad)?;
         // Position p predicts token p + 1: only target positions reach the output head.
@@ -270,8 +272,10 @@ impl<'a> Trainer<'a> {
             .map(|v| v.as_tensor().zeros_like())
             .collect::<candle_core::Result<_>>()?;
         let mut loss = 0f64;
-        for b in batches {
-            let (nll, n) = self.batch_nll(b, true)?;
+        for (i, b) in batches.iter().enumerate() {
+            // Dropout masks depend on (seed, step, micro-batch) only: resumable.
+            let seed = self.cfg.seed ^ ((self.opt.step as u64) << 20) ^ i as u64;
+            let (nll, n) = self.batch_nll(b, true, seed)?;
             if n == 0 {
                 continue;
             }
@@ -312,7 +316,7 @@ impl<'a> Trainer<'a> {
         let pad_id = self.pad_id();
         for chunk in examples.chunks(self.cfg.batch_size) {
             let refs: Vec<&Example> = chunk.iter().collect();
-            let (nll, k) = self.batch_nll(&pad(&refs, pad_id), false)?;
+            let (nll, k) = self.batch_nll(&pad(&refs, pad_id), false, 0)?;
             sum += nll.to_scalar::<f32>()? as f64;
             n += k;
         }
