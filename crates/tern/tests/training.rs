@@ -156,6 +156,11 @@ fn training_memorises_prompt_completion_pairs() {
             "it learned to stop"
         );
     }
+    let png = std::fs::read(tmp.path().join("loss.png")).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 1000,
+        "loss curve"
+    );
     // metrics.jsonl has one line per step.
     let m = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
     assert_eq!(m.lines().count(), rep.steps);

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod data;
 pub mod optim;
+pub mod plot;
 pub mod run;
 pub mod trainer;
 

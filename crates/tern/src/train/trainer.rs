@@ -538,6 +538,7 @@ impl<'a> Trainer<'a> {
         if eval.is_empty() {
             self.adapter.save(out)?;
         }
+        self.plot(out, &metrics_path)?;
         let elapsed = t0.elapsed().as_secs_f64();
         let tokens = self.state.tokens - start_tokens;
         Ok(TrainReport {
@@ -550,6 +551,22 @@ impl<'a> Trainer<'a> {
             tokens_per_s: tokens as f64 / elapsed.max(1e-9),
             out: out.to_path_buf(),
         })
+    }
+}
+
+impl Trainer<'_> {
+    /// `loss.png` from the run's metrics (all of them, across resumes).
+    fn plot(&self, out: &Path, metrics: &Path) -> Result<()> {
+        let text = std::fs::read_to_string(metrics).map_err(|e| TernError::io(metrics, e))?;
+        let (mut loss, mut eval) = (Vec::new(), Vec::new());
+        for l in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+            loss.push(v["loss"].as_f64().unwrap_or(f64::NAN));
+            if let Some(e) = v["eval_loss"].as_f64() {
+                eval.push((loss.len(), e));
+            }
+        }
+        super::plot::loss_png(&out.join("loss.png"), &loss, &eval)
     }
 }
 
