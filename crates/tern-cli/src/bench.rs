@@ -36,6 +36,9 @@ pub struct TrainBenchArgs {
     /// Timed steps.
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
+    /// Recompute each layer in backward (less memory, more compute).
+    #[arg(long)]
+    pub grad_checkpointing: bool,
     /// Compute dtype of the frozen base.
     #[arg(long)]
     pub dtype: Option<String>,
@@ -266,6 +269,7 @@ fn train(a: TrainBenchArgs) -> Result<()> {
         batch: a.batch,
         seq_len: a.seq_len,
         steps: a.steps,
+        grad_checkpointing: a.grad_checkpointing,
     };
     let r = tern::bench::train::run(
         &crate::resolve::model(&a.model)?,
@@ -281,7 +285,17 @@ fn train(a: TrainBenchArgs) -> Result<()> {
         "{:<14} rank {} all-linear, {} trainable parameters",
         "adapter", r.rank, r.trainable_params
     );
-    println!("{:<14} {} x {} tokens", "batch", r.batch, r.seq_len);
+    println!(
+        "{:<14} {} x {} tokens{}",
+        "batch",
+        r.batch,
+        r.seq_len,
+        if r.grad_checkpointing {
+            ", gradient checkpointing"
+        } else {
+            ""
+        }
+    );
     println!(
         "{:<14} {:.1} tok/s ({:.2} s per step)",
         "train", r.tokens_per_s, r.step_s

@@ -301,3 +301,30 @@ fn lora_dropout_is_seeded_and_only_in_training() {
     );
     assert!(((none - r.loss) / r.loss).abs() < 1e-4);
 }
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    let r: Ref =
+        serde_json::from_str(&std::fs::read_to_string(train_fixture("reference.json")).unwrap())
+            .unwrap();
+    let lm = load(&fixture("llama"));
+    let (rows, len) = (r.input_ids.len(), r.input_ids[0].len());
+    let batch = Batch {
+        rows,
+        len,
+        ids: r.input_ids.concat(),
+        target: r.labels.concat().iter().map(|&l| l != -100).collect(),
+        tokens: 0,
+    };
+    let grads = |gc: bool| {
+        let c = cfg(serde_json::json!({ "grad_checkpointing": gc, "dropout": 0.2 }));
+        let t = Trainer::from_adapter(&lm, c, &train_fixture("adapter_init")).unwrap();
+        t.loss_and_grads(std::slice::from_ref(&batch)).unwrap()
+    };
+    let ((l0, g0), (l1, g1)) = (grads(false), grads(true));
+    assert!((l0 - l1).abs() < 1e-6, "{l0} vs {l1}");
+    for (a, b) in g0.iter().zip(&g1) {
+        let e = rel(b, a);
+        assert!(e < 1e-5, "checkpointed gradient differs by {e} (relative)");
+    }
+}

@@ -20,6 +20,8 @@ pub struct TrainBenchOptions {
     pub seq_len: usize,
     /// Timed optimizer steps (after one warm-up step).
     pub steps: usize,
+    /// Recompute layers in backward.
+    pub grad_checkpointing: bool,
 }
 
 impl Default for TrainBenchOptions {
@@ -29,6 +31,7 @@ impl Default for TrainBenchOptions {
             batch: 4,
             seq_len: 128,
             steps: 3,
+            grad_checkpointing: false,
         }
     }
 }
@@ -46,6 +49,8 @@ pub struct TrainBench {
     pub batch: usize,
     /// Tokens per sequence.
     pub seq_len: usize,
+    /// Whether layers were recomputed in backward.
+    pub grad_checkpointing: bool,
     /// Training tokens per second (forward, backward and optimizer).
     pub tokens_per_s: f64,
     /// Seconds per optimizer step.
@@ -83,6 +88,7 @@ pub fn run(path: &Path, load: &LoadOptions, o: &TrainBenchOptions) -> Result<Tra
         trainable_params: t.trainable_params(),
         batch: o.batch,
         seq_len: batch.len,
+        grad_checkpointing: o.grad_checkpointing,
         tokens_per_s: batch.tokens as f64 / step_s,
         step_s,
         peak_rss_mb: crate::bench::peak_rss_bytes().unwrap_or(0) as f64 / 1e6,

@@ -43,6 +43,36 @@ pub struct BatchAdapters {
     train: bool,
     /// LoRA dropout on the adapter's input while training: probability and mask seed.
     dropout: Option<(f32, u64)>,
+    /// Set when layers are recomputed in backward (gradient checkpointing): where the
+    /// recomputations leave the adapter variables' gradients.
+    checkpoint: Option<Arc<GradSink>>,
+}
+
+/// Gradients of variables collected outside the main backward pass (by checkpointed layers
+/// that recompute themselves), summed by tensor id.
+#[derive(Debug, Default)]
+pub struct GradSink(std::sync::Mutex<std::collections::HashMap<candle_core::TensorId, Tensor>>);
+
+impl GradSink {
+    /// Adds `g` to the gradient of `var`.
+    pub fn add(&self, var: &Tensor, g: &Tensor) -> Result<()> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let g = g.detach();
+        let sum = match m.remove(&var.id()) {
+            Some(old) => (old + g)?,
+            None => g,
+        };
+        m.insert(var.id(), sum);
+        Ok(())
+    }
+
+    /// Takes the gradient collected for `var`, if any.
+    pub fn take(&self, var: &Tensor) -> Option<Tensor> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&var.id())
+    }
 }
 
 impl BatchAdapters {
@@ -56,6 +86,7 @@ impl BatchAdapters {
         Self {
             train: false,
             dropout: None,
+            checkpoint: None,
             groups: adapter
                 .into_iter()
                 .map(|adapter| Group {
@@ -90,6 +121,7 @@ impl BatchAdapters {
             groups,
             train: false,
             dropout: None,
+            checkpoint: None,
         })
     }
 
@@ -108,6 +140,38 @@ impl BatchAdapters {
             self.dropout = Some((p, seed));
         }
         self
+    }
+
+    /// Recompute each decoder layer in backward instead of keeping its activations; the
+    /// adapter variables' gradients from those recomputations go to `sink`.
+    pub fn with_checkpointing(mut self, sink: Arc<GradSink>) -> Self {
+        self.checkpoint = Some(sink);
+        self
+    }
+
+    /// The gradient sink when checkpointing.
+    pub fn checkpoint_sink(&self) -> Option<&Arc<GradSink>> {
+        self.checkpoint.as_ref()
+    }
+
+    /// The same adapters without checkpointing (what a recomputed layer runs with).
+    pub fn without_checkpointing(&self) -> Self {
+        Self {
+            checkpoint: None,
+            ..self.clone()
+        }
+    }
+
+    /// The adapters' tensors (the variables, when training).
+    pub fn tensors(&self) -> Vec<Tensor> {
+        let mut v = Vec::new();
+        for g in &self.groups {
+            for (_, p) in g.adapter.modules() {
+                v.push(p.a.clone());
+                v.push(p.bt.clone());
+            }
+        }
+        v
     }
 
     /// Whether this pass must be differentiable.

@@ -42,12 +42,39 @@ impl Cache {
     }
 }
 
+/// One pre-norm decoder layer: attention then MLP, each around a residual.
 #[derive(Debug, Clone)]
-struct Block {
+pub(crate) struct Block {
     attn_norm: RmsNorm,
     attn: Attention,
     mlp_norm: RmsNorm,
     mlp: Mlp,
+}
+
+impl Block {
+    /// Runs the layer on `x` `[b, s, hidden]` at positions `offset..`.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        kv: &mut KvCache,
+        offset: usize,
+        ad: &BatchAdapters,
+    ) -> Result<Tensor> {
+        let train = ad.is_training();
+        let h = self.attn.forward(
+            &self.attn_norm.forward_with(x, train)?,
+            rope,
+            kv,
+            offset,
+            ad,
+        )?;
+        let x = (x + h)?;
+        let h = self
+            .mlp
+            .forward(&self.mlp_norm.forward_with(&x, train)?, ad)?;
+        Ok((x + h)?)
+    }
 }
 
 /// A decoder-only causal language model.
@@ -286,18 +313,18 @@ impl Model {
             .reshape((b, s, self.cfg.hidden_size))?;
         let train = ad.is_training();
         for (blk, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            let h = blk.attn.forward(
-                &blk.attn_norm.forward_with(&x, train)?,
-                &self.rope,
-                kv,
-                offset,
-                ad,
-            )?;
-            x = (x + h)?;
-            let h = blk
-                .mlp
-                .forward(&blk.mlp_norm.forward_with(&x, train)?, ad)?;
-            x = (x + h)?;
+            x = if let (true, Some(sink), true) = (train, ad.checkpoint_sink(), x.device().is_cpu())
+            {
+                super::checkpointing::Recompute {
+                    block: blk.clone(),
+                    rope: self.rope.clone(),
+                    adapters: ad.without_checkpointing(),
+                    sink: sink.clone(),
+                }
+                .forward(&x)?
+            } else {
+                blk.forward(&x, &self.rope, kv, offset, ad)?
+            };
         }
         if !train {
             cache.pos += s;

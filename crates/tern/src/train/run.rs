@@ -49,13 +49,6 @@ pub fn run(
 ) -> Result<TrainReport> {
     let model = need(&cfg.model, "model", "pass --model PATH or a Hub id")?;
     let out = PathBuf::from(need(&cfg.out, "out", "pass --out DIR for the adapter")?);
-    if cfg.grad_checkpointing {
-        return Err(TernError::Config {
-            file: "train config".into(),
-            key: "grad_checkpointing".into(),
-            detail: "gradient checkpointing is not implemented yet; leave it off".into(),
-        });
-    }
     let path = resolve(model, RepoKind::Model, &HubOptions::from_env())?;
     let dtype = cfg
         .dtype

@@ -8,7 +8,7 @@ use super::optim::{clip_grad_norm, lr_at, AdamW, AdamWParams};
 use crate::checkpoint::safetensors::TensorFile;
 use crate::checkpoint::writer::{write_atomic, write_bytes_atomic};
 use crate::error::{Result, TernError};
-use crate::lora::{BatchAdapters, LoraAdapter};
+use crate::lora::{BatchAdapters, GradSink, LoraAdapter};
 use crate::model::LoadedModel;
 use candle_core::{DType, Tensor, Var, D};
 use rand::rngs::StdRng;
@@ -225,15 +225,26 @@ impl<'a> Trainer<'a> {
     }
 
     /// Summed negative log-likelihood of the batch's target tokens, and their count.
-    fn batch_nll(&self, b: &Batch, train: bool, seed: u64) -> Result<(Tensor, usize)> {
+    fn batch_nll(
+        &self,
+        b: &Batch,
+        train: bool,
+        seed: u64,
+    ) -> Result<(Tensor, usize, Option<Arc<GradSink>>)> {
         let model = &self.lm.model;
         let dev = model.device();
         let ids = Tensor::from_vec(b.ids.clone(), (b.rows, b.len), dev)?;
         let mut ad = BatchAdapters::uniform(Some(self.adapter.clone()));
+        let mut sink = None;
         if train {
             ad = ad
                 .for_training()
                 .with_dropout(self.cfg.dropout as f32, seed);
+            if self.cfg.grad_checkpointing {
+                let s = Arc::new(GradSink::default());
+                ad = ad.with_checkpointing(s.clone());
+                sink = Some(s);
+            }
         }
         let h = model.forward_hidden_with(&ids, &mut model.new_cache(), &ad)?;
         // Position p predicts token p + 1: only target positions reach the output head.
@@ -248,7 +259,7 @@ impl<'a> Trainer<'a> {
         }
         let n = pos.len();
         if n == 0 {
-            return Ok((Tensor::zeros((), DType::F32, dev)?, 0));
+            return Ok((Tensor::zeros((), DType::F32, dev)?, 0, None));
         }
         let hidden = h.dim(D::Minus1)?;
         let sel = h
@@ -257,7 +268,7 @@ impl<'a> Trainer<'a> {
         let logits = model.logits(&sel, &ad)?;
         let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let picked = lsm.gather(&Tensor::new(tgt, dev)?.unsqueeze(1)?, 1)?;
-        Ok((picked.sum_all()?.neg()?, n))
+        Ok((picked.sum_all()?.neg()?, n, sink))
     }
 
     /// Mean loss over the target tokens of `batches` and its gradient for every variable.
@@ -275,7 +286,7 @@ impl<'a> Trainer<'a> {
         for (i, b) in batches.iter().enumerate() {
             // Dropout masks depend on (seed, step, micro-batch) only: resumable.
             let seed = self.cfg.seed ^ ((self.opt.step as u64) << 20) ^ i as u64;
-            let (nll, n) = self.batch_nll(b, true, seed)?;
+            let (nll, n, sink) = self.batch_nll(b, true, seed)?;
             if n == 0 {
                 continue;
             }
@@ -287,6 +298,10 @@ impl<'a> Trainer<'a> {
                     // Detached: a gradient still linked to this step's graph would keep every
                     // activation alive through the optimizer's moments, step after step.
                     *g = (&*g + d.detach())?;
+                }
+                // Checkpointed layers deliver their variables' gradients on the side.
+                if let Some(d) = sink.as_ref().and_then(|s| s.take(v.as_tensor())) {
+                    *g = (&*g + d)?;
                 }
             }
         }
@@ -316,7 +331,7 @@ impl<'a> Trainer<'a> {
         let pad_id = self.pad_id();
         for chunk in examples.chunks(self.cfg.batch_size) {
             let refs: Vec<&Example> = chunk.iter().collect();
-            let (nll, k) = self.batch_nll(&pad(&refs, pad_id), false, 0)?;
+            let (nll, k, _) = self.batch_nll(&pad(&refs, pad_id), false, 0)?;
             sum += nll.to_scalar::<f32>()? as f64;
             n += k;
         }
