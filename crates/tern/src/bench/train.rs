@@ -73,6 +73,7 @@ pub fn run(path: &Path, load: &LoadOptions, o: &TrainBenchOptions) -> Result<Tra
     let cfg = TrainConfig {
         rank: o.rank,
         alpha: 2.0 * o.rank as f64,
+        grad_checkpointing: o.grad_checkpointing,
         ..Default::default()
     };
     let mut t = Trainer::new(&lm, cfg)?;
