@@ -328,3 +328,34 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         assert!(e < 1e-5, "checkpointed gradient differs by {e} (relative)");
     }
 }
+
+#[test]
+fn eval_keeps_the_best_adapter_and_stops_early() {
+    let lm = load(&fixture("llama"));
+    let data = load_jsonl(&train_fixture("memorise.jsonl"), &lm, 64, false).unwrap();
+    // Held-out text the memorisation can only make worse.
+    let tmp = tempfile::tempdir().unwrap();
+    let ev = tmp.path().join("eval.jsonl");
+    std::fs::write(
+        &ev,
+        "{\"text\": \"The quick brown fox jumps over the lazy dog. café\"}\n",
+    )
+    .unwrap();
+    let eval = load_jsonl(&ev, &lm, 64, false).unwrap();
+    let c = cfg(
+        serde_json::json!({"rank": 8, "lr": 1e-2, "epochs": 100, "lr_schedule": "constant",
+                                   "eval_every": 1, "early_stopping_patience": 3}),
+    );
+    let mut t = Trainer::new(&lm, c).unwrap();
+    let out = tmp.path().join("out");
+    let mut evals = Vec::new();
+    let rep = t
+        .run(&data, &eval, &out, |r| evals.push(r.eval_loss.unwrap()))
+        .unwrap();
+    assert!(rep.stopped_early && rep.steps < 100, "{rep:?}");
+    let best = evals.iter().copied().fold(f64::MAX, f64::min);
+    assert_eq!(rep.best_eval_loss, Some(best));
+    // The adapter on disk is the best one, not the last.
+    let t2 = Trainer::from_adapter(&lm, cfg(serde_json::json!({})), &out).unwrap();
+    assert!((t2.eval_loss(&eval).unwrap() - best).abs() < 1e-4);
+}
