@@ -28,6 +28,17 @@ struct Ref {
     loss_after_step: f64,
 }
 
+/// The fixture's padded batch: targets where torch's labels are not -100.
+fn reference_batch(r: &Ref) -> Batch {
+    Batch {
+        rows: r.input_ids.len(),
+        len: r.input_ids[0].len(),
+        ids: r.input_ids.concat(),
+        target: r.labels.concat().iter().map(|&l| l != -100).collect(),
+        tokens: 0,
+    }
+}
+
 fn load(p: &Path) -> LoadedModel {
     LoadedModel::load(p, &LoadOptions::default()).unwrap()
 }
@@ -64,14 +75,7 @@ fn loss_grads_and_step_match_peft() {
     let lm = load(&fixture("llama"));
     let c = cfg(serde_json::json!({"weight_decay": 0.1, "max_grad_norm": 0.5}));
     let mut t = Trainer::from_adapter(&lm, c, &train_fixture("adapter_init")).unwrap();
-    let (rows, len) = (r.input_ids.len(), r.input_ids[0].len());
-    let batch = Batch {
-        rows,
-        len,
-        ids: r.input_ids.concat(),
-        target: r.labels.concat().iter().map(|&l| l != -100).collect(),
-        tokens: 0,
-    };
+    let batch = reference_batch(&r);
     let (loss, grads) = t.loss_and_grads(std::slice::from_ref(&batch)).unwrap();
     assert!(
         ((loss - r.loss) / r.loss).abs() < 1e-4,
@@ -276,14 +280,7 @@ fn lora_dropout_is_seeded_and_only_in_training() {
         serde_json::from_str(&std::fs::read_to_string(train_fixture("reference.json")).unwrap())
             .unwrap();
     let lm = load(&fixture("llama"));
-    let (rows, len) = (r.input_ids.len(), r.input_ids[0].len());
-    let batch = Batch {
-        rows,
-        len,
-        ids: r.input_ids.concat(),
-        target: r.labels.concat().iter().map(|&l| l != -100).collect(),
-        tokens: 0,
-    };
+    let batch = reference_batch(&r);
     let run = |p: f64| {
         let t = Trainer::from_adapter(
             &lm,
@@ -308,14 +305,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         serde_json::from_str(&std::fs::read_to_string(train_fixture("reference.json")).unwrap())
             .unwrap();
     let lm = load(&fixture("llama"));
-    let (rows, len) = (r.input_ids.len(), r.input_ids[0].len());
-    let batch = Batch {
-        rows,
-        len,
-        ids: r.input_ids.concat(),
-        target: r.labels.concat().iter().map(|&l| l != -100).collect(),
-        tokens: 0,
-    };
+    let batch = reference_batch(&r);
     let grads = |gc: bool| {
         let c = cfg(serde_json::json!({ "grad_checkpointing": gc, "dropout": 0.2 }));
         let t = Trainer::from_adapter(&lm, c, &train_fixture("adapter_init")).unwrap();

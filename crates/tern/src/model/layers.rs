@@ -246,18 +246,7 @@ impl candle_core::CustomOp2 for FrozenMatmul {
         y: &candle_core::CpuStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as S;
-        let (a, b) = l.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("frozen-matmul: product not contiguous".into())
-        })?;
-        let out = match y {
-            S::F32(v) => S::F32(v[a..b].to_vec()),
-            S::F16(v) => S::F16(v[a..b].to_vec()),
-            S::BF16(v) => S::BF16(v[a..b].to_vec()),
-            S::F64(v) => S::F64(v[a..b].to_vec()),
-            _ => candle_core::bail!("frozen-matmul: only float products"),
-        };
-        Ok((out, l.shape().clone()))
+        pass_through(y, l)
     }
 
     fn bwd(
@@ -269,6 +258,26 @@ impl candle_core::CustomOp2 for FrozenMatmul {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(grad.matmul(&self.w)?), None))
     }
+}
+
+/// The forward of an op that re-attaches a value computed outside the graph: a contiguous
+/// copy of it (float dtypes).
+pub(crate) fn pass_through(
+    y: &candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    use candle_core::CpuStorage as S;
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("re-attached value is not contiguous".into()))?;
+    let out = match y {
+        S::F32(v) => S::F32(v[a..b].to_vec()),
+        S::F16(v) => S::F16(v[a..b].to_vec()),
+        S::BF16(v) => S::BF16(v[a..b].to_vec()),
+        S::F64(v) => S::F64(v[a..b].to_vec()),
+        _ => candle_core::bail!("re-attached value must be a float tensor"),
+    };
+    Ok((out, l.shape().clone()))
 }
 
 /// Root-mean-square layer norm.
