@@ -207,7 +207,7 @@ fn nan_loss_stops_with_a_clear_error_and_keeps_checkpoints() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("NaN") && e.contains("lower --lr"), "{e}");
-    for (_, dir) in tern::train::trainer::checkpoints(tmp.path()) {
+    for (_, dir) in tern::train::checkpoint::checkpoints(tmp.path()) {
         let a = lm.load_adapter(&dir, "x").unwrap();
         for (_, p) in a.modules() {
             assert!(p

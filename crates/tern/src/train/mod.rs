@@ -1,6 +1,7 @@
 //! LoRA training: the run's config, jsonl data into padded batches, AdamW with clipping and
 //! schedules, and the trainer that writes a PEFT adapter and metrics.
 
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod optim;

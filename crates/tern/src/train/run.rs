@@ -1,9 +1,10 @@
 //! A whole run from a `TrainConfig`: load the base and the data, hold out eval examples,
 //! resume if asked, train, and report. What `tern train` calls.
 
+use super::checkpoint::checkpoints;
 use super::config::TrainConfig;
 use super::data::{load_jsonl, pack, Example};
-use super::trainer::{checkpoints, StepReport, TrainReport, Trainer};
+use super::trainer::{StepReport, TrainReport, Trainer};
 use crate::checkpoint::hub::{resolve, HubOptions, RepoKind};
 use crate::error::{Result, TernError};
 use crate::model::{LoadOptions, LoadedModel};
