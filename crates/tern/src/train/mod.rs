@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod loss;
 pub mod optim;
 pub mod plot;
 pub mod run;

@@ -264,9 +264,14 @@ impl<'a> Trainer<'a> {
             .reshape((b.rows * b.len, hidden))?
             .index_select(&Tensor::new(pos, dev)?, 0)?;
         let logits = model.logits(&sel, &ad)?;
-        let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let picked = lsm.gather(&Tensor::new(tgt, dev)?.unsqueeze(1)?, 1)?;
-        Ok((picked.sum_all()?.neg()?, n, sink))
+        let nll = if dev.is_cpu() {
+            super::loss::nll_rows(&logits, &tgt)?
+        } else {
+            let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            lsm.gather(&Tensor::new(tgt, dev)?.unsqueeze(1)?, 1)?
+                .neg()?
+        };
+        Ok((nll.sum_all()?, n, sink))
     }
 
     /// Mean loss over the target tokens of `batches` and its gradient for every variable.
