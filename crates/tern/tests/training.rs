@@ -28,6 +28,11 @@ struct Ref {
     loss_after_step: f64,
 }
 
+fn train_reference() -> Ref {
+    serde_json::from_str(&std::fs::read_to_string(train_fixture("reference.json")).unwrap())
+        .unwrap()
+}
+
 /// The fixture's padded batch: targets where torch's labels are not -100.
 fn reference_batch(r: &Ref) -> Batch {
     Batch {
@@ -69,9 +74,7 @@ fn rel(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn loss_grads_and_step_match_peft() {
-    let r: Ref =
-        serde_json::from_str(&std::fs::read_to_string(train_fixture("reference.json")).unwrap())
-            .unwrap();
+    let r = train_reference();
     let lm = load(&fixture("llama"));
     let c = cfg(serde_json::json!({"weight_decay": 0.1, "max_grad_norm": 0.5}));
     let mut t = Trainer::from_adapter(&lm, c, &train_fixture("adapter_init")).unwrap();
@@ -276,9 +279,7 @@ fn data_formats_masks_and_bad_lines() {
 
 #[test]
 fn lora_dropout_is_seeded_and_only_in_training() {
-    let r: Ref =
-        serde_json::from_str(&std::fs::read_to_string(train_fixture("reference.json")).unwrap())
-            .unwrap();
+    let r = train_reference();
     let lm = load(&fixture("llama"));
     let batch = reference_batch(&r);
     let run = |p: f64| {
@@ -301,9 +302,7 @@ fn lora_dropout_is_seeded_and_only_in_training() {
 
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients() {
-    let r: Ref =
-        serde_json::from_str(&std::fs::read_to_string(train_fixture("reference.json")).unwrap())
-            .unwrap();
+    let r = train_reference();
     let lm = load(&fixture("llama"));
     let batch = reference_batch(&r);
     let grads = |gc: bool| {
