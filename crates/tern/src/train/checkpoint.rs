@@ -52,10 +52,7 @@ impl Trainer<'_> {
         let opt = TensorFile::open(&dir.join("optimizer.safetensors"))?;
         let dev = self.lm.model.device();
         for (i, n) in self.names.iter().enumerate() {
-            let module = n
-                .trim_start_matches("base_model.model.")
-                .trim_end_matches(".lora_A.weight")
-                .trim_end_matches(".lora_B.weight");
+            let module = &self.modules[i / 2];
             let slot = self
                 .lm
                 .model
@@ -63,11 +60,7 @@ impl Trainer<'_> {
                 .get(module)
                 .ok_or_else(|| bad(format!("no module {module}")))?;
             let p = a.pair(slot).ok_or_else(|| bad(format!("the checkpoint has no weights for {module}; it was made with other target_modules")))?;
-            let src = if n.ends_with("lora_A.weight") {
-                &p.a
-            } else {
-                &p.bt
-            };
+            let src = if i % 2 == 0 { &p.a } else { &p.bt };
             if src.dims() != self.vars[i].as_tensor().dims() {
                 return Err(bad(format!(
                     "{n}: shape {:?} differs from this run's {:?} (other rank?)",

@@ -6,7 +6,7 @@ use super::config::TrainConfig;
 use super::data::{epoch_batches, pad, Batch, Example};
 use super::optim::{clip_grad_norm, lr_at, AdamW, AdamWParams};
 use crate::error::{Result, TernError};
-use crate::lora::{BatchAdapters, GradSink, LoraAdapter};
+use crate::lora::{AdapterConfig, BatchAdapters, GradSink, LoraAdapter};
 use crate::model::LoadedModel;
 use candle_core::{DType, Tensor, Var, D};
 use rand::rngs::StdRng;
@@ -78,6 +78,8 @@ pub struct Trainer<'a> {
     pub(super) cfg: TrainConfig,
     pub(super) vars: Vec<Var>,
     pub(super) names: Vec<String>,
+    /// Module of each `A`/`B^T` pair (`vars[2 i]`, `vars[2 i + 1]`).
+    pub(super) modules: Vec<String>,
     pub(super) adapter: Arc<LoraAdapter>,
     pub(super) opt: AdamW,
     pub(super) state: State,
@@ -118,7 +120,7 @@ impl<'a> Trainer<'a> {
                 cfg.target_modules
             )));
         }
-        Self::with_pairs(lm, cfg, pairs)
+        Self::with_pairs(lm, cfg, acfg, pairs)
     }
 
     /// Starts from a saved PEFT adapter (its weights become the variables).
@@ -134,38 +136,19 @@ impl<'a> Trainer<'a> {
             .modules()
             .map(|(m, p)| (m.to_string(), p.a.clone(), p.bt.clone()))
             .collect();
-        let mut t = Self::with_pairs(lm, cfg, pairs)?;
-        // Keep the file's own config (ranks, alphas, targets) for the output.
-        t.adapter = Arc::new(LoraAdapter::from_pairs(
-            "train",
-            a.config().clone(),
-            lm.model.slots(),
-            t.pair_tensors(),
-        )?);
-        Ok(t)
-    }
-
-    fn pair_tensors(&self) -> Vec<(String, Tensor, Tensor)> {
-        self.vars
-            .chunks(2)
-            .zip(self.names.chunks(2))
-            .map(|(v, n)| {
-                let module = n[0]
-                    .trim_start_matches("base_model.model.")
-                    .trim_end_matches(".lora_A.weight")
-                    .to_string();
-                (module, v[0].as_tensor().clone(), v[1].as_tensor().clone())
-            })
-            .collect()
+        // The file's own config (ranks, alphas, targets) stays the output's.
+        Self::with_pairs(lm, cfg, a.config().clone(), pairs)
     }
 
     fn with_pairs(
         lm: &'a LoadedModel,
         cfg: TrainConfig,
+        acfg: AdapterConfig,
         pairs: Vec<(String, Tensor, Tensor)>,
     ) -> Result<Self> {
         let mut vars = Vec::new();
         let mut names = Vec::new();
+        let mut modules = Vec::new();
         let mut tensors = Vec::new();
         for (m, a, bt) in pairs {
             let (a, bt) = (
@@ -174,13 +157,14 @@ impl<'a> Trainer<'a> {
             );
             names.push(format!("base_model.model.{m}.lora_A.weight"));
             names.push(format!("base_model.model.{m}.lora_B.weight"));
-            tensors.push((m, a.as_tensor().clone(), bt.as_tensor().clone()));
+            tensors.push((m.clone(), a.as_tensor().clone(), bt.as_tensor().clone()));
+            modules.push(m);
             vars.push(a);
             vars.push(bt);
         }
         let adapter = Arc::new(LoraAdapter::from_pairs(
             "train",
-            cfg.adapter_config()?,
+            acfg,
             lm.model.slots(),
             tensors,
         )?);
@@ -196,6 +180,7 @@ impl<'a> Trainer<'a> {
             cfg,
             vars,
             names,
+            modules,
             adapter,
             opt,
             state: State::default(),
