@@ -23,3 +23,21 @@ pub use generate::{
 };
 pub use model::{LoadOptions, LoadedModel, ModelConfig};
 pub use tokenizer::ChatMessage;
+
+/// Helpers shared by the unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::Tensor;
+
+    /// max |a - b| over two tensors of the same shape.
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+}

@@ -260,14 +260,7 @@ fn every_block_type_round_trips_with_unpermuted_rows() {
         let got = w
             .float("model.layers.0.self_attn.q_proj.weight", &[16, 256])
             .unwrap();
-        let diff = (&got - &expect)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = tensor_max_abs_diff(&got, &expect);
         assert!(diff < 1e-6, "{qtype:?}: {diff}");
         let kept = w
             .matmul("model.layers.0.self_attn.q_proj.weight", &[16, 256])

@@ -54,14 +54,7 @@ fn cfg(v: serde_json::Value) -> TrainConfig {
 
 /// max |a - b| / max |b|.
 fn rel(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = tensor_max_abs_diff(a, b);
     let m = b
         .abs()
         .unwrap()
@@ -111,14 +104,7 @@ fn loss_grads_and_step_match_peft() {
         } else {
             v.as_tensor().clone()
         };
-        let d = (&v - &w)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = tensor_max_abs_diff(&v, &w);
         assert!(d < 1e-6, "{name}: after one AdamW step differs by {d}");
     }
     let (loss2, _) = t.loss_and_grads(&[batch]).unwrap();
@@ -187,14 +173,7 @@ fn resume_continues_to_the_same_adapter() {
     t2.resume_from(&a.path().join("checkpoint-3")).unwrap();
     t2.run(&data, &[], b.path(), |_| {}).unwrap();
     for (x, y) in t.vars().iter().zip(t2.vars()) {
-        let d = (x.as_tensor() - y.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = tensor_max_abs_diff(x.as_tensor(), y.as_tensor());
         assert_eq!(d, 0.0, "resumed run differs");
     }
 }

@@ -185,15 +185,7 @@ pub(crate) mod tests {
         let (m, q) = pair(8, 64);
         let a = m.dequantize(&Device::Cpu).unwrap();
         let b = q.dequantize(&Device::Cpu).unwrap();
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(d, 0.0);
+        assert_eq!(crate::test_util::max_abs_diff(&a, &b), 0.0);
     }
 
     #[test]

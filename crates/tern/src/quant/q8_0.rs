@@ -107,16 +107,7 @@ mod tests {
         let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
         let m = Q8_0Matrix::new(300, 576, q.data().unwrap().to_vec()).unwrap();
         let deq = q.dequantize(&Device::Cpu).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let diff = crate::test_util::max_abs_diff;
         assert_eq!(diff(&m.dequantize(&Device::Cpu).unwrap(), &deq), 0.0);
         let x = Tensor::from_vec(det(2 * 576, 8), (2, 576), &Device::Cpu).unwrap();
         let exact = x.matmul(&deq.t().unwrap()).unwrap();

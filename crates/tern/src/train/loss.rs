@@ -124,14 +124,7 @@ mod tests {
             .unwrap()
             .neg()
             .unwrap();
-        let d = (&ours - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::test_util::max_abs_diff(&ours, &want);
         assert!(d < 1e-6, "{d}");
         let w = Tensor::new(&[1.0f32, 0.5, 2.0], &dev).unwrap();
         let g1 = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
@@ -140,14 +133,7 @@ mod tests {
             g1.get(x.as_tensor()).unwrap(),
             g2.get(x.as_tensor()).unwrap(),
         );
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::test_util::max_abs_diff(a, b);
         assert!(d < 1e-6, "{d}");
     }
 }

@@ -41,6 +41,18 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// max |a - b| over two tensors of the same shape.
+pub fn tensor_max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// Log-probabilities `[seq, vocab]` for `ids` run after what `cache` holds.
 pub fn logprobs(
     lm: &tern::LoadedModel,
