@@ -68,7 +68,11 @@ fn adapter_fixture(name: &str) -> PathBuf {
 
 /// Greedy ids from `tern generate ... --output jsonl` with extra arguments.
 fn greedy_ids(model: &str, prompt: &str, n: usize, extra: &[&str]) -> Vec<u64> {
-    let o = greedy_with(model, prompt, n, true, extra);
+    jsonl_ids(greedy_with(model, prompt, n, true, extra))
+}
+
+/// The token ids of a successful `--output jsonl` run.
+fn jsonl_ids(o: Output) -> Vec<u64> {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8(o.stdout)
         .unwrap()
@@ -395,15 +399,8 @@ fn hub_ids_from_the_cache_and_legacy_bin_conversion() {
         ],
         &env,
     );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let by_path = greedy_ids(fixture("llama").to_str().unwrap(), "The quick", 4, &[]);
-    let by_id: Vec<u64> = String::from_utf8(o.stdout)
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v["id"].as_u64())
-        .collect();
-    assert_eq!(by_id, by_path);
+    assert_eq!(jsonl_ids(o), by_path);
     let o = tern_env(
         &["generate", "--model", "org/missing", "--prompt", "x"],
         &env,
