@@ -46,11 +46,7 @@ pub fn convert_dir(src: &Path, out: &Path, force: bool) -> Result<ConvertReport>
             src.display()
         )));
     }
-    if out.canonicalize().ok() == src.canonicalize().ok() {
-        return Err(TernError::InvalidArgument(
-            "--out must differ from the source directory".into(),
-        ));
-    }
+    let staged = StagedDir::new(out, src, force)?;
     let adapter = src.join("adapter_config.json").is_file();
     let files: Vec<TensorFile> = if adapter {
         let w = ["adapter_model.safetensors", "adapter_model.bin"]
@@ -70,7 +66,6 @@ pub fn convert_dir(src: &Path, out: &Path, force: bool) -> Result<ConvertReport>
             .map(|p| TensorFile::open(p))
             .collect::<Result<_>>()?
     };
-    let staged = StagedDir::new(out, force)?;
     let specs = if adapter {
         let specs = specs_of(&files[0]);
         write_streaming(

@@ -20,8 +20,15 @@ pub struct StagedDir {
 }
 
 impl StagedDir {
-    /// Prepares to write `out`; refuses an existing `out` unless `force`.
-    pub fn new(out: &Path, force: bool) -> Result<Self> {
+    /// Prepares to write `out` from what is read at `source`; refuses `out == source` (it is
+    /// read while the output is written) and an existing `out` unless `force`.
+    pub fn new(out: &Path, source: &Path, force: bool) -> Result<Self> {
+        if out.canonicalize().ok() == source.canonicalize().ok() {
+            return Err(TernError::InvalidArgument(format!(
+                "--out must differ from {}: it is read while the output is written",
+                source.display()
+            )));
+        }
         if out.exists() && !force {
             return Err(TernError::InvalidArgument(format!(
                 "{} already exists; pass --force to replace it, or choose another --out",

@@ -118,11 +118,8 @@ pub fn merge_checkpoint(
             model.display()
         )));
     }
-    if out.canonicalize().ok() == model.canonicalize().ok() {
-        return Err(TernError::InvalidArgument(
-            "--out must differ from --model: the base is read while the output is written".into(),
-        ));
-    }
+    // Before any work: a clobbered or impossible destination fails at once.
+    let staged = StagedDir::new(out, model, opts.force)?;
     let base = HfDir::open(model)?;
     let files = base
         .weight_files
@@ -168,7 +165,6 @@ pub fn merge_checkpoint(
     }
     let total: u64 = specs.iter().map(|s| s.nbytes() as u64).sum();
 
-    let staged = StagedDir::new(out, opts.force)?;
     let mut merged = 0;
     write_shards(staged.path(), &specs, &shards, |i| {
         let spec = &specs[i];
