@@ -170,6 +170,22 @@ pub enum TernError {
         /// Comma-separated names that are registered, or `none`.
         known: String,
     },
+    /// The engine's queue is full; the caller should retry later.
+    #[error(
+        "the server is busy: {queued} requests are already waiting (limit {limit}); retry later"
+    )]
+    Busy {
+        /// Requests waiting when this one arrived.
+        queued: usize,
+        /// The queue bound.
+        limit: usize,
+    },
+    /// The engine is shutting down and takes no new requests.
+    #[error("shutting down: no new requests are taken")]
+    ShuttingDown,
+    /// A request was stopped before it finished.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
     /// A caller passed a bad argument (e.g. a sampling parameter out of range).
     #[error("{0}")]
     InvalidArgument(String),

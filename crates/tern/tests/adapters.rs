@@ -8,7 +8,7 @@ mod common;
 
 use candle_core::{DType, Tensor};
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use tern::lora::merge::{merge_checkpoint, MergeOptions};
 use tern::lora::{BatchAdapters, LoraAdapter};
@@ -25,12 +25,6 @@ struct AdapterRef {
     prompt_logprobs: Vec<Vec<f32>>,
     greedy_ids: Vec<u32>,
     greedy_logprobs: Vec<f32>,
-}
-
-fn adapter_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/adapters")
-        .join(name)
 }
 
 fn adapter_ref(name: &str) -> AdapterRef {
@@ -190,17 +184,6 @@ fn in_memory_merge_and_unmerge() {
     lm.model.unmerge_adapter(&a).unwrap();
     let d = worst_row_diff(&lp_with(&lm, &r.input_ids, &BatchAdapters::none()), &base);
     assert!(d < TOL, "unmerged: {d}");
-}
-
-/// A second adapter for the llama base: the fixture's pairs with B negated and halved.
-fn variant(lm: &LoadedModel, a: &LoraAdapter) -> Arc<LoraAdapter> {
-    let tensors = a
-        .modules()
-        .map(|(m, p)| (m.to_string(), p.a.clone(), (p.b().unwrap() * -0.5).unwrap()))
-        .collect();
-    Arc::new(
-        LoraAdapter::from_tensors("neg", a.config().clone(), lm.model.slots(), tensors).unwrap(),
-    )
 }
 
 #[test]

@@ -1,16 +1,20 @@
 //! Generation: prompts to token streams. Streaming is the primitive ([`Generator`] is an
 //! iterator of [`StreamToken`]); the callback form and the collected form are built on it.
 
+pub mod engine;
 pub mod sampler;
+pub mod sequence;
 pub mod stop;
 
+pub use engine::{Engine, EngineConfig, EngineEvent, EngineStats, TokenSink};
 pub use sampler::{Sampler, SamplingParams};
+pub use sequence::Sequence;
 pub use stop::StopMatcher;
 
 use crate::error::{Result, TernError};
 use crate::lora::{BatchAdapters, LoraAdapter};
-use crate::model::{Cache, LoadedModel};
-use crate::tokenizer::{ChatMessage, IncrementalDecoder};
+use crate::model::LoadedModel;
+use crate::tokenizer::ChatMessage;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -196,137 +200,39 @@ impl Completion {
 /// Streaming generation over one sequence: each `next()` runs at most one model step.
 pub struct Generator<'a> {
     lm: &'a LoadedModel,
-    req: GenerateRequest,
-    cache: Cache,
+    seq: Sequence,
     adapters: BatchAdapters,
-    sampler: Sampler,
-    seen: Vec<u32>,
-    decoder: IncrementalDecoder,
-    stops: StopMatcher,
-    to_feed: Option<u32>,
-    generated: usize,
-    done: bool,
-    started: Instant,
-    stats: GenStats,
 }
 
 impl<'a> Generator<'a> {
     fn new(lm: &'a LoadedModel, req: GenerateRequest) -> Result<Self> {
-        if req.prompt_ids.is_empty() {
-            return Err(TernError::InvalidArgument(
-                "the prompt is empty: give at least one token".into(),
-            ));
-        }
-        if req.max_tokens == 0 {
-            return Err(TernError::InvalidArgument(
-                "max_tokens must be at least 1".into(),
-            ));
-        }
-        let ctx = lm.model.config().max_position_embeddings;
-        if req.prompt_ids.len() >= ctx {
-            return Err(TernError::InvalidArgument(format!(
-                "the prompt has {} tokens; the model's context is {ctx} (shorten the prompt)",
-                req.prompt_ids.len()
-            )));
-        }
-        let vocab = lm.model.config().vocab_size as u32;
-        if let Some(bad) = req.prompt_ids.iter().find(|&&i| i >= vocab) {
-            return Err(TernError::InvalidArgument(format!(
-                "prompt token id {bad} is outside the model's vocabulary of {vocab}"
-            )));
-        }
+        let adapters = BatchAdapters::uniform(req.adapter.clone());
         Ok(Self {
-            sampler: Sampler::new(req.sampling.clone())?,
-            seen: req.prompt_ids.clone(),
-            decoder: IncrementalDecoder::new(&req.prompt_ids),
-            stops: StopMatcher::new(&req.stop),
-            cache: lm.model.new_cache(),
-            adapters: BatchAdapters::uniform(req.adapter.clone()),
-            to_feed: None,
-            generated: 0,
-            done: false,
-            started: Instant::now(),
-            stats: GenStats {
-                prompt_tokens: req.prompt_ids.len(),
-                ..Default::default()
-            },
+            seq: Sequence::new(lm, req)?,
             lm,
-            req,
+            adapters,
         })
     }
 
     /// Counts and timings so far.
     pub fn stats(&self) -> GenStats {
-        self.stats
+        self.seq.stats()
     }
 
     fn step(&mut self) -> Result<StreamToken> {
-        let logits = match self.to_feed.take() {
-            None => {
-                let t = Instant::now();
-                self.started = t;
-                let l = self.lm.model.step_with(
-                    &self.req.prompt_ids,
-                    &mut self.cache,
-                    &self.adapters,
-                )?;
-                self.stats.prefill = t.elapsed();
-                l
-            }
+        let logits = match self.seq.next_input() {
+            None => self.seq.prefill(self.lm, &self.adapters)?,
             Some(id) => {
                 let t = Instant::now();
                 let l = self
                     .lm
                     .model
-                    .step_with(&[id], &mut self.cache, &self.adapters)?;
-                self.stats.decode += t.elapsed();
+                    .step_with(&[id], &mut self.seq.cache, &self.adapters)?;
+                self.seq.add_decode_time(t.elapsed());
                 l
             }
         };
-        let s = self.sampler.sample(&logits, &self.seen)?;
-        self.generated += 1;
-        self.stats.completion_tokens = self.generated;
-        if self.generated == 1 {
-            self.stats.time_to_first_token = self.started.elapsed();
-        }
-        self.seen.push(s.id);
-        let tok = &self.lm.tokenizer;
-        let mut finish = None;
-        let mut text;
-        if self.req.stop_at_eos && self.lm.eos_ids.contains(&s.id) {
-            text = self.stops.feed(&self.decoder.flush(tok)?).0;
-            text.push_str(&self.stops.flush());
-            finish = Some(FinishReason::Stop);
-        } else {
-            let piece = self.decoder.push(tok, s.id)?;
-            let (t, hit) = self.stops.feed(&piece);
-            text = t;
-            if hit {
-                finish = Some(FinishReason::Stop);
-            } else if self.generated >= self.req.max_tokens
-                || self.cache.len() + 1 >= self.lm.model.config().max_position_embeddings
-            {
-                let (t, hit) = self.stops.feed(&self.decoder.flush(tok)?);
-                text.push_str(&t);
-                if !hit {
-                    text.push_str(&self.stops.flush());
-                }
-                finish = Some(if hit {
-                    FinishReason::Stop
-                } else {
-                    FinishReason::Length
-                });
-            } else {
-                self.to_feed = Some(s.id);
-            }
-        }
-        self.done = finish.is_some();
-        Ok(StreamToken {
-            id: s.id,
-            text,
-            logprob: s.logprob,
-            finish_reason: finish,
-        })
+        self.seq.accept(self.lm, &logits)
     }
 }
 
@@ -334,12 +240,12 @@ impl Iterator for Generator<'_> {
     type Item = Result<StreamToken>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.done {
+        if self.seq.is_done() {
             return None;
         }
         let r = self.step();
         if r.is_err() {
-            self.done = true;
+            self.seq.abort();
         }
         Some(r)
     }

@@ -63,25 +63,79 @@ impl Attention {
         offset: usize,
         ad: &BatchAdapters,
     ) -> Result<Tensor> {
+        let train = ad.is_training();
+        let (q, k, v) = self.qkv(x, ad)?;
+        let y = self.attend(&q, &k, &v, rope, cache, offset, train)?;
+        self.o.forward_with(&y, ad)
+    }
+
+    /// The q, k, v projections of `x` `[b, s, hidden]` as `[b, heads, s, hd]` (q) and
+    /// `[b, kv_heads, s, hd]` (k, v), with the per-head norms applied.
+    fn qkv(&self, x: &Tensor, ad: &BatchAdapters) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, s, _) = x.dims3()?;
-        let hd = self.head_dim;
         let train = ad.is_training();
         let split = |t: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
-            let t = t.reshape((b, s, n, hd))?;
+            let t = t.reshape((b, s, n, self.head_dim))?;
             let t = match norm {
                 Some(nm) => nm.forward_with(&t, train)?,
                 None => t,
             };
             Ok(t.transpose(1, 2)?.contiguous()?)
         };
-        let q = split(self.q.forward_with(x, ad)?, self.heads, &self.q_norm)?;
-        let k = split(self.k.forward_with(x, ad)?, self.kv_heads, &self.k_norm)?;
-        let v = split(self.v.forward_with(x, ad)?, self.kv_heads, &None)?;
-        let q = rope.apply(&q, offset, train)?;
-        let k = rope.apply(&k, offset, train)?;
+        Ok((
+            split(self.q.forward_with(x, ad)?, self.heads, &self.q_norm)?,
+            split(self.k.forward_with(x, ad)?, self.kv_heads, &self.k_norm)?,
+            split(self.v.forward_with(x, ad)?, self.kv_heads, &None)?,
+        ))
+    }
+
+    /// Decodes one new token for each of `b` independent sequences: `x` is `[b, 1, hidden]`,
+    /// row `i` sits at position `offsets[i]` with its own cache `kvs[i]`. The projections
+    /// run once for the whole batch (that is where the weights are read); attention runs per
+    /// row, as the rows' histories differ in length.
+    pub fn forward_rows(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        kvs: &mut [&mut KvCache],
+        offsets: &[usize],
+        ad: &BatchAdapters,
+    ) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        debug_assert_eq!(x.dim(1)?, 1);
+        debug_assert_eq!(kvs.len(), b);
+        let (q, k, v) = self.qkv(x, ad)?;
+        let mut ys = Vec::with_capacity(b);
+        for (i, kv) in kvs.iter_mut().enumerate() {
+            let row = |t: &Tensor| t.narrow(0, i, 1);
+            ys.push(self.attend(&row(&q)?, &row(&k)?, &row(&v)?, rope, kv, offsets[i], false)?);
+        }
+        self.o.forward_with(&Tensor::cat(&ys, 0)?, ad)
+    }
+
+    /// Rope, cache append and softmax attention for `q` `[b, heads, s, hd]` and `k`, `v`
+    /// `[b, kv_heads, s, hd]` at positions `offset..`; returns `[b, s, heads * hd]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rope: &Rope,
+        cache: &mut KvCache,
+        offset: usize,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, _, s, hd) = q.dims4()?;
+        let q = rope.apply(q, offset, train)?;
+        let k = rope.apply(k, offset, train)?;
         // The cache writes in place, which gradients cannot pass; training runs whole
         // sequences, so it needs none.
-        let (k, v) = if train { (k, v) } else { cache.append(&k, &v)? };
+        let (k, v) = if train {
+            (k, v.clone())
+        } else {
+            cache.append(&k, v)?
+        };
         let t = k.dim(2)?;
         // Heads of one kv group are adjacent, so folding them into the row dimension lets one
         // matmul per kv head serve the whole group without repeating k/v in memory.
@@ -111,7 +165,7 @@ impl Attention {
             .reshape((b, self.heads, s, hd))?
             .transpose(1, 2)?
             .reshape((b, s, self.heads * hd))?;
-        self.o.forward_with(&y, ad)
+        Ok(y)
     }
 
     /// Whether any projection keeps quantized weights.

@@ -77,6 +77,25 @@ impl Block {
     }
 }
 
+impl Block {
+    /// Decodes one token for each of several sequences (see [`Attention::forward_rows`]).
+    fn forward_rows(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        kvs: &mut [&mut KvCache],
+        offsets: &[usize],
+        ad: &BatchAdapters,
+    ) -> Result<Tensor> {
+        let h = self
+            .attn
+            .forward_rows(&self.attn_norm.forward(x)?, rope, kvs, offsets, ad)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.mlp_norm.forward(&x)?, ad)?;
+        Ok((x + h)?)
+    }
+}
+
 /// A decoder-only causal language model.
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -371,6 +390,38 @@ impl Model {
         let h = self.forward_hidden_with(ids, cache, ad)?;
         let s = h.dim(1)?;
         self.logits(&h.narrow(1, s - 1, 1)?.squeeze(1)?, ad)
+    }
+
+    /// One decode step for many independent sequences at once (continuous batching):
+    /// `ids[i]` is appended to `caches[i]`, whatever its length, with row `i`'s adapter
+    /// from `ad`. Returns logits `[rows, vocab]` in f32.
+    pub fn decode_rows(
+        &self,
+        ids: &[u32],
+        caches: &mut [&mut Cache],
+        ad: &BatchAdapters,
+    ) -> Result<Tensor> {
+        if ids.is_empty() || ids.len() != caches.len() {
+            return Err(TernError::InvalidArgument(format!(
+                "decode_rows needs one cache per token, got {} tokens and {} caches",
+                ids.len(),
+                caches.len()
+            )));
+        }
+        let b = ids.len();
+        let offsets: Vec<usize> = caches.iter().map(|c| c.pos).collect();
+        let ids = Tensor::new(ids, &self.device)?;
+        let mut x = self
+            .embed
+            .lookup(&ids, self.dtype)?
+            .reshape((b, 1, self.cfg.hidden_size))?;
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let mut kvs: Vec<&mut KvCache> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
+            x = blk.forward_rows(&x, &self.rope, &mut kvs, &offsets, ad)?;
+        }
+        caches.iter_mut().for_each(|c| c.pos += 1);
+        let h = self.norm.forward(&x)?.squeeze(1)?;
+        self.logits(&h, ad)
     }
 
     /// Convenience: logits of the last position for a token slice, as a vector.

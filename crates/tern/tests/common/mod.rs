@@ -2,8 +2,30 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub const ARCHS: &[&str] = &["llama", "llama3", "mistral", "qwen2", "qwen3", "smollm"];
+
+pub fn adapter_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/adapters")
+        .join(name)
+}
+
+/// A second adapter for the llama base: the fixture's pairs with B negated and halved.
+pub fn variant(
+    lm: &tern::LoadedModel,
+    a: &tern::lora::LoraAdapter,
+) -> Arc<tern::lora::LoraAdapter> {
+    let tensors = a
+        .modules()
+        .map(|(m, p)| (m.to_string(), p.a.clone(), (p.b().unwrap() * -0.5).unwrap()))
+        .collect();
+    Arc::new(
+        tern::lora::LoraAdapter::from_tensors("neg", a.config().clone(), lm.model.slots(), tensors)
+            .unwrap(),
+    )
+}
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

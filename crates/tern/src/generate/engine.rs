@@ -1,0 +1,494 @@
+//! The batched engine behind `tern serve` and batch files: continuous batching of many
+//! sequences, each with its own adapter and sampling settings.
+//!
+//! One worker thread owns every sequence's KV cache. At each step boundary it drops rows
+//! whose caller went away, admits waiting requests (running their prompts) while batch slots
+//! are free, then decodes one token for every running row in a single
+//! [`crate::model::Model::decode_rows`] call, so each weight is read once per step for the
+//! whole batch. Callers talk to it through [`Engine::submit`] and a [`TokenSink`].
+
+use super::{GenStats, GenerateRequest, Sequence, StreamToken};
+use crate::error::{Result, TernError};
+use crate::lora::BatchAdapters;
+use crate::model::{Cache, LoadedModel};
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// What the engine tells a request's owner.
+#[derive(Debug)]
+pub enum EngineEvent {
+    /// The next token; the last one carries a finish reason.
+    Token(StreamToken),
+    /// The request finished normally (sent after its last token).
+    Done(GenStats),
+    /// The request failed or was cancelled; nothing more follows.
+    Failed(TernError),
+}
+
+/// Where a request's events go. Returning `false` from `send`, or `true` from `is_closed`,
+/// means the receiver is gone: the row is freed at the next step boundary.
+pub trait TokenSink: Send + 'static {
+    /// Delivers one event; `false` if nobody is listening any more.
+    fn send(&mut self, ev: EngineEvent) -> bool;
+    /// Whether the receiver has gone away (checked before spending work on the request).
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+impl TokenSink for mpsc::Sender<EngineEvent> {
+    fn send(&mut self, ev: EngineEvent) -> bool {
+        mpsc::Sender::send(self, ev).is_ok()
+    }
+}
+
+/// One engine step, as reported to [`EngineConfig::on_step`].
+#[derive(Debug, Clone, Copy)]
+pub struct StepInfo {
+    /// Rows decoded together in this step (0 if the step only ran prompts).
+    pub rows: usize,
+    /// Prompt tokens run in this step.
+    pub prefill_tokens: usize,
+    /// Wall time of the step.
+    pub duration: Duration,
+}
+
+/// Observer called after each step (e.g. to feed a metrics histogram).
+pub type StepObserver = Arc<dyn Fn(StepInfo) + Send + Sync>;
+
+/// Batching limits.
+#[derive(Clone)]
+pub struct EngineConfig {
+    /// Most rows decoded together.
+    pub max_batch: usize,
+    /// Most requests waiting for a batch slot; more are refused with [`TernError::Busy`].
+    pub max_queue: usize,
+    /// Prompt tokens run per step boundary before decoding resumes (at least one request
+    /// is always admitted when a slot is free), so long prompts do not stall running rows
+    /// for many prompts at once.
+    pub prefill_budget: usize,
+    /// Called after every step.
+    pub on_step: Option<StepObserver>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 16,
+            max_queue: 64,
+            prefill_budget: 512,
+            on_step: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for EngineConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineConfig")
+            .field("max_batch", &self.max_batch)
+            .field("max_queue", &self.max_queue)
+            .field("prefill_budget", &self.prefill_budget)
+            .finish()
+    }
+}
+
+/// Counters read at any time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Requests waiting for a batch slot.
+    pub queued: usize,
+    /// Rows in the running batch.
+    pub running: usize,
+    /// Requests that finished normally.
+    pub completed: u64,
+    /// Requests that failed, were cancelled, or whose caller went away.
+    pub aborted: u64,
+    /// Prompt tokens run.
+    pub prompt_tokens: u64,
+    /// Tokens generated.
+    pub generated_tokens: u64,
+    /// Decode steps run.
+    pub steps: u64,
+}
+
+#[derive(Default)]
+struct Shared {
+    queued: AtomicUsize,
+    running: AtomicUsize,
+    accepting: AtomicBool,
+    completed: AtomicU64,
+    aborted: AtomicU64,
+    prompt_tokens: AtomicU64,
+    generated_tokens: AtomicU64,
+    steps: AtomicU64,
+}
+
+struct Pending {
+    req: GenerateRequest,
+    sink: Box<dyn TokenSink>,
+}
+
+enum Cmd {
+    Submit(Box<Pending>),
+    Shutdown(Instant),
+}
+
+/// A running engine; dropping it cancels what is left and joins the worker.
+pub struct Engine {
+    lm: Arc<LoadedModel>,
+    cfg: EngineConfig,
+    tx: Mutex<Option<mpsc::Sender<Cmd>>>,
+    shared: Arc<Shared>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("cfg", &self.cfg)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Starts the worker thread.
+    pub fn start(lm: Arc<LoadedModel>, cfg: EngineConfig) -> Result<Self> {
+        if cfg.max_batch == 0 {
+            return Err(TernError::InvalidArgument(
+                "max_batch must be at least 1".into(),
+            ));
+        }
+        let shared = Arc::new(Shared::default());
+        shared.accepting.store(true, Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker {
+            lm: lm.clone(),
+            cfg: cfg.clone(),
+            shared: shared.clone(),
+            rx,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            deadline: None,
+        };
+        let handle = std::thread::Builder::new()
+            .name("tern-engine".into())
+            .spawn(move || worker.run())
+            .map_err(|e| TernError::InvalidArgument(format!("cannot start the engine: {e}")))?;
+        Ok(Self {
+            lm,
+            cfg,
+            tx: Mutex::new(Some(tx)),
+            shared,
+            worker: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// The model it runs.
+    pub fn model(&self) -> &Arc<LoadedModel> {
+        &self.lm
+    }
+
+    /// Its limits.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Queues a request. Invalid requests, a full queue ([`TernError::Busy`]) and a shutting
+    /// down engine are refused here, before anything is queued; afterwards every outcome
+    /// arrives at `sink`.
+    pub fn submit(&self, req: GenerateRequest, sink: impl TokenSink) -> Result<()> {
+        if !self.shared.accepting.load(Ordering::SeqCst) {
+            return Err(TernError::ShuttingDown);
+        }
+        req.validate(&self.lm)?;
+        let free = self
+            .cfg
+            .max_batch
+            .saturating_sub(self.shared.running.load(Ordering::SeqCst));
+        let queued = self.shared.queued.fetch_add(1, Ordering::SeqCst);
+        if queued >= self.cfg.max_queue + free {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(TernError::Busy {
+                queued,
+                limit: self.cfg.max_queue,
+            });
+        }
+        let cmd = Cmd::Submit(Box::new(Pending {
+            req,
+            sink: Box::new(sink),
+        }));
+        let sent = match self.tx.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(tx) => tx.send(cmd).is_ok(),
+            None => false,
+        };
+        if !sent {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(TernError::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    /// Queues a request and returns a channel of its events.
+    pub fn submit_channel(&self, req: GenerateRequest) -> Result<mpsc::Receiver<EngineEvent>> {
+        let (tx, rx) = mpsc::channel();
+        self.submit(req, tx)?;
+        Ok(rx)
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> EngineStats {
+        let s = &self.shared;
+        EngineStats {
+            queued: s.queued.load(Ordering::SeqCst),
+            running: s.running.load(Ordering::SeqCst),
+            completed: s.completed.load(Ordering::SeqCst),
+            aborted: s.aborted.load(Ordering::SeqCst),
+            prompt_tokens: s.prompt_tokens.load(Ordering::SeqCst),
+            generated_tokens: s.generated_tokens.load(Ordering::SeqCst),
+            steps: s.steps.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Stops taking requests, cancels those still waiting, lets running rows finish for up
+    /// to `grace`, cancels the rest, and joins the worker. Idempotent.
+    pub fn shutdown(&self, grace: Duration) {
+        self.shared.accepting.store(false, Ordering::SeqCst);
+        if let Some(tx) = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = tx.send(Cmd::Shutdown(Instant::now() + grace));
+        }
+        if let Some(h) = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown(Duration::ZERO);
+    }
+}
+
+struct Row {
+    seq: Sequence,
+    sink: Box<dyn TokenSink>,
+}
+
+struct Worker {
+    lm: Arc<LoadedModel>,
+    cfg: EngineConfig,
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Cmd>,
+    waiting: VecDeque<Pending>,
+    running: Vec<Row>,
+    deadline: Option<Instant>,
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+impl Worker {
+    fn run(mut self) {
+        loop {
+            if !self.take_commands() {
+                break;
+            }
+            if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                let rows = std::mem::take(&mut self.running);
+                for r in rows {
+                    self.fail(
+                        r.sink,
+                        TernError::Cancelled("the server is shutting down".into()),
+                    );
+                }
+                break;
+            }
+            let t = Instant::now();
+            let prefill_tokens = self.admit();
+            let rows = self.running.len();
+            if rows > 0 {
+                self.decode();
+            }
+            self.shared
+                .running
+                .store(self.running.len(), Ordering::SeqCst);
+            if let Some(obs) = &self.cfg.on_step {
+                obs(StepInfo {
+                    rows,
+                    prefill_tokens,
+                    duration: t.elapsed(),
+                });
+            }
+        }
+        self.shared.running.store(0, Ordering::SeqCst);
+    }
+
+    /// Takes queued commands, blocking when there is nothing to do. `false`: time to stop.
+    fn take_commands(&mut self) -> bool {
+        if self.running.is_empty() && self.waiting.is_empty() {
+            if self.deadline.is_some() {
+                return false;
+            }
+            match self.rx.recv() {
+                Ok(c) => self.handle(c),
+                Err(_) => return false,
+            }
+        }
+        while let Ok(c) = self.rx.try_recv() {
+            self.handle(c);
+        }
+        !(self.deadline.is_some() && self.running.is_empty() && self.waiting.is_empty())
+    }
+
+    fn handle(&mut self, c: Cmd) {
+        match c {
+            Cmd::Submit(p) => {
+                if self.deadline.is_some() {
+                    self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                    self.fail(p.sink, TernError::ShuttingDown);
+                } else {
+                    self.waiting.push_back(*p);
+                }
+            }
+            Cmd::Shutdown(deadline) => {
+                self.deadline = Some(deadline);
+                // Requests that have not started are cancelled at once; only started rows
+                // get the grace period.
+                while let Some(p) = self.waiting.pop_front() {
+                    self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                    self.fail(p.sink, TernError::ShuttingDown);
+                }
+            }
+        }
+    }
+
+    fn fail(&self, mut sink: Box<dyn TokenSink>, e: TernError) {
+        self.shared.aborted.fetch_add(1, Ordering::SeqCst);
+        sink.send(EngineEvent::Failed(e));
+    }
+
+    /// Delivers a row's token; returns the row if it is still running.
+    fn deliver(&self, mut row: Row, tok: Result<StreamToken>) -> Option<Row> {
+        match tok {
+            Err(e) => {
+                self.fail(row.sink, e);
+                None
+            }
+            Ok(t) => {
+                self.shared.generated_tokens.fetch_add(1, Ordering::SeqCst);
+                let done = t.finish_reason.is_some();
+                if !row.sink.send(EngineEvent::Token(t)) {
+                    self.shared.aborted.fetch_add(1, Ordering::SeqCst);
+                    return None;
+                }
+                if done {
+                    self.shared.completed.fetch_add(1, Ordering::SeqCst);
+                    row.sink.send(EngineEvent::Done(row.seq.stats()));
+                    return None;
+                }
+                Some(row)
+            }
+        }
+    }
+
+    /// Runs prompts of waiting requests while batch slots and the step's prefill budget last.
+    fn admit(&mut self) -> usize {
+        let mut spent = 0;
+        while self.running.len() < self.cfg.max_batch
+            && (spent == 0 || spent < self.cfg.prefill_budget)
+        {
+            let Some(p) = self.waiting.pop_front() else {
+                break;
+            };
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            if p.sink.is_closed() {
+                self.shared.aborted.fetch_add(1, Ordering::SeqCst);
+                continue;
+            }
+            let mut seq = match Sequence::new(&self.lm, p.req) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.fail(p.sink, e);
+                    continue;
+                }
+            };
+            spent += seq.req.prompt_ids.len();
+            self.shared
+                .prompt_tokens
+                .fetch_add(seq.req.prompt_ids.len() as u64, Ordering::SeqCst);
+            let lm = &self.lm;
+            let tok = catch_unwind(AssertUnwindSafe(|| {
+                let ad = BatchAdapters::uniform(seq.req.adapter.clone());
+                let logits = seq.prefill(lm, &ad)?;
+                seq.accept(lm, &logits)
+            }))
+            .unwrap_or_else(|p| Err(TernError::InvalidArgument(panic_message(p))));
+            if let Some(row) = self.deliver(Row { seq, sink: p.sink }, tok) {
+                self.running.push(row);
+            }
+        }
+        self.shared
+            .running
+            .store(self.running.len(), Ordering::SeqCst);
+        spent
+    }
+
+    /// One decode step for every running row.
+    fn decode(&mut self) {
+        self.running.retain(|r| {
+            let keep = !r.sink.is_closed();
+            if !keep {
+                self.shared.aborted.fetch_add(1, Ordering::SeqCst);
+            }
+            keep
+        });
+        if self.running.is_empty() {
+            return;
+        }
+        let t = Instant::now();
+        let lm = &self.lm;
+        let rows = &mut self.running;
+        let out = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<f32>>> {
+            let ids: Vec<u32> = rows.iter().filter_map(|r| r.seq.next_input()).collect();
+            let adapters: Vec<_> = rows.iter().map(|r| r.seq.req.adapter.clone()).collect();
+            let ad = BatchAdapters::per_row(&adapters, lm.model.device())?;
+            let mut caches: Vec<&mut Cache> = rows.iter_mut().map(|r| &mut r.seq.cache).collect();
+            Ok(lm
+                .model
+                .decode_rows(&ids, &mut caches, &ad)?
+                .to_vec2::<f32>()?)
+        }))
+        .unwrap_or_else(|p| Err(TernError::InvalidArgument(panic_message(p))));
+        self.shared.steps.fetch_add(1, Ordering::SeqCst);
+        let rows = std::mem::take(&mut self.running);
+        match out {
+            Err(e) => {
+                let msg = e.to_string();
+                for r in rows {
+                    self.fail(
+                        r.sink,
+                        TernError::InvalidArgument(format!("decode step failed: {msg}")),
+                    );
+                }
+            }
+            Ok(logits) => {
+                let d = t.elapsed();
+                for (mut r, l) in rows.into_iter().zip(logits) {
+                    r.seq.add_decode_time(d);
+                    let tok = r.seq.accept(&self.lm, &l);
+                    if let Some(r) = self.deliver(r, tok) {
+                        self.running.push(r);
+                    }
+                }
+            }
+        }
+    }
+}

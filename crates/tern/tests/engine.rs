@@ -1,0 +1,174 @@
+//! The batched engine: many requests of different lengths, adapters and sampling settings
+//! decoded together give exactly what each gives alone; the queue bound, callers that go
+//! away, and shutdown.
+
+mod common;
+
+use common::*;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::Duration;
+use tern::generate::{Engine, EngineConfig, EngineEvent, SamplingParams};
+use tern::{Completion, GenerateRequest, LoadOptions, LoadedModel, TernError};
+
+/// Log-probability tolerance between batched and solo runs (f32; the batch changes only
+/// the matmul shapes).
+const TOL: f32 = 1e-4;
+
+fn llama() -> Arc<LoadedModel> {
+    Arc::new(LoadedModel::load(&fixture("llama"), &LoadOptions::default()).unwrap())
+}
+
+/// Collects a request's tokens until `Done` or `Failed`.
+fn collect(rx: Receiver<EngineEvent>) -> Result<(Vec<u32>, Vec<f32>), TernError> {
+    let (mut ids, mut lps) = (vec![], vec![]);
+    for ev in rx {
+        match ev {
+            EngineEvent::Token(t) => {
+                ids.push(t.id);
+                lps.push(t.logprob);
+            }
+            EngineEvent::Done(s) => {
+                assert_eq!(s.completion_tokens, ids.len());
+                return Ok((ids, lps));
+            }
+            EngineEvent::Failed(e) => return Err(e),
+        }
+    }
+    panic!("the engine dropped a request without a final event");
+}
+
+/// Sixteen requests: prompts of different lengths, three adapter choices, greedy and seeded
+/// sampling, different token budgets.
+fn mixed_requests(lm: &LoadedModel) -> Vec<GenerateRequest> {
+    let a = lm
+        .load_adapter(&adapter_dir("llama_rslora_all"), "a")
+        .unwrap();
+    let b = variant(lm, &a);
+    let choices = [None, Some(a), Some(b)];
+    (0..16)
+        .map(|i| {
+            let prompt: Vec<u32> = (0..3 + i * 2)
+                .map(|j| ((i * 31 + j * 7) % 250) as u32 + 1)
+                .collect();
+            let mut r =
+                GenerateRequest::new(prompt, 6 + i % 5).with_adapter(choices[i % 3].clone());
+            r.stop_at_eos = false;
+            if i % 4 == 3 {
+                r.sampling = SamplingParams {
+                    temperature: 0.8,
+                    top_p: 0.9,
+                    seed: i as u64,
+                    ..Default::default()
+                };
+            }
+            r
+        })
+        .collect()
+}
+
+fn solo(lm: &LoadedModel, r: &GenerateRequest) -> Completion {
+    lm.generate_collect(r.clone()).unwrap()
+}
+
+#[test]
+fn batched_requests_equal_the_same_requests_alone() {
+    let lm = llama();
+    let reqs = mixed_requests(&lm);
+    // A batch smaller than the request count, so rows also join mid-flight.
+    let cfg = EngineConfig {
+        max_batch: 6,
+        max_queue: 16,
+        ..Default::default()
+    };
+    let engine = Engine::start(lm.clone(), cfg).unwrap();
+    let rxs: Vec<_> = reqs
+        .iter()
+        .map(|r| engine.submit_channel(r.clone()).unwrap())
+        .collect();
+    let mut differ = 0;
+    for (i, (r, rx)) in reqs.iter().zip(rxs).enumerate() {
+        let (ids, lps) = collect(rx).unwrap();
+        let want = solo(&lm, r);
+        assert_eq!(ids, want.ids(), "request {i}: ids");
+        let wl: Vec<f32> = want.tokens.iter().map(|t| t.logprob).collect();
+        let d = max_abs_diff(&lps, &wl);
+        assert!(d < TOL, "request {i}: logprobs differ by {d}");
+        if r.adapter.is_some() {
+            let base = solo(&lm, &r.clone().with_adapter(None));
+            differ += usize::from(base.ids() != ids);
+        }
+    }
+    assert!(differ > 3, "adapters changed only {differ} outputs");
+    let s = engine.stats();
+    assert_eq!((s.completed, s.aborted, s.queued), (16, 0, 0));
+    // Fewer steps than tokens: rows really were decoded together.
+    assert!(s.steps < s.generated_tokens / 2, "{s:?}");
+}
+
+fn long_request() -> GenerateRequest {
+    let mut r = GenerateRequest::new(vec![5, 6, 7], 100_000);
+    r.stop_at_eos = false;
+    r
+}
+
+#[test]
+fn a_full_queue_is_refused_and_a_gone_caller_frees_its_row() {
+    let lm = llama();
+    let ctx = lm.model.config().max_position_embeddings;
+    let cfg = EngineConfig {
+        max_batch: 1,
+        max_queue: 1,
+        ..Default::default()
+    };
+    let engine = Engine::start(lm, cfg).unwrap();
+    // One running (it runs to the context length), one waiting, the third refused.
+    let first = engine.submit_channel(long_request()).unwrap();
+    let second = engine.submit_channel(long_request()).unwrap();
+    let err = engine.submit_channel(long_request()).unwrap_err();
+    assert!(matches!(err, TernError::Busy { limit: 1, .. }), "{err}");
+    assert!(err.to_string().contains("retry later"), "{err}");
+    // The first caller goes away: its row is freed and the waiting one runs.
+    first.recv().unwrap();
+    drop(first);
+    let (ids, _) = collect(second).unwrap();
+    assert_eq!(ids.len(), ctx - 3, "ran to the context length");
+    let s = engine.stats();
+    assert_eq!((s.completed, s.aborted), (1, 1), "{s:?}");
+    // Invalid requests are refused before queueing.
+    let e = engine
+        .submit_channel(GenerateRequest::new(vec![], 4))
+        .unwrap_err();
+    assert!(e.to_string().contains("prompt is empty"), "{e}");
+}
+
+#[test]
+fn shutdown_cancels_what_does_not_finish_in_time() {
+    let lm = llama();
+    let engine = Engine::start(
+        lm,
+        EngineConfig {
+            max_batch: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let running = engine.submit_channel(long_request()).unwrap();
+    let waiting = engine.submit_channel(long_request()).unwrap();
+    running.recv().unwrap();
+    engine.shutdown(Duration::ZERO);
+    assert!(matches!(collect(running), Err(TernError::Cancelled(_))));
+    assert!(matches!(collect(waiting), Err(TernError::ShuttingDown)));
+    let e = engine.submit_channel(long_request()).unwrap_err();
+    assert!(matches!(e, TernError::ShuttingDown), "{e}");
+    // A started request with some grace finishes normally.
+    let engine = Engine::start(llama(), EngineConfig::default()).unwrap();
+    let mut req = GenerateRequest::new(vec![5, 6, 7], 40);
+    req.stop_at_eos = false;
+    let short = engine.submit_channel(req).unwrap();
+    while engine.stats().running == 0 && engine.stats().completed == 0 {
+        std::thread::yield_now();
+    }
+    engine.shutdown(Duration::from_secs(30));
+    assert_eq!(collect(short).unwrap().0.len(), 40);
+}
