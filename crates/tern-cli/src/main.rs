@@ -7,6 +7,7 @@ mod generate;
 mod inspect;
 mod merge;
 mod resolve;
+mod serve;
 mod train;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -29,6 +30,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// LoRA-train an adapter on jsonl data (settings from --config YAML and/or flags).
     Train(Box<train::TrainArgs>),
+    /// Serve the model over an OpenAI-compatible HTTP API, with adapters picked per request.
+    Serve(serve::ServeArgs),
     /// Fold a LoRA adapter into its base and write a Hugging Face checkpoint.
     Merge(merge::MergeArgs),
     /// Rewrite a legacy PyTorch (.bin) checkpoint or adapter as safetensors.
@@ -81,13 +84,18 @@ fn main() -> ExitCode {
     // Single-threaded here, before any model code: see the function's doc for why.
     if matches!(
         cli.command,
-        Command::Generate(_) | Command::Bench(_) | Command::Merge(_) | Command::Train(_)
+        Command::Generate(_)
+            | Command::Bench(_)
+            | Command::Merge(_)
+            | Command::Train(_)
+            | Command::Serve(_)
     ) {
         tern::device::pin_cpu_threads();
     }
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Train(a) => train::run(*a),
         Command::Convert(a) => convert::run(a),

@@ -1,0 +1,126 @@
+//! `tern serve`: loads the model, then hands it to the tern-server crate.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tern::{LoadOptions, LoadedModel};
+use tern_server::ServeConfig;
+
+/// Arguments of `tern serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Model: a Hugging Face checkpoint directory, a .gguf file, or a Hub id.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// An adapter to serve from the start, as NAME=PATH (repeatable; PATH may be a Hub id).
+    /// Requests pick it with `"model": "NAME"`.
+    #[arg(long, value_name = "NAME=PATH")]
+    pub adapter: Vec<String>,
+    /// Address to listen on (loopback by default; anything else exposes the server).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (0 picks a free one).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/* (default: env TERN_API_KEY, else none).
+    #[arg(long, env = "TERN_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// The name the base model is served under (default: the model's directory or file
+    /// name); `base` always works too.
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Most rows decoded together.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
+    /// Most requests waiting for a batch slot; more get 429 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// Largest max_tokens a request may ask for (and the default when it asks none).
+    #[arg(long, default_value_t = 2048)]
+    pub max_tokens_limit: usize,
+    /// Longest prompt, in tokens.
+    #[arg(long, default_value_t = 8192)]
+    pub max_prompt_tokens: usize,
+    /// Largest request body, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Seconds running requests may take to finish after SIGTERM before they are cancelled.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace: u64,
+    /// Cap on memory for resident adapters (e.g. 2GB); idle ones are evicted, least
+    /// recently used first, and reloaded from disk when asked for.
+    #[arg(long)]
+    pub adapter_budget: Option<String>,
+    /// Compute dtype: f32, bf16 or f16 (for GGUF: dequantize to it; default keeps it quantized).
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+fn parse_adapter(s: &str) -> Result<(String, PathBuf)> {
+    let Some((name, path)) = s.split_once('=') else {
+        bail!("--adapter `{s}`: give NAME=PATH, e.g. --adapter pirate=out/pirate");
+    };
+    let path = crate::resolve::adapter(std::path::Path::new(path))?;
+    Ok((name.to_string(), path))
+}
+
+/// Runs `tern serve` until SIGTERM or Ctrl-C.
+pub fn run(a: ServeArgs) -> Result<()> {
+    let adapters = a
+        .adapter
+        .iter()
+        .map(|s| parse_adapter(s))
+        .collect::<Result<Vec<_>>>()?;
+    let dtype = a
+        .dtype
+        .as_deref()
+        .map(tern::device::parse_dtype)
+        .transpose()?;
+    let adapter_budget = a
+        .adapter_budget
+        .as_deref()
+        .map(tern::lora::merge::parse_size)
+        .transpose()?
+        .map(|b| b as usize);
+    let path = crate::resolve::model(&a.model)?;
+    let model_name = a.served_model_name.clone().unwrap_or_else(|| {
+        a.model
+            .file_name()
+            .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
+            .unwrap_or_else(|| "tern".into())
+    });
+    let lm = LoadedModel::load(
+        &path,
+        &LoadOptions {
+            dtype,
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("loading {}", a.model.display()))?;
+    let cfg = ServeConfig {
+        host: a.host,
+        port: a.port,
+        api_key: a.api_key.filter(|k| !k.is_empty()),
+        model_name,
+        adapters,
+        max_batch: a.max_batch,
+        max_queue: a.max_queue,
+        max_tokens_limit: a.max_tokens_limit,
+        max_prompt_tokens: a.max_prompt_tokens,
+        max_body_bytes: a.max_body_bytes,
+        shutdown_grace: Duration::from_secs(a.shutdown_grace),
+        adapter_budget,
+    };
+    let keyed = cfg.api_key.is_some();
+    let name = cfg.model_name.clone();
+    tern_server::serve_until_signal(Arc::new(lm), cfg, |addr| {
+        // On stdout so scripts can read the address (with --port 0).
+        println!(
+            "tern serve: model `{name}` at http://{addr} (API key {})",
+            if keyed { "required" } else { "not set" }
+        );
+    })?;
+    Ok(())
+}
