@@ -16,6 +16,8 @@ pub enum BenchCommand {
     Adapters(AdapterBenchArgs),
     /// LoRA training tokens/s and peak RSS (rank 16 all-linear, batch 4 x 128 tokens).
     Train(TrainBenchArgs),
+    /// Serving throughput and p50/p99 latency at several concurrencies, one adapter vs many.
+    Serve(crate::bench_serve::ServeBenchArgs),
 }
 
 /// Arguments of `tern bench train`.
@@ -105,6 +107,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Adapters(a) => adapters(a),
         BenchCommand::Train(a) => train(a),
+        BenchCommand::Serve(a) => crate::bench_serve::run(a),
         BenchCommand::Generate(a) => {
             let dtype = a
                 .dtype

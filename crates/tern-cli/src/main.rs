@@ -2,6 +2,7 @@
 //! subcommand loads what it needs.
 
 mod bench;
+mod bench_serve;
 mod convert;
 mod generate;
 mod inspect;

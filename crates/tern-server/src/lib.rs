@@ -4,6 +4,7 @@
 //! until a shutdown future resolves (SIGTERM or Ctrl-C in `tern serve`), then stops taking
 //! requests, lets running rows finish within the grace period and cancels the rest.
 
+pub mod bench;
 pub mod error;
 pub mod loadgen;
 pub mod metrics;

@@ -82,7 +82,7 @@ pub struct AdapterBench {
 }
 
 /// A random adapter on every attention and MLP projection (the head excluded).
-fn random_adapter(lm: &LoadedModel, name: &str, rank: usize, seed: u64) -> Result<LoraAdapter> {
+pub fn random_adapter(lm: &LoadedModel, name: &str, rank: usize, seed: u64) -> Result<LoraAdapter> {
     let mut rng = StdRng::seed_from_u64(seed);
     let dev = lm.model.device();
     let dtype = lm.model.dtype();
