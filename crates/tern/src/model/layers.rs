@@ -17,7 +17,16 @@ use std::sync::Arc;
 /// tokens. Prefill is compute-bound, so dequantizing one weight at a time there costs little
 /// and gives logits exact to the stored weights; decode (one row) keeps the int8 dot products
 /// that make it bandwidth-efficient.
+///
+/// Counted in positions per sequence (`x`'s second-to-last dimension when it has three), so a
+/// batch of decode rows `[b, 1, hidden]` from many sequences stays on the int8 kernels, which
+/// read each weight once for the whole batch, and gives each row exactly what it would get
+/// alone.
 pub const DEQUANT_MIN_ROWS: usize = 8;
+
+/// Decode rows at or above which the dequantized GEMM wins anyway (the int8 kernels' work
+/// grows with the rows; the GEMM's fixed cost of dequantizing is then amortised).
+pub const DEQUANT_MIN_DECODE_ROWS: usize = 64;
 
 /// Where a linear layer's weight lives and which kernel multiplies by it.
 #[derive(Debug, Clone)]
@@ -195,7 +204,11 @@ impl Linear {
     /// (training needs it: the int8 kernels pass no gradient to `x`).
     fn forward_dense_if(&self, x: &Tensor, dense: bool) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
-        let prefill = dense || rows >= DEQUANT_MIN_ROWS;
+        let positions = match x.dims() {
+            [.., s, _] if x.rank() >= 3 => *s,
+            _ => 1,
+        };
+        let prefill = dense || positions >= DEQUANT_MIN_ROWS || rows >= DEQUANT_MIN_DECODE_ROWS;
         // Dequantized weight times x in x's dtype (the exact, compute-bound prefill path).
         let dense =
             |w: Tensor| -> Result<Tensor> { Ok(x.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)?) };
@@ -211,6 +224,14 @@ impl Linear {
             }
             LinearWeight::Candle(w @ QMatMul::QTensor(_)) if x.dtype() != DType::F32 => {
                 in_f32(&|x| Ok(w.forward(x)?))?
+            }
+            // Decode rows over an f32 weight: one pass over the weight for all of them (candle's
+            // GEMM packs the whole weight for a few rows; its single-row path was also slower).
+            LinearWeight::Candle(QMatMul::Tensor(w)) if !prefill => {
+                match crate::quant::dense::forward(w, x)? {
+                    Some(y) => y,
+                    None => x.broadcast_matmul(&w.t()?)?,
+                }
             }
             LinearWeight::Candle(w) => w.forward(x)?,
         };

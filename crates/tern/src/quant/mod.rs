@@ -1,6 +1,8 @@
-//! Quantized weight kernels tern provides itself, where candle's CPU backend has no SIMD path
-//! (Q4_1) or rounds activations where we need exact results (the Q8_0 output head).
+//! Weight kernels tern provides itself, where candle's CPU backend has no SIMD path (Q4_1),
+//! rounds activations where we need exact results (the Q8_0 output head), or re-packs the
+//! whole weight for a handful of rows (f32 batched decode, `dense.rs`).
 
+pub mod dense;
 pub mod q4_1;
 pub mod q8_0;
 
@@ -50,47 +52,66 @@ impl BlockRows {
     }
 }
 
-/// A quantized `[rows, cols]` matrix with a matrix-vector kernel of tern's own.
+/// A quantized `[rows, cols]` matrix with a matrix-times-rows kernel of tern's own.
 pub trait RowKernel: std::fmt::Debug + Send + Sync {
     /// `[rows, cols]`.
     fn dims(&self) -> (usize, usize);
-    /// `out[r] = W[r] · x` for one f32 activation row.
-    fn matvec(&self, x: &[f32], out: &mut [f32]);
+    /// `out[j * rows + r] = W[r] · xs[j]` for `m` f32 activation rows `xs` `[m, cols]`. Each
+    /// weight row is read once for all `m` activations, so a batch of decode rows costs one
+    /// pass over the weights, not `m`.
+    fn matmul_rows(&self, xs: &[f32], m: usize, out: &mut [f32]);
     /// The matrix in f32 `[rows, cols]`.
     fn dequantize(&self, device: &Device) -> Result<Tensor>;
 
-    /// `x W^T` for `x` `[.., cols]` in f32, one matvec per activation row.
+    /// `out[r] = W[r] · x` for one activation row.
+    fn matvec(&self, x: &[f32], out: &mut [f32]) {
+        self.matmul_rows(x, 1, out)
+    }
+
+    /// `x W^T` for `x` `[.., cols]` in f32.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (rows, cols) = self.dims();
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; xs.len() / cols * rows];
-        for (xr, or) in xs.chunks_exact(cols).zip(out.chunks_exact_mut(rows)) {
-            self.matvec(xr, or);
-        }
+        let m = xs.len() / cols;
+        let mut out = vec![0f32; m * rows];
+        self.matmul_rows(&xs, m, &mut out);
         let mut dims = x.dims().to_vec();
         *dims.last_mut().expect("rank >= 1") = rows;
         Ok(Tensor::from_vec(out, dims, x.device())?)
     }
 }
 
-/// Fills `out[r] = dot(r)` for every row, `rows_per_task` rows per task, on candle's worker
-/// pool (a second pool on the same cores made the two fight: ~20% of decode time went to the
-/// scheduler).
-pub(crate) fn par_rows(out: &mut [f32], rows_per_task: usize, dot: impl Fn(usize) -> f32 + Sync) {
-    let n = out.len();
+/// Fills `out[j * rows + r]` for every weight row `r < rows` and activation row `j < m`:
+/// `dots(r, buf)` writes row `r`'s `m` results into `buf` (so a kernel can reuse one load of
+/// the weight row for several activations). `rows_per_task` weight rows go to each task, on
+/// candle's worker pool (a second pool on the same cores made the two fight: ~20% of decode
+/// time went to the scheduler).
+pub(crate) fn par_rows(
+    out: &mut [f32],
+    rows: usize,
+    m: usize,
+    rows_per_task: usize,
+    dots: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    assert_eq!(out.len(), rows * m);
     let out_ptr = out.as_mut_ptr() as usize;
-    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(rows_per_task), |range| {
-        let rows = range.start * rows_per_task..(range.end * rows_per_task).min(n);
-        // SAFETY: task ranges are disjoint, so each element has exactly one writer, and `out`
-        // outlives the call, which returns only when every task is done.
-        let chunk = unsafe {
-            std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(rows.start), rows.len())
-        };
-        for (o, r) in chunk.iter_mut().zip(rows) {
-            *o = dot(r);
+    candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(rows_per_task), |range| {
+        let task = range.start * rows_per_task..(range.end * rows_per_task).min(rows);
+        let mut buf = vec![0f32; m];
+        for r in task {
+            dots(r, &mut buf);
+            for (j, v) in buf.iter().enumerate() {
+                // SAFETY: tasks cover disjoint weight rows, so each element `j * rows + r` has
+                // exactly one writer, and `out` outlives the call, which returns only when
+                // every task is done.
+                unsafe { *(out_ptr as *mut f32).add(j * rows + r) = *v };
+            }
         }
     });
 }
+
+/// Activation rows handled together by the register-blocked kernels.
+pub(crate) const ROW_GROUP: usize = 4;
 
 /// Whether the AVX2 + FMA + F16C kernels can run on this CPU.
 pub(crate) fn use_avx2() -> bool {
@@ -115,4 +136,26 @@ pub(crate) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::RowKernel;
+
+    /// A batch through `matmul_rows` gives each row bit for bit what it gives alone, for
+    /// every row count around the register group (so batched decode equals solo decode).
+    pub(crate) fn batch_equals_single_rows(k: &dyn RowKernel) {
+        let (rows, cols) = k.dims();
+        let det = crate::quant::q4_1::tests::det_values;
+        for m in 1..=9 {
+            let xs = det(m * cols, m as u64 + 11);
+            let mut batch = vec![0f32; m * rows];
+            k.matmul_rows(&xs, m, &mut batch);
+            for j in 0..m {
+                let mut one = vec![0f32; rows];
+                k.matvec(&xs[j * cols..(j + 1) * cols], &mut one);
+                assert_eq!(&batch[j * rows..(j + 1) * rows], &one[..], "m={m} row {j}");
+            }
+        }
+    }
 }

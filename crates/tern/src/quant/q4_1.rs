@@ -5,7 +5,7 @@
 //! llama.cpp. The math is ggml's: activations are rounded per 32-block to int8 (`Q8_1`-style
 //! with the block sum kept), and each block contributes `d_w*d_x*Σ q_w*q_x + m_w*s_x`.
 
-use super::{par_rows, use_avx2, BlockRows, RowKernel, BLOCK};
+use super::{par_rows, use_avx2, BlockRows, RowKernel, BLOCK, ROW_GROUP};
 use crate::error::Result;
 use candle_core::{Device, Tensor};
 use half::f16;
@@ -102,6 +102,35 @@ unsafe fn dot_avx2(row: &[u8], x: &Q8Row) -> f32 {
     super::hsum(acc) + mins
 }
 
+/// [`dot_avx2`] for four activation rows at once: each weight block is unpacked once.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_avx2(row: &[u8], x: [&Q8Row; ROW_GROUP]) -> [f32; ROW_GROUP] {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); ROW_GROUP];
+    let mut mins = [0f32; ROW_GROUP];
+    let low = _mm_set1_epi8(0x0f);
+    let ones = _mm256_set1_epi16(1);
+    for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+            blk[0], blk[1], blk[2], blk[3],
+        ])));
+        let (d, m) = (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)));
+        let packed = _mm_loadu_si128(blk.as_ptr().add(4) as *const __m128i);
+        let lo = _mm_and_si128(packed, low);
+        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
+        let w = _mm256_set_m128i(hi, lo);
+        for k in 0..ROW_GROUP {
+            let xv = _mm256_loadu_si256(x[k].q.as_ptr().add(b * BLOCK) as *const __m256i);
+            let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+            let scale = _mm256_set1_ps(d * x[k].d[b]);
+            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), scale, acc[k]);
+            mins[k] += m * x[k].s[b];
+        }
+    }
+    std::array::from_fn(|k| super::hsum(acc[k]) + mins[k])
+}
+
 /// Rows per task: enough work that handing tasks out stays a small cost.
 const ROWS_PER_TASK: usize = 32;
 
@@ -121,18 +150,32 @@ impl RowKernel for Q4_1Matrix {
         (self.0.rows, self.0.cols)
     }
 
-    fn matvec(&self, x: &[f32], out: &mut [f32]) {
-        assert_eq!((x.len(), out.len()), (self.0.cols, self.0.rows));
-        let xq = quantize_row(x);
+    fn matmul_rows(&self, xs: &[f32], m: usize, out: &mut [f32]) {
+        let (rows, cols) = (self.0.rows, self.0.cols);
+        assert_eq!((xs.len(), out.len()), (m * cols, m * rows));
+        let xq: Vec<Q8Row> = xs.chunks_exact(cols).map(quantize_row).collect();
         let avx2 = use_avx2();
-        par_rows(out, ROWS_PER_TASK, |r| {
+        par_rows(out, rows, m, ROWS_PER_TASK, |r, buf| {
+            let w = self.row(r);
+            let mut j = 0;
             #[cfg(target_arch = "x86_64")]
             if avx2 {
-                // SAFETY: only taken when the CPU reports avx2, fma and f16c.
-                return unsafe { dot_avx2(self.row(r), &xq) };
+                while j + ROW_GROUP <= m {
+                    let x = std::array::from_fn(|k| &xq[j + k]);
+                    // SAFETY: only taken when the CPU reports avx2, fma and f16c.
+                    buf[j..j + ROW_GROUP].copy_from_slice(&unsafe { dot4_avx2(w, x) });
+                    j += ROW_GROUP;
+                }
+                for (o, x) in buf[j..].iter_mut().zip(&xq[j..]) {
+                    // SAFETY: as above.
+                    *o = unsafe { dot_avx2(w, x) };
+                }
+                return;
             }
             let _ = avx2;
-            dot_scalar(self.row(r), &xq)
+            for (o, x) in buf[j..].iter_mut().zip(&xq[j..]) {
+                *o = dot_scalar(w, x);
+            }
         });
     }
 
@@ -186,6 +229,11 @@ pub(crate) mod tests {
         let a = m.dequantize(&Device::Cpu).unwrap();
         let b = q.dequantize(&Device::Cpu).unwrap();
         assert_eq!(crate::test_util::max_abs_diff(&a, &b), 0.0);
+    }
+
+    #[test]
+    fn batched_rows_equal_single_rows() {
+        crate::quant::tests::batch_equals_single_rows(&pair(70, 576).0);
     }
 
     #[test]
