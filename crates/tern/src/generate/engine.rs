@@ -399,10 +399,12 @@ impl Worker {
         }
     }
 
-    /// Runs prompts of waiting requests while batch slots and the step's prefill budget last.
+    /// Takes waiting requests while batch slots and the step's prefill budget last and runs
+    /// their prompts together (one pass over the weights for all of them).
     fn admit(&mut self) -> usize {
         let mut spent = 0;
-        while self.running.len() < self.cfg.max_batch
+        let mut batch: Vec<Row> = Vec::new();
+        while self.running.len() + batch.len() < self.cfg.max_batch
             && (spent == 0 || spent < self.cfg.prefill_budget)
         {
             let Some(p) = self.waiting.pop_front() else {
@@ -413,26 +415,58 @@ impl Worker {
                 self.shared.aborted.fetch_add(1, Ordering::SeqCst);
                 continue;
             }
-            let mut seq = match Sequence::new(&self.lm, p.req) {
-                Ok(s) => s,
-                Err(e) => {
-                    self.fail(p.sink, e);
-                    continue;
+            match Sequence::new(&self.lm, p.req) {
+                Ok(seq) => {
+                    spent += seq.req.prompt_ids.len();
+                    batch.push(Row { seq, sink: p.sink });
                 }
-            };
-            spent += seq.req.prompt_ids.len();
-            self.shared
-                .prompt_tokens
-                .fetch_add(seq.req.prompt_ids.len() as u64, Ordering::SeqCst);
-            let lm = &self.lm;
-            let tok = catch_unwind(AssertUnwindSafe(|| {
-                let ad = BatchAdapters::uniform(seq.req.adapter.clone());
-                let logits = seq.prefill(lm, &ad)?;
-                seq.accept(lm, &logits)
-            }))
-            .unwrap_or_else(|p| Err(TernError::InvalidArgument(panic_message(p))));
-            if let Some(row) = self.deliver(Row { seq, sink: p.sink }, tok) {
-                self.running.push(row);
+                Err(e) => self.fail(p.sink, e),
+            }
+        }
+        if batch.is_empty() {
+            return 0;
+        }
+        self.shared
+            .prompt_tokens
+            .fetch_add(spent as u64, Ordering::SeqCst);
+        let t = Instant::now();
+        let lm = &self.lm;
+        let out = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<f32>>> {
+            let prompts: Vec<&[u32]> = batch
+                .iter()
+                .map(|r| r.seq.req.prompt_ids.as_slice())
+                .collect();
+            let adapters: Vec<_> = batch.iter().map(|r| r.seq.req.adapter.clone()).collect();
+            let mut caches: Vec<Cache> = batch.iter().map(|_| lm.model.new_cache()).collect();
+            let mut refs: Vec<&mut Cache> = caches.iter_mut().collect();
+            let logits = lm
+                .model
+                .prefill_rows(&prompts, &mut refs, &adapters)?
+                .to_vec2::<f32>()?;
+            for (r, c) in batch.iter_mut().zip(caches) {
+                r.seq.cache = c;
+            }
+            Ok(logits)
+        }))
+        .unwrap_or_else(|p| Err(TernError::InvalidArgument(panic_message(p))));
+        match out {
+            Err(e) => {
+                let msg = e.to_string();
+                for r in batch {
+                    self.fail(
+                        r.sink,
+                        TernError::InvalidArgument(format!("prefill failed: {msg}")),
+                    );
+                }
+            }
+            Ok(logits) => {
+                for (mut r, l) in batch.into_iter().zip(logits) {
+                    r.seq.prefilled(t);
+                    let tok = r.seq.accept(&self.lm, &l);
+                    if let Some(r) = self.deliver(r, tok) {
+                        self.running.push(r);
+                    }
+                }
             }
         }
         self.shared

@@ -103,12 +103,18 @@ impl Sequence {
         ad: &crate::lora::BatchAdapters,
     ) -> Result<Vec<f32>> {
         let t = Instant::now();
-        self.started = t;
         let l = lm
             .model
             .step_with(&self.req.prompt_ids, &mut self.cache, ad)?;
-        self.stats.prefill = t.elapsed();
+        self.prefilled(t);
         Ok(l)
+    }
+
+    /// Records that the prompt was run (by a caller batching several prompts) from
+    /// `started` until now.
+    pub fn prefilled(&mut self, started: Instant) {
+        self.started = started;
+        self.stats.prefill = started.elapsed();
     }
 
     /// Adds time spent in a decode step that included this sequence.

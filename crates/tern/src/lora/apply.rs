@@ -46,6 +46,9 @@ pub struct BatchAdapters {
     /// Set when layers are recomputed in backward (gradient checkpointing): where the
     /// recomputations leave the adapter variables' gradients.
     checkpoint: Option<Arc<GradSink>>,
+    /// Rows are the positions of a flattened `[1, tokens, ..]` batch (several sequences'
+    /// prompts run as one), not its first dimension.
+    tokens: bool,
 }
 
 /// Gradients of variables collected outside the main backward pass (by checkpointed layers
@@ -87,6 +90,7 @@ impl BatchAdapters {
             train: false,
             dropout: None,
             checkpoint: None,
+            tokens: false,
             groups: adapter
                 .into_iter()
                 .map(|adapter| Group {
@@ -122,7 +126,16 @@ impl BatchAdapters {
             train: false,
             dropout: None,
             checkpoint: None,
+            tokens: false,
         })
+    }
+
+    /// One entry per token of a flattened `[1, tokens, ..]` input: `rows[t]` is the adapter
+    /// of token `t` (several prompts, each with its adapter, run as one sequence of tokens).
+    pub fn per_token(rows: &[Option<Arc<LoraAdapter>>], device: &Device) -> Result<Self> {
+        let mut s = Self::per_row(rows, device)?;
+        s.tokens = true;
+        Ok(s)
     }
 
     /// The same, for a training step: the forward pass uses only differentiable ops
@@ -194,6 +207,18 @@ impl BatchAdapters {
     pub fn apply(&self, slot: usize, x: &Tensor, y: Tensor) -> Result<Tensor> {
         if !self.groups.iter().any(|g| g.adapter.pair(slot).is_some()) {
             return Ok(y);
+        }
+        if self.tokens {
+            // Each token its own row: [1, t, d] -> [t, 1, d] and back.
+            let t = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
+            let shape = y.shape().clone();
+            let x = x.reshape((t, 1, ()))?;
+            let y = y.reshape((t, 1, ()))?;
+            let rows = Self {
+                tokens: false,
+                ..self.clone()
+            };
+            return rows.apply(slot, &x, y)?.reshape(shape).map_err(Into::into);
         }
         if let Some(out) = self.apply_kernel(slot, x, &y)? {
             return Ok(out);

@@ -113,6 +113,29 @@ impl Attention {
         self.o.forward_with(&Tensor::cat(&ys, 0)?, ad)
     }
 
+    /// Runs the prompts of several sequences flattened into `x` `[1, sum(lens), hidden]`:
+    /// segment `i` (`lens[i]` tokens) continues from position `offsets[i]` of its own cache
+    /// `kvs[i]`. Projections run once over all tokens; attention per segment.
+    pub fn forward_segments(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        kvs: &mut [&mut KvCache],
+        offsets: &[usize],
+        lens: &[usize],
+        ad: &BatchAdapters,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.qkv(x, ad)?;
+        let mut ys = Vec::with_capacity(lens.len());
+        let mut start = 0;
+        for ((kv, &off), &len) in kvs.iter_mut().zip(offsets).zip(lens) {
+            let seg = |t: &Tensor| t.narrow(2, start, len)?.contiguous();
+            ys.push(self.attend(&seg(&q)?, &seg(&k)?, &seg(&v)?, rope, kv, off, false)?);
+            start += len;
+        }
+        self.o.forward_with(&Tensor::cat(&ys, 1)?, ad)
+    }
+
     /// Rope, cache append and softmax attention for `q` `[b, heads, s, hd]` and `k`, `v`
     /// `[b, kv_heads, s, hd]` at positions `offset..`; returns `[b, s, heads * hd]`.
     #[allow(clippy::too_many_arguments)]

@@ -13,6 +13,7 @@ use crate::quant::q8_0::Q8_0Matrix;
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
+use std::sync::Arc;
 
 /// Growth step of the per-layer KV buffers, in tokens.
 const KV_CHUNK: usize = 512;
@@ -90,6 +91,30 @@ impl Block {
         let h = self
             .attn
             .forward_rows(&self.attn_norm.forward(x)?, rope, kvs, offsets, ad)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.mlp_norm.forward(&x)?, ad)?;
+        Ok((x + h)?)
+    }
+
+    /// Runs several sequences' prompts flattened into one (see
+    /// [`Attention::forward_segments`]).
+    fn forward_segments(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        kvs: &mut [&mut KvCache],
+        offsets: &[usize],
+        lens: &[usize],
+        ad: &BatchAdapters,
+    ) -> Result<Tensor> {
+        let h = self.attn.forward_segments(
+            &self.attn_norm.forward(x)?,
+            rope,
+            kvs,
+            offsets,
+            lens,
+            ad,
+        )?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.mlp_norm.forward(&x)?, ad)?;
         Ok((x + h)?)
@@ -422,6 +447,62 @@ impl Model {
         caches.iter_mut().for_each(|c| c.pos += 1);
         let h = self.norm.forward(&x)?.squeeze(1)?;
         self.logits(&h, ad)
+    }
+
+    /// Runs the prompts of several sequences at once, each after what its cache holds and
+    /// with its own adapter: the weights are read once for all of them (attention stays per
+    /// sequence). Returns the logits of each prompt's last position, `[prompts, vocab]`.
+    pub fn prefill_rows(
+        &self,
+        prompts: &[&[u32]],
+        caches: &mut [&mut Cache],
+        adapters: &[Option<Arc<LoraAdapter>>],
+    ) -> Result<Tensor> {
+        let n = prompts.len();
+        if n == 0
+            || caches.len() != n
+            || adapters.len() != n
+            || prompts.iter().any(|p| p.is_empty())
+        {
+            return Err(TernError::InvalidArgument(format!(
+                "prefill_rows needs one non-empty prompt, cache and adapter entry per row, got \
+                 {n} prompts, {} caches, {} adapters",
+                caches.len(),
+                adapters.len()
+            )));
+        }
+        let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        let total: usize = lens.iter().sum();
+        let offsets: Vec<usize> = caches.iter().map(|c| c.pos).collect();
+        let per_token: Vec<Option<Arc<LoraAdapter>>> = adapters
+            .iter()
+            .zip(&lens)
+            .flat_map(|(a, &l)| std::iter::repeat_n(a.clone(), l))
+            .collect();
+        let ad = BatchAdapters::per_token(&per_token, &self.device)?;
+        let ids: Vec<u32> = prompts.concat();
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let mut x =
+            self.embed
+                .lookup(&ids, self.dtype)?
+                .reshape((1, total, self.cfg.hidden_size))?;
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let mut kvs: Vec<&mut KvCache> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
+            x = blk.forward_segments(&x, &self.rope, &mut kvs, &offsets, &lens, &ad)?;
+        }
+        for (c, &l) in caches.iter_mut().zip(&lens) {
+            c.pos += l;
+        }
+        let last: Vec<u32> = lens
+            .iter()
+            .scan(0u32, |end, &l| {
+                *end += l as u32;
+                Some(*end - 1)
+            })
+            .collect();
+        let last = Tensor::new(last.as_slice(), &self.device)?;
+        let h = self.norm.forward(&x.squeeze(0)?.index_select(&last, 0)?)?;
+        self.logits(&h, &BatchAdapters::per_row(adapters, &self.device)?)
     }
 
     /// Convenience: logits of the last position for a token slice, as a vector.
