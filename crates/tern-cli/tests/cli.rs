@@ -1,5 +1,6 @@
 //! The `tern` binary as a user runs it: help without a model, the jsonl contract against the
-//! transformers reference, plain text streaming, and one-line errors.
+//! transformers reference, plain text streaming, one-line errors, and `tern serve` answering
+//! over HTTP and stopping cleanly on SIGTERM.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -502,4 +503,56 @@ fn train_from_yaml_and_flags_writes_a_peft_adapter() {
             "{args:?}: {err}"
         );
     }
+}
+
+#[test]
+fn serve_answers_over_http_and_exits_cleanly_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let adapter = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tern/tests/fixtures/adapters/llama_rslora_all");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["serve", "--port", "0", "--api-key", "k", "--model"])
+        .arg(fixture("llama"))
+        .arg("--adapter")
+        .arg(format!("a={}", adapter.display()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    // "tern serve: model `llama` at http://127.0.0.1:PORT (API key required)"
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    assert!(
+        line.contains("`llama`") && line.contains("required"),
+        "{line}"
+    );
+    let body = r#"{"model": "a", "prompt": "hello", "max_tokens": 3, "temperature": 0}"#;
+    let resp = ureq::post(&format!("{url}/v1/completions"))
+        .set("Authorization", "Bearer k")
+        .set("Content-Type", "application/json")
+        .send_string(body)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&resp.into_string().unwrap()).unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 3, "{v}");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
+
+    let out = tern(&["serve", "--model", "x", "--adapter", "nonsense"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("NAME=PATH") && err.lines().count() == 1,
+        "{err}"
+    );
 }
