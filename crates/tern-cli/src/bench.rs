@@ -18,6 +18,56 @@ pub enum BenchCommand {
     Train(TrainBenchArgs),
     /// Serving throughput and p50/p99 latency at several concurrencies, one adapter vs many.
     Serve(crate::bench_serve::ServeBenchArgs),
+    /// The same prompts one at a time and batched through the engine: tok/s and the ratio.
+    Batch(BatchBenchArgs),
+}
+
+/// Arguments of `tern bench batch`.
+#[derive(Args, Debug)]
+pub struct BatchBenchArgs {
+    /// A Hugging Face checkpoint directory, a .gguf file or a Hub id.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompts.
+    #[arg(long, default_value_t = 16)]
+    pub rows: usize,
+    /// Rows decoded together.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
+    /// Compute dtype.
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+fn batch(a: BatchBenchArgs) -> Result<()> {
+    let dtype = a
+        .dtype
+        .as_deref()
+        .map(tern::device::parse_dtype)
+        .transpose()?;
+    let r = tern::bench::batch::run(
+        &crate::resolve::model(&a.model)?,
+        &LoadOptions {
+            dtype,
+            ..Default::default()
+        },
+        &tern::bench::batch::BatchBenchOptions {
+            rows: a.rows,
+            batch: a.batch,
+            max_tokens: a.max_tokens,
+        },
+    )
+    .with_context(|| format!("benchmarking {}", a.model.display()))?;
+    println!("rows           {} x {} tokens", r.rows, a.max_tokens);
+    println!("sequential     {:.1} tok/s", r.sequential_tok_s);
+    println!("batch of {:<5} {:.1} tok/s", r.batch, r.batched_tok_s);
+    println!("speedup        {:.2}x", r.speedup);
+    println!("same tokens    {}", r.same_tokens);
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
 }
 
 /// Arguments of `tern bench train`.
@@ -108,6 +158,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Adapters(a) => adapters(a),
         BenchCommand::Train(a) => train(a),
         BenchCommand::Serve(a) => crate::bench_serve::run(a),
+        BenchCommand::Batch(a) => batch(a),
         BenchCommand::Generate(a) => {
             let dtype = a
                 .dtype

@@ -31,11 +31,26 @@ pub struct GenerateArgs {
     #[arg(long, requires = "adapter")]
     pub merge_adapter: bool,
     /// Raw prompt text.
-    #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+    #[arg(long, conflicts_with_all = ["chat", "input"], required_unless_present_any = ["chat", "input"])]
     pub prompt: Option<String>,
     /// A user message, sent through the model's chat template.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "input")]
     pub chat: Option<String>,
+    /// A jsonl file of inputs, one per line: `{"prompt": TEXT}` or `{"messages": [...]}`,
+    /// optionally with `id`, `max_tokens`, `temperature`, `top_k`, `top_p`, `min_p`,
+    /// `repetition_penalty`, `seed`, `stop` (the flags are the defaults). Run in batches;
+    /// results in input order as jsonl.
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    /// With --input: write the results here (atomically) instead of stdout.
+    #[arg(long, requires = "input")]
+    pub output_file: Option<PathBuf>,
+    /// With --input: what a bad line or a failed row does.
+    #[arg(long, value_enum, default_value_t = crate::batch::OnError::Fail)]
+    pub on_error: crate::batch::OnError,
+    /// With --input: rows decoded together.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
     /// A system message for --chat.
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
@@ -116,6 +131,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
         None => None,
     };
+    if let Some(input) = &a.input {
+        return crate::batch::run(&a, input, lm, adapter, sampling);
+    }
     let prompt = match (&a.prompt, &a.chat) {
         (Some(p), _) => Prompt::Text(p.clone()),
         (None, Some(c)) => {

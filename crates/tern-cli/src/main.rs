@@ -1,6 +1,7 @@
 //! `tern`: the command-line face of the tern library. Parsing arguments loads nothing; each
 //! subcommand loads what it needs.
 
+mod batch;
 mod bench;
 mod bench_serve;
 mod convert;

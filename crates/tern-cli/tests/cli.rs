@@ -556,3 +556,73 @@ fn serve_answers_over_http_and_exits_cleanly_on_sigterm() {
         "{err}"
     );
 }
+
+#[test]
+fn generate_runs_a_jsonl_file_in_batches_in_input_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let out = dir.path().join("out.jsonl");
+    let prompts = ["hello world", "the cat", "abc def", "x"];
+    let mut lines: Vec<String> = prompts
+        .iter()
+        .map(|p| serde_json::json!({"prompt": p}).to_string())
+        .collect();
+    lines.insert(2, r#"{"prompt": 7}"#.into());
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let model = fixture("llama");
+    let m = model.to_str().unwrap();
+    let args = |extra: &[&str]| -> Output {
+        let mut v = vec![
+            "generate",
+            "--model",
+            m,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "5",
+            "--input",
+            input.to_str().unwrap(),
+            "--output-file",
+            out.to_str().unwrap(),
+            "--batch-size",
+            "3",
+        ];
+        v.extend_from_slice(extra);
+        tern(&v)
+    };
+    // By default a bad line fails the run, naming it, and writes nothing.
+    let r = args(&[]);
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("in.jsonl:3:") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(!out.exists());
+    // Skipping keeps every line, in order, the bad one as an error.
+    let r = args(&["--on-error", "skip"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let got: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        got.iter()
+            .map(|v| v["line"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert!(got[2]["error"].is_string());
+    let texts: Vec<&serde_json::Value> = got.iter().filter(|v| v.get("text").is_some()).collect();
+    for (v, p) in texts.iter().zip(prompts) {
+        let solo = greedy(m, p, 5, false);
+        let solo = String::from_utf8_lossy(&solo.stdout);
+        assert_eq!(
+            v["text"].as_str().unwrap(),
+            solo.trim_end_matches('\n'),
+            "{p}"
+        );
+    }
+    assert!(String::from_utf8_lossy(&r.stderr).contains("5 rows (1 failed or skipped)"));
+}

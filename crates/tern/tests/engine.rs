@@ -223,3 +223,58 @@ fn prompts_run_together_equal_prompts_run_alone() {
     // The rows really differ (adapters and prompts are applied per row).
     assert!(max_abs_diff(&got[0], &got[3]) > 0.1);
 }
+
+#[test]
+fn batch_file_lines_equal_single_runs_in_input_order() {
+    use tern::generate::batch::{self, BatchDefaults};
+    let lm = llama();
+    let input = [
+        r#"{"id": "a", "prompt": "hello world", "max_tokens": 5}"#,
+        r#"{"messages": [{"role": "user", "content": "hi"}]}"#,
+        "",
+        r#"{"prompt": "abc", "temperature": 0.7, "seed": 3, "stop": ["zz"]}"#,
+        r#"{"prompt": 3}"#,
+        r#"{"prompt": "x", "bogus": 1}"#,
+        r#"{"prompt": "x", "messages": []}"#,
+        r#"{"prompt": "one more", "top_k": 5, "temperature": 1.0}"#,
+    ]
+    .join("\n");
+    let defaults = BatchDefaults {
+        sampling: SamplingParams::default(),
+        max_tokens: 6,
+        stop: vec![],
+    };
+    let parsed = batch::parse_lines(&lm, &input, &defaults);
+    let bad: Vec<usize> = parsed
+        .iter()
+        .filter_map(|p| p.as_ref().err().map(|e| e.0))
+        .collect();
+    assert_eq!(bad, [5, 6, 7], "bad lines by number");
+    let items: Vec<_> = parsed.into_iter().flatten().collect();
+    assert_eq!(
+        items.iter().map(|i| i.line).collect::<Vec<_>>(),
+        [1, 2, 4, 8]
+    );
+    assert_eq!(items[0].request.max_tokens, 5);
+    assert_eq!(items[2].request.sampling.seed, 3);
+    let engine = Engine::start(
+        lm.clone(),
+        EngineConfig {
+            max_batch: 3,
+            max_queue: items.len(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut seen = 0;
+    let results = batch::run(&engine, items.clone(), |_| seen += 1).unwrap();
+    assert_eq!(seen, 4);
+    for (r, it) in results.iter().zip(&items) {
+        assert_eq!(r.line, it.line);
+        let got = r.outcome.as_ref().unwrap();
+        let want = solo(&lm, &it.request);
+        assert_eq!(got.text, want.text, "line {}", it.line);
+        assert_eq!(got.completion_tokens, want.tokens.len());
+    }
+    assert_eq!(results[0].to_json()["id"], "a");
+}

@@ -1,6 +1,7 @@
 //! Measurements behind `tern bench`: each returns plain numbers; printing is the CLI's job.
 
 pub mod adapters;
+pub mod batch;
 pub mod generate;
 pub mod train;
 

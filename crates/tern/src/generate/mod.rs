@@ -1,6 +1,7 @@
 //! Generation: prompts to token streams. Streaming is the primitive ([`Generator`] is an
 //! iterator of [`StreamToken`]); the callback form and the collected form are built on it.
 
+pub mod batch;
 pub mod engine;
 pub mod sampler;
 pub mod sequence;
