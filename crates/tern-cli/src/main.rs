@@ -4,6 +4,7 @@
 mod batch;
 mod bench;
 mod bench_serve;
+mod chat;
 mod convert;
 mod generate;
 mod inspect;
@@ -30,6 +31,8 @@ struct Cli {
 enum Command {
     /// Stream tokens from a model (Hugging Face directory, .gguf file or Hub id).
     Generate(generate::GenerateArgs),
+    /// Chat interactively; the conversation stays in the KV cache between turns.
+    Chat(chat::ChatArgs),
     /// LoRA-train an adapter on jsonl data (settings from --config YAML and/or flags).
     Train(Box<train::TrainArgs>),
     /// Serve the model over an OpenAI-compatible HTTP API, with adapters picked per request.
@@ -91,12 +94,14 @@ fn main() -> ExitCode {
             | Command::Merge(_)
             | Command::Train(_)
             | Command::Serve(_)
+            | Command::Chat(_)
     ) {
         tern::device::pin_cpu_threads();
     }
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Chat(a) => chat::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Train(a) => train::run(*a),

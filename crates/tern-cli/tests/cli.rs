@@ -626,3 +626,78 @@ fn generate_runs_a_jsonl_file_in_batches_in_input_order() {
     }
     assert!(String::from_utf8_lossy(&r.stderr).contains("5 rows (1 failed or skipped)"));
 }
+
+#[test]
+fn chat_through_a_pipe_keeps_the_conversation_in_the_cache() {
+    use std::io::Write;
+    let model = fixture("smollm");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args([
+            "chat",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "6",
+            "--system",
+            "be terse",
+            "--model",
+        ])
+        .arg(&model)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello\nwhat is two plus two\nthanks\n/exit\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    // "[prompt N tokens: R from the cache, P run; ...]" per turn.
+    let turns: Vec<(usize, usize, usize)> = err
+        .lines()
+        .filter_map(|l| {
+            let l = l.split("[prompt ").nth(1)?;
+            let n: Vec<usize> = l
+                .split(|c: char| !c.is_ascii_digit())
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            Some((n[0], n[1], n[2]))
+        })
+        .collect();
+    assert_eq!(turns.len(), 3, "{err}");
+    assert_eq!(turns[0].1, 0);
+    for k in 1..3 {
+        let (prompt, reused, run) = turns[k];
+        assert_eq!(reused + run, prompt);
+        // Every token of the previous prompt came from the cache; only newer ones ran.
+        assert!(reused >= turns[k - 1].0, "turn {k}: {turns:?}");
+    }
+    // The first answer is what a one-shot run gives.
+    let one = tern(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--chat",
+        "hello",
+        "--system",
+        "be terse",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "6",
+    ]);
+    let first = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    assert_eq!(
+        first,
+        String::from_utf8_lossy(&one.stdout).trim_end_matches('\n')
+    );
+}

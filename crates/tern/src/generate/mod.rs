@@ -2,6 +2,7 @@
 //! iterator of [`StreamToken`]); the callback form and the collected form are built on it.
 
 pub mod batch;
+pub mod chat;
 pub mod engine;
 pub mod sampler;
 pub mod sequence;
@@ -183,7 +184,7 @@ pub struct Completion {
 }
 
 impl Completion {
-    fn from_tokens(tokens: Vec<StreamToken>, stats: GenStats) -> Self {
+    pub(crate) fn from_tokens(tokens: Vec<StreamToken>, stats: GenStats) -> Self {
         Self {
             text: tokens.iter().map(|t| t.text.as_str()).collect(),
             finish_reason: tokens.last().and_then(|t| t.finish_reason),

@@ -76,6 +76,21 @@ impl Sequence {
         })
     }
 
+    /// As [`Sequence::new`], continuing `cache`, which must hold a prefix of the prompt (a
+    /// conversation's earlier turns): only the rest of the prompt is run.
+    pub fn resume(lm: &LoadedModel, req: GenerateRequest, cache: Cache) -> Result<Self> {
+        if cache.len() >= req.prompt_ids.len() {
+            return Err(TernError::InvalidArgument(format!(
+                "the cache holds {} tokens, the prompt {}: at least one prompt token must be new",
+                cache.len(),
+                req.prompt_ids.len()
+            )));
+        }
+        let mut s = Self::new(lm, req)?;
+        s.cache = cache;
+        Ok(s)
+    }
+
     /// Counts and timings so far.
     pub fn stats(&self) -> GenStats {
         self.stats
@@ -96,16 +111,18 @@ impl Sequence {
         self.to_feed
     }
 
-    /// Runs the prompt through the model; returns the last position's logits.
+    /// Runs the prompt (what the cache does not hold yet) through the model; returns the last
+    /// position's logits.
     pub fn prefill(
         &mut self,
         lm: &LoadedModel,
         ad: &crate::lora::BatchAdapters,
     ) -> Result<Vec<f32>> {
         let t = Instant::now();
+        let start = self.cache.len();
         let l = lm
             .model
-            .step_with(&self.req.prompt_ids, &mut self.cache, ad)?;
+            .step_with(&self.req.prompt_ids[start..], &mut self.cache, ad)?;
         self.prefilled(t);
         Ok(l)
     }

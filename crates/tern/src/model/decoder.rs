@@ -41,6 +41,31 @@ impl Cache {
         self.layers.iter_mut().for_each(|l| l.reset());
         self.pos = 0;
     }
+
+    /// Keeps only the first `len` positions (a shared prefix), so a sequence that diverges
+    /// from what was cached runs again only from the divergence.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.pos {
+            return Ok(());
+        }
+        for l in &mut self.layers {
+            // candle's cache has no truncation: copy the prefix into fresh buffers (cheap next
+            // to running the tokens again).
+            let kept = match (l.k()?, l.v()?) {
+                (Some(k), Some(v)) if len > 0 => Some((
+                    k.narrow(2, 0, len)?.contiguous()?,
+                    v.narrow(2, 0, len)?.contiguous()?,
+                )),
+                _ => None,
+            };
+            l.reset();
+            if let Some((k, v)) = kept {
+                l.append(&k, &v)?;
+            }
+        }
+        self.pos = len;
+        Ok(())
+    }
 }
 
 /// One pre-norm decoder layer: attention then MLP, each around a residual.

@@ -1,0 +1,167 @@
+//! `tern chat`: an interactive conversation that keeps its KV cache between turns.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tern::generate::chat::ChatSession;
+use tern::{LoadOptions, LoadedModel, SamplingParams};
+
+/// Arguments of `tern chat`.
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    /// Model: a Hugging Face checkpoint directory, a .gguf file, or a Hub id.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A LoRA adapter to start with (`/adapter PATH` switches, `/adapter none` drops it).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// The system message.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Compute dtype: f32, bf16 or f16 (for GGUF: dequantize to it).
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+const HELP: &str =
+    "commands: /reset, /system TEXT, /adapter PATH|none, /exit (Ctrl-C stops an answer)";
+
+/// Runs `tern chat` on stdin and stdout; token counts per turn go to stderr.
+pub fn run(a: ChatArgs) -> Result<()> {
+    let dtype = a
+        .dtype
+        .as_deref()
+        .map(tern::device::parse_dtype)
+        .transpose()?;
+    let lm = LoadedModel::load(
+        &crate::resolve::model(&a.model)?,
+        &LoadOptions {
+            dtype,
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("loading {}", a.model.display()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    ctrlc::set_handler(move || s.store(true, Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
+    let mut chat = ChatSession::new(&lm, a.system.clone());
+    chat.max_tokens = a.max_tokens;
+    chat.sampling = SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        ..Default::default()
+    };
+    chat.sampling.validate()?;
+    let mut adapters: HashMap<PathBuf, Arc<tern::lora::LoraAdapter>> = HashMap::new();
+    let mut load = |p: &std::path::Path| -> Result<Arc<tern::lora::LoraAdapter>> {
+        let p = crate::resolve::adapter(p)?;
+        if let Some(a) = adapters.get(&p) {
+            return Ok(a.clone());
+        }
+        let ad = lm
+            .load_adapter(&p, "chat")
+            .with_context(|| format!("loading adapter {}", p.display()))?;
+        adapters.insert(p, ad.clone());
+        Ok(ad)
+    };
+    if let Some(p) = &a.adapter {
+        chat.set_adapter(Some(load(p)?));
+    }
+    eprintln!("{HELP}");
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    let mut line = String::new();
+    loop {
+        eprint!("> ");
+        line.clear();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let text = line.trim_end_matches(['\n', '\r']);
+        let (cmd, rest) = text.split_once(' ').unwrap_or((text, ""));
+        match cmd {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                chat.reset();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            "/system" => {
+                chat.set_system((!rest.is_empty()).then(|| rest.to_string()));
+                eprintln!("(system message set)");
+                continue;
+            }
+            "/adapter" => {
+                match rest {
+                    "" | "none" => chat.set_adapter(None),
+                    p => match load(std::path::Path::new(p)) {
+                        Ok(ad) => chat.set_adapter(Some(ad)),
+                        Err(e) => {
+                            eprintln!("error: {e:#}");
+                            continue;
+                        }
+                    },
+                }
+                eprintln!("(adapter: {})", if rest.is_empty() { "none" } else { rest });
+                continue;
+            }
+            c if c.starts_with('/') => {
+                eprintln!("unknown command {c}; {HELP}");
+                continue;
+            }
+            _ => {}
+        }
+        stop.store(false, Ordering::SeqCst);
+        let mut io_err = None;
+        let turn = chat.send(text, |t| {
+            if let Err(e) = write!(out, "{}", t.text).and_then(|_| out.flush()) {
+                io_err = Some(e);
+                return false;
+            }
+            !stop.load(Ordering::SeqCst)
+        });
+        writeln!(out)?;
+        if let Some(e) = io_err {
+            return Err(e.into());
+        }
+        match turn {
+            Ok(t) => {
+                let s = t.completion.stats;
+                eprintln!(
+                    "[prompt {} tokens: {} from the cache, {} run; generated {}, {:.1} tok/s{}]",
+                    t.reused_tokens + t.prefilled_tokens,
+                    t.reused_tokens,
+                    t.prefilled_tokens,
+                    s.completion_tokens,
+                    s.completion_tokens.saturating_sub(1) as f64 / s.decode.as_secs_f64().max(1e-9),
+                    if stop.load(Ordering::SeqCst) {
+                        ", stopped"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Err(e) => eprintln!("error: {e}"),
+        }
+    }
+    Ok(())
+}
