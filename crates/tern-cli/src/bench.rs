@@ -20,6 +20,46 @@ pub enum BenchCommand {
     Serve(crate::bench_serve::ServeBenchArgs),
     /// The same prompts one at a time and batched through the engine: tok/s and the ratio.
     Batch(BatchBenchArgs),
+    /// Time to first token with a long shared prompt prefix, cold vs from the prefix cache.
+    Prefix(PrefixBenchArgs),
+}
+
+/// Arguments of `tern bench prefix`.
+#[derive(Args, Debug)]
+pub struct PrefixBenchArgs {
+    /// A Hugging Face checkpoint directory, a .gguf file or a Hub id.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Tokens in the shared prefix.
+    #[arg(long, default_value_t = 1000)]
+    pub prefix_tokens: usize,
+    /// Compute dtype.
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+fn prefix(a: PrefixBenchArgs) -> Result<()> {
+    let dtype = a
+        .dtype
+        .as_deref()
+        .map(tern::device::parse_dtype)
+        .transpose()?;
+    let r = tern::bench::prefix::run(
+        &crate::resolve::model(&a.model)?,
+        &LoadOptions {
+            dtype,
+            ..Default::default()
+        },
+        a.prefix_tokens,
+    )
+    .with_context(|| format!("benchmarking {}", a.model.display()))?;
+    println!("shared prefix  {} tokens", r.prefix_tokens);
+    println!("cold TTFT      {:.1} ms", r.cold_ttft_ms);
+    println!("warm TTFT      {:.1} ms", r.warm_ttft_ms);
+    println!("speedup        {:.1}x", r.speedup);
+    println!("same tokens    {}", r.same_tokens);
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
 }
 
 /// Arguments of `tern bench batch`.
@@ -159,6 +199,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Train(a) => train(a),
         BenchCommand::Serve(a) => crate::bench_serve::run(a),
         BenchCommand::Batch(a) => batch(a),
+        BenchCommand::Prefix(a) => prefix(a),
         BenchCommand::Generate(a) => {
             let dtype = a
                 .dtype

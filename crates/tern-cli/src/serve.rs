@@ -53,6 +53,10 @@ pub struct ServeArgs {
     /// recently used first, and reloaded from disk when asked for.
     #[arg(long)]
     pub adapter_budget: Option<String>,
+    /// Memory for the KV cache of prompt prefixes already run (a shared system prompt is
+    /// then run once); 0 turns it off.
+    #[arg(long, default_value = "256MB")]
+    pub prefix_cache: String,
     /// Compute dtype: f32, bf16 or f16 (for GGUF: dequantize to it; default keeps it quantized).
     #[arg(long)]
     pub dtype: Option<String>,
@@ -112,6 +116,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_body_bytes: a.max_body_bytes,
         shutdown_grace: Duration::from_secs(a.shutdown_grace),
         adapter_budget,
+        prefix_cache_bytes: tern::lora::merge::parse_size(&a.prefix_cache)? as usize,
     };
     let keyed = cfg.api_key.is_some();
     let name = cfg.model_name.clone();

@@ -55,6 +55,8 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// Cap on resident adapter bytes (least recently used idle ones are evicted).
     pub adapter_budget: Option<usize>,
+    /// Bytes of KV cache kept for prompt prefixes already run (0: off).
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for ServeConfig {
@@ -72,6 +74,7 @@ impl Default for ServeConfig {
             max_body_bytes: 1 << 20,
             shutdown_grace: Duration::from_secs(30),
             adapter_budget: None,
+            prefix_cache_bytes: 256 << 20,
         }
     }
 }
@@ -168,6 +171,7 @@ impl Server {
                 max_batch: cfg.max_batch,
                 max_queue: cfg.max_queue,
                 on_step: Some(Arc::new(move |s| m.step(s.rows))),
+                prefix_cache_bytes: cfg.prefix_cache_bytes,
                 ..Default::default()
             },
         )?;

@@ -278,3 +278,69 @@ fn batch_file_lines_equal_single_runs_in_input_order() {
     }
     assert_eq!(results[0].to_json()["id"], "a");
 }
+
+#[test]
+fn a_shared_prompt_prefix_is_run_once_and_changes_nothing() {
+    let lm = llama();
+    let a = lm
+        .load_adapter(&adapter_dir("llama_rslora_all"), "a")
+        .unwrap();
+    let engine = Engine::start(lm.clone(), EngineConfig::default()).unwrap();
+    let prefix: Vec<u32> = (0..60).map(|i| (i * 13 % 250) as u32 + 1).collect();
+    let req = |suffix: &[u32], adapter: Option<Arc<tern::lora::LoraAdapter>>| {
+        let mut r =
+            GenerateRequest::new([prefix.as_slice(), suffix].concat(), 8).with_adapter(adapter);
+        r.stop_at_eos = false;
+        r
+    };
+    let run = |r: &GenerateRequest| collect(engine.submit_channel(r.clone()).unwrap()).unwrap();
+    // Cold, then warm with another suffix, then the same prefix under an adapter (no reuse:
+    // its keys and values differ), then the adapter again (reuse).
+    let (s1, s2, s3): (Vec<u32>, Vec<u32>, Vec<u32>) =
+        ((7..17).collect(), (100..110).collect(), (42..52).collect());
+    let reqs = [
+        req(&s1, None),
+        req(&s2, None),
+        req(&s1, Some(a.clone())),
+        req(&s3, Some(a)),
+    ];
+    let mut stats = vec![];
+    for r in &reqs {
+        let (ids, lps) = run(r);
+        let want = solo(&lm, r);
+        assert_eq!(ids, want.ids());
+        let wl: Vec<f32> = want.tokens.iter().map(|t| t.logprob).collect();
+        assert!(max_abs_diff(&lps, &wl) < TOL);
+        let s = engine.stats();
+        stats.push((s.prefix_hits, s.prefix_tokens));
+    }
+    assert_eq!(stats, [(0, 0), (1, 60), (1, 60), (2, 120)]);
+}
+
+#[test]
+fn the_prefix_cache_keeps_to_its_byte_budget() {
+    let lm = llama();
+    let prompt = |seed: u32| -> Vec<u32> { (0..50).map(|i| (i * 7 + seed) % 250 + 1).collect() };
+    let mut c = lm.model.new_cache();
+    lm.model.step(&prompt(1), &mut c).unwrap();
+    // Room for one 50-token prompt, not two.
+    let engine = Engine::start(
+        lm.clone(),
+        EngineConfig {
+            prefix_cache_bytes: c.bytes() * 3 / 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let run = |seed: u32| {
+        let mut p = prompt(seed);
+        p.extend(300..310);
+        collect(engine.submit_channel(GenerateRequest::new(p, 2)).unwrap()).unwrap();
+        engine.stats().prefix_hits
+    };
+    assert_eq!(run(1), 0);
+    assert_eq!(run(1), 1, "the first prefix is reused");
+    assert_eq!(run(2), 1, "a second one evicts it");
+    assert_eq!(run(1), 1, "so the first misses again");
+    assert_eq!(run(1), 2);
+}

@@ -3,6 +3,7 @@
 pub mod adapters;
 pub mod batch;
 pub mod generate;
+pub mod prefix;
 pub mod train;
 
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.

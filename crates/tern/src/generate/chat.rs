@@ -89,14 +89,15 @@ impl<'a> ChatSession<'a> {
         all.extend(self.messages.iter().cloned());
         all.push(ChatMessage::new("user", user));
         let ids = self.lm.encode_prompt(&Prompt::Chat(all))?;
-        // The longest prefix already run, leaving at least one token to run for logits.
+        // The longest prefix already run, leaving enough tokens to run that the turn computes
+        // what a fresh run would (see `prefix_cache::MIN_SUFFIX`).
         let reused = self
             .cached
             .iter()
             .zip(&ids)
             .take_while(|(a, b)| a == b)
             .count()
-            .min(ids.len().saturating_sub(1));
+            .min(ids.len().saturating_sub(super::prefix_cache::MIN_SUFFIX));
         self.cache.truncate(reused)?;
         self.cached.truncate(reused);
         let mut req =

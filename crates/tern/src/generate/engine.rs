@@ -7,6 +7,7 @@
 //! [`crate::model::Model::decode_rows`] call, so each weight is read once per step for the
 //! whole batch. Callers talk to it through [`Engine::submit`] and a [`TokenSink`].
 
+use super::prefix_cache::PrefixCache;
 use super::{GenStats, GenerateRequest, Sequence, StreamToken};
 use crate::error::{Result, TernError};
 use crate::lora::BatchAdapters;
@@ -73,6 +74,10 @@ pub struct EngineConfig {
     pub prefill_budget: usize,
     /// Called after every step.
     pub on_step: Option<StepObserver>,
+    /// Bytes of KV cache kept for prompt prefixes already run (0: no prefix caching).
+    pub prefix_cache_bytes: usize,
+    /// Shortest prefix worth storing and reusing, in tokens.
+    pub prefix_min_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -82,6 +87,8 @@ impl Default for EngineConfig {
             max_queue: 64,
             prefill_budget: 512,
             on_step: None,
+            prefix_cache_bytes: 256 << 20,
+            prefix_min_tokens: 32,
         }
     }
 }
@@ -92,6 +99,8 @@ impl std::fmt::Debug for EngineConfig {
             .field("max_batch", &self.max_batch)
             .field("max_queue", &self.max_queue)
             .field("prefill_budget", &self.prefill_budget)
+            .field("prefix_cache_bytes", &self.prefix_cache_bytes)
+            .field("prefix_min_tokens", &self.prefix_min_tokens)
             .finish()
     }
 }
@@ -113,6 +122,10 @@ pub struct EngineStats {
     pub generated_tokens: u64,
     /// Decode steps run.
     pub steps: u64,
+    /// Requests whose prompt started with a cached prefix.
+    pub prefix_hits: u64,
+    /// Prompt tokens taken from the prefix cache instead of being run.
+    pub prefix_tokens: u64,
 }
 
 #[derive(Default)]
@@ -125,6 +138,8 @@ struct Shared {
     prompt_tokens: AtomicU64,
     generated_tokens: AtomicU64,
     steps: AtomicU64,
+    prefix_hits: AtomicU64,
+    prefix_tokens: AtomicU64,
 }
 
 struct Pending {
@@ -174,6 +189,7 @@ impl Engine {
             waiting: VecDeque::new(),
             running: Vec::new(),
             deadline: None,
+            prefix: PrefixCache::new(cfg.prefix_cache_bytes, cfg.prefix_min_tokens),
         };
         let handle = std::thread::Builder::new()
             .name("tern-engine".into())
@@ -251,6 +267,8 @@ impl Engine {
             prompt_tokens: s.prompt_tokens.load(Ordering::SeqCst),
             generated_tokens: s.generated_tokens.load(Ordering::SeqCst),
             steps: s.steps.load(Ordering::SeqCst),
+            prefix_hits: s.prefix_hits.load(Ordering::SeqCst),
+            prefix_tokens: s.prefix_tokens.load(Ordering::SeqCst),
         }
     }
 
@@ -286,6 +304,7 @@ struct Worker {
     waiting: VecDeque<Pending>,
     running: Vec<Row>,
     deadline: Option<Instant>,
+    prefix: PrefixCache,
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
@@ -415,9 +434,9 @@ impl Worker {
                 self.shared.aborted.fetch_add(1, Ordering::SeqCst);
                 continue;
             }
-            match Sequence::new(&self.lm, p.req) {
+            match self.start_sequence(p.req) {
                 Ok(seq) => {
-                    spent += seq.req.prompt_ids.len();
+                    spent += seq.req.prompt_ids.len() - seq.cache.len();
                     batch.push(Row { seq, sink: p.sink });
                 }
                 Err(e) => self.fail(p.sink, e),
@@ -432,21 +451,18 @@ impl Worker {
         let t = Instant::now();
         let lm = &self.lm;
         let out = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<f32>>> {
-            let prompts: Vec<&[u32]> = batch
+            // Each row runs what its cache (empty, or a cached prefix) does not hold yet.
+            let rest: Vec<Vec<u32>> = batch
                 .iter()
-                .map(|r| r.seq.req.prompt_ids.as_slice())
+                .map(|r| r.seq.req.prompt_ids[r.seq.cache.len()..].to_vec())
                 .collect();
+            let prompts: Vec<&[u32]> = rest.iter().map(Vec::as_slice).collect();
             let adapters: Vec<_> = batch.iter().map(|r| r.seq.req.adapter.clone()).collect();
-            let mut caches: Vec<Cache> = batch.iter().map(|_| lm.model.new_cache()).collect();
-            let mut refs: Vec<&mut Cache> = caches.iter_mut().collect();
-            let logits = lm
+            let mut refs: Vec<&mut Cache> = batch.iter_mut().map(|r| &mut r.seq.cache).collect();
+            Ok(lm
                 .model
                 .prefill_rows(&prompts, &mut refs, &adapters)?
-                .to_vec2::<f32>()?;
-            for (r, c) in batch.iter_mut().zip(caches) {
-                r.seq.cache = c;
-            }
-            Ok(logits)
+                .to_vec2::<f32>()?)
         }))
         .unwrap_or_else(|p| Err(TernError::InvalidArgument(panic_message(p))));
         match out {
@@ -462,6 +478,11 @@ impl Worker {
             Ok(logits) => {
                 for (mut r, l) in batch.into_iter().zip(logits) {
                     r.seq.prefilled(t);
+                    // The cache holds exactly the prompt now: keep it for later requests.
+                    let (req, cache) = (&r.seq.req, &r.seq.cache);
+                    if let Err(e) = self.prefix.insert(&req.adapter, &req.prompt_ids, cache) {
+                        tracing::warn!("prefix cache: {e}");
+                    }
                     let tok = r.seq.accept(&self.lm, &l);
                     if let Some(r) = self.deliver(r, tok) {
                         self.running.push(r);
@@ -473,6 +494,20 @@ impl Worker {
             .running
             .store(self.running.len(), Ordering::SeqCst);
         spent
+    }
+
+    /// A validated sequence whose cache starts from the longest cached prefix of its prompt.
+    fn start_sequence(&mut self, req: GenerateRequest) -> Result<Sequence> {
+        match self.prefix.lookup(&req.adapter, &req.prompt_ids)? {
+            Some(c) => {
+                self.shared.prefix_hits.fetch_add(1, Ordering::SeqCst);
+                self.shared
+                    .prefix_tokens
+                    .fetch_add(c.len() as u64, Ordering::SeqCst);
+                Sequence::resume(&self.lm, req, c)
+            }
+            None => Sequence::new(&self.lm, req),
+        }
     }
 
     /// One decode step for every running row.

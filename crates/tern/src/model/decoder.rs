@@ -42,6 +42,33 @@ impl Cache {
         self.pos = 0;
     }
 
+    /// An independent copy of the first `len` positions (the buffers of a clone would be
+    /// shared, and appends write in place).
+    pub fn copy_prefix(&self, len: usize) -> Result<Cache> {
+        let len = len.min(self.pos);
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let mut c = KvCache::new(2, KV_CHUNK.max(len.next_multiple_of(KV_CHUNK)));
+            if let (Some(k), Some(v), true) = (l.k()?, l.v()?, len > 0) {
+                c.append(
+                    &k.narrow(2, 0, len)?.contiguous()?,
+                    &v.narrow(2, 0, len)?.contiguous()?,
+                )?;
+            }
+            layers.push(c);
+        }
+        Ok(Cache { layers, pos: len })
+    }
+
+    /// Bytes of keys and values held for the positions in use.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .filter_map(|l| l.k().ok().flatten())
+            .map(|k| 2 * k.elem_count() * k.dtype().size_in_bytes())
+            .sum()
+    }
+
     /// Keeps only the first `len` positions (a shared prefix), so a sequence that diverges
     /// from what was cached runs again only from the divergence.
     pub fn truncate(&mut self, len: usize) -> Result<()> {
