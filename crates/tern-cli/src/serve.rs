@@ -57,6 +57,13 @@ pub struct ServeArgs {
     /// then run once); 0 turns it off.
     #[arg(long, default_value = "256MB")]
     pub prefix_cache: String,
+    /// Keep the answers of this many deterministic requests (greedy, or with a `seed`) and
+    /// answer exact repeats from memory; 0 turns it off.
+    #[arg(long, default_value_t = 0)]
+    pub response_cache: usize,
+    /// Memory those answers may take.
+    #[arg(long, default_value = "64MB")]
+    pub response_cache_bytes: String,
     /// Compute dtype: f32, bf16 or f16 (for GGUF: dequantize to it; default keeps it quantized).
     #[arg(long)]
     pub dtype: Option<String>,
@@ -117,6 +124,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
         shutdown_grace: Duration::from_secs(a.shutdown_grace),
         adapter_budget,
         prefix_cache_bytes: tern::lora::merge::parse_size(&a.prefix_cache)? as usize,
+        response_cache_entries: a.response_cache,
+        response_cache_bytes: tern::lora::merge::parse_size(&a.response_cache_bytes)? as usize,
     };
     let keyed = cfg.api_key.is_some();
     let name = cfg.model_name.clone();

@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tern::generate::response_cache::ResponseCache;
 use tern::generate::{Engine, EngineConfig};
 use tern::lora::AdapterRegistry;
 use tern::{LoadedModel, TernError};
@@ -57,6 +58,10 @@ pub struct ServeConfig {
     pub adapter_budget: Option<usize>,
     /// Bytes of KV cache kept for prompt prefixes already run (0: off).
     pub prefix_cache_bytes: usize,
+    /// Answers of deterministic requests kept for repeats (0: off).
+    pub response_cache_entries: usize,
+    /// Bytes those answers (and their prompts) may take.
+    pub response_cache_bytes: usize,
 }
 
 impl Default for ServeConfig {
@@ -75,6 +80,8 @@ impl Default for ServeConfig {
             shutdown_grace: Duration::from_secs(30),
             adapter_budget: None,
             prefix_cache_bytes: 256 << 20,
+            response_cache_entries: 0,
+            response_cache_bytes: 64 << 20,
         }
     }
 }
@@ -114,6 +121,7 @@ pub(crate) struct AppState {
     pub cfg: ServeConfig,
     pub metrics: Arc<Metrics>,
     pub created: u64,
+    pub responses: Option<ResponseCache>,
 }
 
 /// A bound server, ready to run.
@@ -189,9 +197,12 @@ impl Server {
                 lm,
                 engine: Arc::new(engine),
                 registry,
-                cfg,
                 metrics,
                 created,
+                responses: (cfg.response_cache_entries > 0).then(|| {
+                    ResponseCache::new(cfg.response_cache_entries, cfg.response_cache_bytes)
+                }),
+                cfg,
             }),
         })
     }

@@ -27,6 +27,7 @@ pub struct Metrics {
     request_seconds: Histogram,
     ttft_seconds: Histogram,
     steps: Counter<u64, AtomicU64>,
+    response_hits: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -56,6 +57,7 @@ impl Metrics {
             request_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             ttft_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             steps: Counter::default(),
+            response_hits: Counter::default(),
             registry: Mutex::new(Registry::default()),
         };
         reg.register(
@@ -100,6 +102,11 @@ impl Metrics {
             m.ttft_seconds.clone(),
         );
         reg.register("engine_steps", "Engine decode steps", m.steps.clone());
+        reg.register(
+            "response_cache_hits",
+            "Requests answered from the response cache",
+            m.response_hits.clone(),
+        );
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = reg;
         m
     }
@@ -120,6 +127,11 @@ impl Metrics {
         self.adapter_loads
             .get_or_create(&vec![("result".into(), result.into())])
             .inc();
+    }
+
+    /// Counts a request answered from the response cache.
+    pub fn response_cache_hit(&self) {
+        self.response_hits.inc();
     }
 
     /// Records one engine step's batch size.

@@ -678,3 +678,56 @@ fn shutdown_cancels_running_streams_cleanly() {
         serde_json::from_str(rest[rest.len() - 2].strip_prefix("data: ").unwrap()).unwrap();
     assert_eq!(err["error"]["code"], "shutting_down", "{err}");
 }
+
+#[test]
+fn repeated_deterministic_requests_come_from_the_response_cache() {
+    let server = TestServer::start(
+        llama(),
+        ServeConfig {
+            response_cache_entries: 8,
+            ..config(vec![])
+        },
+    );
+    let url = format!("{}/v1/completions", server.url);
+    let hits = || -> u64 {
+        let m = ureq::get(&format!("{}/metrics", server.url))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix("tern_response_cache_hits_total ")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap()
+    };
+    let greedy = json!({"model": "base", "prompt": [5, 6, 7], "max_tokens": 6, "temperature": 0});
+    let (_, first, _) = post(&url, &greedy);
+    let (_, again, _) = post(&url, &greedy);
+    assert_eq!(hits(), 1);
+    assert_eq!(first["choices"], again["choices"]);
+    assert_eq!(first["usage"], again["usage"]);
+    // Streamed, the repeat gives the same text.
+    let mut sb = greedy.clone();
+    sb["stream"] = json!(true);
+    let text: String = read_stream(stream_post(&url, &sb))
+        .iter()
+        .filter_map(|c| c["choices"].get(0)?["text"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(text, first["choices"][0]["text"].as_str().unwrap());
+    assert_eq!(hits(), 2);
+    // Sampling without a seed is never cached; with one it is.
+    let unseeded =
+        json!({"model": "base", "prompt": [5, 6, 7], "max_tokens": 6, "temperature": 1.0});
+    post(&url, &unseeded);
+    post(&url, &unseeded);
+    assert_eq!(hits(), 2);
+    let mut seeded = unseeded.clone();
+    seeded["seed"] = json!(11);
+    let (_, a, _) = post(&url, &seeded);
+    let (_, b, _) = post(&url, &seeded);
+    assert_eq!(hits(), 3);
+    assert_eq!(a["choices"], b["choices"]);
+}

@@ -15,9 +15,10 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-use tern::generate::{EngineEvent, TokenSink};
+use tern::generate::response_cache::{CachedResponse, ResponseKey};
+use tern::generate::{EngineEvent, GenStats, TokenSink};
 use tern::lora::LoraAdapter;
-use tern::{FinishReason, GenerateRequest};
+use tern::{FinishReason, GenerateRequest, StreamToken};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 /// Which endpoint, for the response shapes.
@@ -143,7 +144,33 @@ async fn generate(
     };
     let prompt_tokens = req.prompt_ids.len();
     let (tx, rx) = unbounded_channel();
-    st.engine.submit(req, ChannelSink(tx))?;
+    let mut key = st
+        .responses
+        .as_ref()
+        .and_then(|_| ResponseKey::of(&req, p.seed.is_some()));
+    let hit = match (&st.responses, &key) {
+        (Some(c), Some(k)) => c.get(k),
+        _ => None,
+    };
+    match hit {
+        // A repeat of a deterministic request: replay the stored answer as one token.
+        Some(r) => {
+            st.metrics.response_cache_hit();
+            key = None;
+            let _ = tx.send(EngineEvent::Token(StreamToken {
+                id: 0,
+                text: r.text,
+                logprob: 0.0,
+                finish_reason: r.finish_reason,
+            }));
+            let _ = tx.send(EngineEvent::Done(GenStats {
+                prompt_tokens,
+                completion_tokens: r.completion_tokens,
+                ..Default::default()
+            }));
+        }
+        None => st.engine.submit(req, ChannelSink(tx))?,
+    }
     let meta = Meta {
         id: new_id(kind),
         created: SystemTime::now()
@@ -155,6 +182,7 @@ async fn generate(
         prompt_tokens,
         t0,
         first: None,
+        key,
     };
     if p.stream {
         let include_usage = p.stream_options.as_ref().is_some_and(|o| o.include_usage);
@@ -187,6 +215,8 @@ struct Meta {
     prompt_tokens: usize,
     t0: Instant,
     first: Option<f64>,
+    /// Where to store the answer when it finishes (deterministic requests, cache on).
+    key: Option<ResponseKey>,
 }
 
 impl Meta {
@@ -232,7 +262,23 @@ impl Meta {
         }
     }
 
-    fn finish(&self, st: &AppState, completion_tokens: usize) {
+    fn finish(
+        &mut self,
+        st: &AppState,
+        text: &str,
+        finish: Option<FinishReason>,
+        completion_tokens: usize,
+    ) {
+        if let (Some(c), Some(k)) = (&st.responses, self.key.take()) {
+            c.put(
+                k,
+                CachedResponse {
+                    text: text.to_string(),
+                    finish_reason: finish,
+                    completion_tokens,
+                },
+            );
+        }
         let total = self.t0.elapsed().as_secs_f64();
         st.metrics.generation(
             self.prompt_tokens,
@@ -258,7 +304,7 @@ async fn collect(
                 finish = t.finish_reason.or(finish);
             }
             Some(EngineEvent::Done(stats)) => {
-                meta.finish(&st, stats.completion_tokens);
+                meta.finish(&st, &text, finish, stats.completion_tokens);
                 let finish = finish.map(FinishReason::as_str);
                 let choice = match meta.kind {
                     Kind::Chat => json!({
@@ -294,6 +340,8 @@ struct StreamState {
     started: bool,
     ended: bool,
     include_usage: bool,
+    text: String,
+    finish: Option<FinishReason>,
 }
 
 fn data(v: &Value) -> Event {
@@ -314,6 +362,8 @@ fn stream(
         started: false,
         ended: false,
         include_usage,
+        text: String::new(),
+        finish: None,
     };
     let s = futures_util::stream::unfold(state, |mut s| async move {
         loop {
@@ -340,6 +390,8 @@ impl StreamState {
         match self.rx.recv().await {
             Some(EngineEvent::Token(t)) => {
                 m.token_seen();
+                self.text.push_str(&t.text);
+                self.finish = t.finish_reason.or(self.finish);
                 if !t.text.is_empty() {
                     self.out
                         .push_back(data(&m.chunk(Some(&t.text), false, None)));
@@ -350,7 +402,7 @@ impl StreamState {
                 }
             }
             Some(EngineEvent::Done(stats)) => {
-                m.finish(&self.st, stats.completion_tokens);
+                m.finish(&self.st, &self.text, self.finish, stats.completion_tokens);
                 if self.include_usage {
                     let mut u = m.envelope(true, json!([]));
                     u["usage"] = json!(Usage::new(m.prompt_tokens, stats.completion_tokens));

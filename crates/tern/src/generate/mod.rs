@@ -5,6 +5,7 @@ pub mod batch;
 pub mod chat;
 pub mod engine;
 pub mod prefix_cache;
+pub mod response_cache;
 pub mod sampler;
 pub mod sequence;
 pub mod stop;
