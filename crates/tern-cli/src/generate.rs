@@ -48,6 +48,22 @@ pub struct GenerateArgs {
     /// With --input: what a bad line or a failed row does.
     #[arg(long, value_enum, default_value_t = crate::batch::OnError::Fail)]
     pub on_error: crate::batch::OnError,
+    /// Beam search with this many beams (1: sample or greedy as set by --temperature).
+    #[arg(long, default_value_t = 1, conflicts_with = "input")]
+    pub num_beams: usize,
+    /// Beam search: finished scores are sum(log p) / length^P.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub length_penalty: f32,
+    /// Beam search: never repeat an n-gram of this size (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub no_repeat_ngram_size: usize,
+    /// Beam search stopping: `heuristic` (transformers' default), `finished` (as soon as
+    /// there are enough finished beams) or `never`.
+    #[arg(long, default_value = "heuristic", value_parser = ["heuristic", "finished", "never"])]
+    pub early_stopping: String,
+    /// Beam search: sequences to print, best first.
+    #[arg(long, default_value_t = 1)]
+    pub num_return_sequences: usize,
     /// With --input: rows decoded together.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -147,6 +163,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         (None, None) => bail!("give --prompt TEXT or --chat TEXT"),
     };
     let ids = lm.encode_prompt(&prompt)?;
+    if a.num_beams > 1 {
+        return beams(&a, &lm, &ids, adapter);
+    }
     let mut req = GenerateRequest::new(ids, a.max_tokens).with_adapter(adapter);
     req.sampling = sampling;
     req.stop = a.stop.clone();
@@ -198,5 +217,46 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         s.completion_tokens,
         (s.completion_tokens.saturating_sub(1)) as f64 / s.decode.as_secs_f64().max(1e-9)
     );
+    Ok(())
+}
+
+/// `--num-beams N`: beam search, printed whole (best first).
+fn beams(
+    a: &GenerateArgs,
+    lm: &LoadedModel,
+    ids: &[u32],
+    adapter: Option<std::sync::Arc<tern::lora::LoraAdapter>>,
+) -> Result<()> {
+    use tern::generate::beam::{beam_search, BeamParams, EarlyStopping};
+    let mut p = BeamParams::new(a.num_beams, a.max_tokens);
+    p.num_return = a.num_return_sequences;
+    p.length_penalty = a.length_penalty;
+    p.no_repeat_ngram_size = a.no_repeat_ngram_size;
+    p.early_stopping = match a.early_stopping.as_str() {
+        "finished" => EarlyStopping::Finished,
+        "never" => EarlyStopping::Never,
+        _ => EarlyStopping::Heuristic,
+    };
+    p.adapter = adapter;
+    let hyps = beam_search(lm, ids, &p)?;
+    let mut out = std::io::stdout().lock();
+    for (rank, h) in hyps.iter().enumerate() {
+        let ids: Vec<u32> = h
+            .ids
+            .iter()
+            .copied()
+            .filter(|t| !lm.eos_ids.contains(t))
+            .collect();
+        let text = lm.tokenizer.decode(&ids)?;
+        match a.output {
+            Output::Text if hyps.len() == 1 => writeln!(out, "{text}")?,
+            Output::Text => writeln!(out, "[{rank}] ({:.4}) {text}", h.score)?,
+            Output::Jsonl => writeln!(
+                out,
+                "{}",
+                serde_json::json!({"rank": rank, "text": text, "ids": h.ids, "score": h.score})
+            )?,
+        }
+    }
     Ok(())
 }

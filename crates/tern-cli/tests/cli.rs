@@ -701,3 +701,40 @@ fn chat_through_a_pipe_keeps_the_conversation_in_the_cache() {
         String::from_utf8_lossy(&one.stdout).trim_end_matches('\n')
     );
 }
+
+#[test]
+fn generate_with_beams_prints_the_best_sequences_first() {
+    let model = fixture("llama");
+    let out = tern(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hello",
+        "--num-beams",
+        "4",
+        "--num-return-sequences",
+        "3",
+        "--max-tokens",
+        "6",
+        "--no-repeat-ngram-size",
+        "2",
+        "--output",
+        "jsonl",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    let scores: Vec<f64> = rows.iter().map(|r| r["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    let distinct: std::collections::HashSet<String> =
+        rows.iter().map(|r| r["ids"].to_string()).collect();
+    assert_eq!(distinct.len(), 3);
+}

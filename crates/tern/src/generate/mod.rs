@@ -2,6 +2,7 @@
 //! iterator of [`StreamToken`]); the callback form and the collected form are built on it.
 
 pub mod batch;
+pub mod beam;
 pub mod chat;
 pub mod engine;
 pub mod prefix_cache;

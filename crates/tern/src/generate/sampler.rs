@@ -77,6 +77,14 @@ pub struct Sampled {
     pub logprob: f32,
 }
 
+/// `log_softmax` of a whole row (sum in f64).
+pub(crate) fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let lse = sum.ln() as f32;
+    logits.iter().map(|&l| (l - max) - lse).collect()
+}
+
 fn log_softmax_at(logits: &[f32], id: usize) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();

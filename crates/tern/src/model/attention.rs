@@ -136,6 +136,66 @@ impl Attention {
         self.o.forward_with(&Tensor::cat(&ys, 1)?, ad)
     }
 
+    /// Decodes one token for each of `b` beams that share a prompt: `prefix` holds the
+    /// prompt's keys and values once (never copied per beam), `beams` the beams' own tokens
+    /// (`[b, kv, g, hd]`, all beams being equally long), and the new token sits at position
+    /// `pos` (prompt length + `g`). Attention is taken over both parts with one softmax.
+    pub fn forward_beams(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        prefix: &KvCache,
+        beams: &mut KvCache,
+        pos: usize,
+        ad: &BatchAdapters,
+    ) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let hd = self.head_dim;
+        let rep = self.heads / self.kv_heads;
+        let (q, k, v) = self.qkv(x, ad)?;
+        let q = rope.apply(&q, pos, false)?;
+        let k = rope.apply(&k, pos, false)?;
+        let (kg, vg) = beams.append(&k.contiguous()?, &v.contiguous()?)?;
+        let (Some(kp), Some(vp)) = (prefix.k()?, prefix.v()?) else {
+            return Err(crate::error::TernError::InvalidArgument(
+                "beam decoding needs the prompt's cache".into(),
+            ));
+        };
+        let p = kp.dim(2)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        // Prompt part: the beams' queries folded into rows, so one matmul per kv head reads
+        // the shared keys once: [1, kv, b*rep, hd] x [1, kv, hd, p].
+        let qf = q
+            .reshape((b, self.kv_heads, rep, hd))?
+            .transpose(0, 1)?
+            .reshape((1, self.kv_heads, b * rep, hd))?
+            .contiguous()?;
+        let sp = (qf.matmul(&kp.contiguous()?.t()?)? * scale)?
+            .reshape((self.kv_heads, b, rep, p))?
+            .transpose(0, 1)?;
+        // Own part: [b, kv, rep, hd] x [b, kv, hd, g].
+        let qb = q.reshape((b, self.kv_heads, rep, hd))?;
+        let sg = (qb.matmul(&kg.contiguous()?.t()?)? * scale)?;
+        let mut att = Tensor::cat(&[&sp.contiguous()?, &sg], 3)?;
+        if att.dtype() != DType::F32 {
+            att = att.to_dtype(DType::F32)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(vp.dtype())?;
+        let g = kg.dim(2)?;
+        let ap = att.narrow(3, 0, p)?;
+        let ag = att.narrow(3, p, g)?.contiguous()?;
+        let yp = ap
+            .transpose(0, 1)?
+            .reshape((1, self.kv_heads, b * rep, p))?
+            .contiguous()?
+            .matmul(&vp.contiguous()?)?
+            .reshape((self.kv_heads, b, rep, hd))?
+            .transpose(0, 1)?;
+        let yg = ag.matmul(&vg.contiguous()?)?;
+        let y = (yp + yg)?.reshape((b, 1, self.heads * hd))?;
+        self.o.forward_with(&y, ad)
+    }
+
     /// Rope, cache append and softmax attention for `q` `[b, heads, s, hd]` and `k`, `v`
     /// `[b, kv_heads, s, hd]` at positions `offset..`; returns `[b, s, heads * hd]`.
     #[allow(clippy::too_many_arguments)]

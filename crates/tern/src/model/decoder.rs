@@ -69,6 +69,27 @@ impl Cache {
             .sum()
     }
 
+    /// Reorders (and repeats) batch rows: row `i` of the result is row `rows[i]` of this
+    /// cache (beam search keeping the best continuations).
+    pub fn select_rows(&self, rows: &[u32]) -> Result<Cache> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let mut c = KvCache::new(2, KV_CHUNK);
+            if let (Some(k), Some(v)) = (l.k()?, l.v()?) {
+                let idx = Tensor::new(rows, k.device())?;
+                c.append(
+                    &k.contiguous()?.index_select(&idx, 0)?,
+                    &v.contiguous()?.index_select(&idx, 0)?,
+                )?;
+            }
+            layers.push(c);
+        }
+        Ok(Cache {
+            layers,
+            pos: self.pos,
+        })
+    }
+
     /// Keeps only the first `len` positions (a shared prefix), so a sequence that diverges
     /// from what was cached runs again only from the divergence.
     pub fn truncate(&mut self, len: usize) -> Result<()> {
@@ -143,6 +164,25 @@ impl Block {
         let h = self
             .attn
             .forward_rows(&self.attn_norm.forward(x)?, rope, kvs, offsets, ad)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.mlp_norm.forward(&x)?, ad)?;
+        Ok((x + h)?)
+    }
+
+    /// Decodes one token for each beam over a shared prompt cache (see
+    /// [`Attention::forward_beams`]).
+    fn forward_beams(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        prefix: &KvCache,
+        beams: &mut KvCache,
+        pos: usize,
+        ad: &BatchAdapters,
+    ) -> Result<Tensor> {
+        let h =
+            self.attn
+                .forward_beams(&self.attn_norm.forward(x)?, rope, prefix, beams, pos, ad)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.mlp_norm.forward(&x)?, ad)?;
         Ok((x + h)?)
@@ -555,6 +595,46 @@ impl Model {
         let last = Tensor::new(last.as_slice(), &self.device)?;
         let h = self.norm.forward(&x.squeeze(0)?.index_select(&last, 0)?)?;
         self.logits(&h, &BatchAdapters::per_row(adapters, &self.device)?)
+    }
+
+    /// One beam-search step: `ids[i]` is appended to beam `i`, whose tokens after the prompt
+    /// are in `beams` (a batch of equally long rows); the prompt itself is read from
+    /// `prompt`, shared by all beams. Returns logits `[beams, vocab]` in f32.
+    pub fn decode_beams(
+        &self,
+        ids: &[u32],
+        prompt: &Cache,
+        beams: &mut Cache,
+        ad: &BatchAdapters,
+    ) -> Result<Tensor> {
+        let b = ids.len();
+        if prompt.pos == 0
+            || self
+                .cfg
+                .sliding_window
+                .is_some_and(|w| prompt.pos + beams.pos + 1 > w)
+        {
+            return Err(TernError::InvalidArgument(
+                "beam decoding needs a non-empty prompt cache inside the attention window".into(),
+            ));
+        }
+        let pos = prompt.pos + beams.pos;
+        let ids = Tensor::new(ids, &self.device)?;
+        let mut x = self
+            .embed
+            .lookup(&ids, self.dtype)?
+            .reshape((b, 1, self.cfg.hidden_size))?;
+        for ((blk, pre), own) in self
+            .blocks
+            .iter()
+            .zip(&prompt.layers)
+            .zip(&mut beams.layers)
+        {
+            x = blk.forward_beams(&x, &self.rope, pre, own, pos, ad)?;
+        }
+        beams.pos += 1;
+        let h = self.norm.forward(&x)?.squeeze(1)?;
+        self.logits(&h, ad)
     }
 
     /// Convenience: logits of the last position for a token slice, as a vector.
