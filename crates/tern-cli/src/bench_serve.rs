@@ -1,12 +1,11 @@
 //! `tern bench serve`: serving throughput and latency under a bounded load, in-process
 //! (`--model`) or against a server already running on this machine (`--url`).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tern::{LoadOptions, LoadedModel};
 use tern_server::bench::{ServeBenchOptions, ServeBenchRow};
 use tern_server::loadgen::{self, LoadSpec};
 
@@ -117,19 +116,7 @@ pub fn run(a: ServeBenchArgs) -> Result<()> {
     let Some(model) = &a.model else {
         bail!("give --model PATH or --url URL");
     };
-    let dtype = a
-        .dtype
-        .as_deref()
-        .map(tern::device::parse_dtype)
-        .transpose()?;
-    let lm = LoadedModel::load(
-        &crate::resolve::model(model)?,
-        &LoadOptions {
-            dtype,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("loading {}", model.display()))?;
+    let lm = crate::resolve::load(model, a.dtype.as_deref())?;
     let rows = tern_server::bench::run(
         Arc::new(lm),
         &ServeBenchOptions {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tern::generate::chat::ChatSession;
-use tern::{LoadOptions, LoadedModel, SamplingParams};
+use tern::SamplingParams;
 
 /// Arguments of `tern chat`.
 #[derive(Args, Debug)]
@@ -44,19 +44,7 @@ const HELP: &str =
 
 /// Runs `tern chat` on stdin and stdout; token counts per turn go to stderr.
 pub fn run(a: ChatArgs) -> Result<()> {
-    let dtype = a
-        .dtype
-        .as_deref()
-        .map(tern::device::parse_dtype)
-        .transpose()?;
-    let lm = LoadedModel::load(
-        &crate::resolve::model(&a.model)?,
-        &LoadOptions {
-            dtype,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("loading {}", a.model.display()))?;
+    let lm = crate::resolve::load(&a.model, a.dtype.as_deref())?;
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     ctrlc::set_handler(move || s.store(true, Ordering::SeqCst))

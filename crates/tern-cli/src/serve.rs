@@ -1,11 +1,10 @@
 //! `tern serve`: loads the model, then hands it to the tern-server crate.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tern::{LoadOptions, LoadedModel};
 use tern_server::ServeConfig;
 
 /// Arguments of `tern serve`.
@@ -84,32 +83,19 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .iter()
         .map(|s| parse_adapter(s))
         .collect::<Result<Vec<_>>>()?;
-    let dtype = a
-        .dtype
-        .as_deref()
-        .map(tern::device::parse_dtype)
-        .transpose()?;
     let adapter_budget = a
         .adapter_budget
         .as_deref()
         .map(tern::lora::merge::parse_size)
         .transpose()?
         .map(|b| b as usize);
-    let path = crate::resolve::model(&a.model)?;
     let model_name = a.served_model_name.clone().unwrap_or_else(|| {
         a.model
             .file_name()
             .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
             .unwrap_or_else(|| "tern".into())
     });
-    let lm = LoadedModel::load(
-        &path,
-        &LoadOptions {
-            dtype,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("loading {}", a.model.display()))?;
+    let lm = crate::resolve::load(&a.model, a.dtype.as_deref())?;
     let cfg = ServeConfig {
         host: a.host,
         port: a.port,

@@ -75,14 +75,7 @@ pub fn run(lm: Arc<LoadedModel>, o: &ServeBenchOptions) -> Result<Vec<ServeBench
         max_tokens_limit: o.max_tokens,
         ..Default::default()
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|source| ServeError::Io {
-            addr: "tokio runtime".into(),
-            source,
-        })?;
+    let rt = crate::runtime()?;
     let server = rt.block_on(Server::bind(lm, cfg))?;
     let url = format!("http://{}", server.local_addr());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

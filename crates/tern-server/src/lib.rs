@@ -245,14 +245,9 @@ impl Server {
     }
 }
 
-/// Binds and serves on a runtime of its own until SIGTERM or Ctrl-C, calling `on_bound` with
-/// the address once it listens (for callers without an async runtime, like the CLI).
-pub fn serve_until_signal(
-    lm: Arc<LoadedModel>,
-    cfg: ServeConfig,
-    on_bound: impl FnOnce(SocketAddr),
-) -> Result<(), ServeError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+/// The runtime the server runs on when the caller has none.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, ServeError> {
+    tokio::runtime::Builder::new_multi_thread()
         // HTTP handling is light; the engine thread and candle's pool do the compute.
         .worker_threads(2)
         .enable_all()
@@ -260,8 +255,17 @@ pub fn serve_until_signal(
         .map_err(|source| ServeError::Io {
             addr: "tokio runtime".into(),
             source,
-        })?;
-    rt.block_on(async move {
+        })
+}
+
+/// Binds and serves on a runtime of its own until SIGTERM or Ctrl-C, calling `on_bound` with
+/// the address once it listens (for callers without an async runtime, like the CLI).
+pub fn serve_until_signal(
+    lm: Arc<LoadedModel>,
+    cfg: ServeConfig,
+    on_bound: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
+    runtime()?.block_on(async move {
         let server = Server::bind(lm, cfg).await?;
         on_bound(server.local_addr());
         server.run(shutdown_signal()).await

@@ -465,24 +465,42 @@ impl Worker {
                 .to_vec2::<f32>()?)
         }))
         .unwrap_or_else(|p| Err(TernError::InvalidArgument(panic_message(p))));
+        self.settle(batch, out, "prefill", |w, r| {
+            r.seq.prefilled(t);
+            // The cache holds exactly the prompt now: keep it for later requests.
+            let (req, cache) = (&r.seq.req, &r.seq.cache);
+            if let Err(e) = w.prefix.insert(&req.adapter, &req.prompt_ids, cache) {
+                tracing::warn!("prefix cache: {e}");
+            }
+        });
+        self.shared
+            .running
+            .store(self.running.len(), Ordering::SeqCst);
+        spent
+    }
+
+    /// Hands each row its logits (after `prepare`) and keeps those still running, or fails
+    /// every row with the step's error.
+    fn settle(
+        &mut self,
+        rows: Vec<Row>,
+        out: Result<Vec<Vec<f32>>>,
+        step: &str,
+        mut prepare: impl FnMut(&mut Self, &mut Row),
+    ) {
         match out {
             Err(e) => {
                 let msg = e.to_string();
-                for r in batch {
+                for r in rows {
                     self.fail(
                         r.sink,
-                        TernError::InvalidArgument(format!("prefill failed: {msg}")),
+                        TernError::InvalidArgument(format!("{step} failed: {msg}")),
                     );
                 }
             }
             Ok(logits) => {
-                for (mut r, l) in batch.into_iter().zip(logits) {
-                    r.seq.prefilled(t);
-                    // The cache holds exactly the prompt now: keep it for later requests.
-                    let (req, cache) = (&r.seq.req, &r.seq.cache);
-                    if let Err(e) = self.prefix.insert(&req.adapter, &req.prompt_ids, cache) {
-                        tracing::warn!("prefix cache: {e}");
-                    }
+                for (mut r, l) in rows.into_iter().zip(logits) {
+                    prepare(self, &mut r);
                     let tok = r.seq.accept(&self.lm, &l);
                     if let Some(r) = self.deliver(r, tok) {
                         self.running.push(r);
@@ -490,10 +508,6 @@ impl Worker {
                 }
             }
         }
-        self.shared
-            .running
-            .store(self.running.len(), Ordering::SeqCst);
-        spent
     }
 
     /// A validated sequence whose cache starts from the longest cached prefix of its prompt.
@@ -538,26 +552,7 @@ impl Worker {
         .unwrap_or_else(|p| Err(TernError::InvalidArgument(panic_message(p))));
         self.shared.steps.fetch_add(1, Ordering::SeqCst);
         let rows = std::mem::take(&mut self.running);
-        match out {
-            Err(e) => {
-                let msg = e.to_string();
-                for r in rows {
-                    self.fail(
-                        r.sink,
-                        TernError::InvalidArgument(format!("decode step failed: {msg}")),
-                    );
-                }
-            }
-            Ok(logits) => {
-                let d = t.elapsed();
-                for (mut r, l) in rows.into_iter().zip(logits) {
-                    r.seq.add_decode_time(d);
-                    let tok = r.seq.accept(&self.lm, &l);
-                    if let Some(r) = self.deliver(r, tok) {
-                        self.running.push(r);
-                    }
-                }
-            }
-        }
+        let d = t.elapsed();
+        self.settle(rows, out, "decode step", |_, r| r.seq.add_decode_time(d));
     }
 }

@@ -152,61 +152,15 @@ impl Block {
 }
 
 impl Block {
-    /// Decodes one token for each of several sequences (see [`Attention::forward_rows`]).
-    fn forward_rows(
+    /// The layer around an inference attention variant (batched rows, beams, flattened
+    /// prompts): `attn` gets the normed input, residuals and the MLP are as in `forward`.
+    fn around(
         &self,
         x: &Tensor,
-        rope: &Rope,
-        kvs: &mut [&mut KvCache],
-        offsets: &[usize],
         ad: &BatchAdapters,
+        attn: impl FnOnce(&Attention, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let h = self
-            .attn
-            .forward_rows(&self.attn_norm.forward(x)?, rope, kvs, offsets, ad)?;
-        let x = (x + h)?;
-        let h = self.mlp.forward(&self.mlp_norm.forward(&x)?, ad)?;
-        Ok((x + h)?)
-    }
-
-    /// Decodes one token for each beam over a shared prompt cache (see
-    /// [`Attention::forward_beams`]).
-    fn forward_beams(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        prefix: &KvCache,
-        beams: &mut KvCache,
-        pos: usize,
-        ad: &BatchAdapters,
-    ) -> Result<Tensor> {
-        let h =
-            self.attn
-                .forward_beams(&self.attn_norm.forward(x)?, rope, prefix, beams, pos, ad)?;
-        let x = (x + h)?;
-        let h = self.mlp.forward(&self.mlp_norm.forward(&x)?, ad)?;
-        Ok((x + h)?)
-    }
-
-    /// Runs several sequences' prompts flattened into one (see
-    /// [`Attention::forward_segments`]).
-    fn forward_segments(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        kvs: &mut [&mut KvCache],
-        offsets: &[usize],
-        lens: &[usize],
-        ad: &BatchAdapters,
-    ) -> Result<Tensor> {
-        let h = self.attn.forward_segments(
-            &self.attn_norm.forward(x)?,
-            rope,
-            kvs,
-            offsets,
-            lens,
-            ad,
-        )?;
+        let h = attn(&self.attn, &self.attn_norm.forward(x)?)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.mlp_norm.forward(&x)?, ad)?;
         Ok((x + h)?)
@@ -534,7 +488,9 @@ impl Model {
             .reshape((b, 1, self.cfg.hidden_size))?;
         for (l, blk) in self.blocks.iter().enumerate() {
             let mut kvs: Vec<&mut KvCache> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            x = blk.forward_rows(&x, &self.rope, &mut kvs, &offsets, ad)?;
+            x = blk.around(&x, ad, |a, n| {
+                a.forward_rows(n, &self.rope, &mut kvs, &offsets, ad)
+            })?;
         }
         caches.iter_mut().for_each(|c| c.pos += 1);
         let h = self.norm.forward(&x)?.squeeze(1)?;
@@ -580,7 +536,9 @@ impl Model {
                 .reshape((1, total, self.cfg.hidden_size))?;
         for (l, blk) in self.blocks.iter().enumerate() {
             let mut kvs: Vec<&mut KvCache> = caches.iter_mut().map(|c| &mut c.layers[l]).collect();
-            x = blk.forward_segments(&x, &self.rope, &mut kvs, &offsets, &lens, &ad)?;
+            x = blk.around(&x, &ad, |a, n| {
+                a.forward_segments(n, &self.rope, &mut kvs, &offsets, &lens, &ad)
+            })?;
         }
         for (c, &l) in caches.iter_mut().zip(&lens) {
             c.pos += l;
@@ -630,7 +588,9 @@ impl Model {
             .zip(&prompt.layers)
             .zip(&mut beams.layers)
         {
-            x = blk.forward_beams(&x, &self.rope, pre, own, pos, ad)?;
+            x = blk.around(&x, ad, |a, n| {
+                a.forward_beams(n, &self.rope, pre, own, pos, ad)
+            })?;
         }
         beams.pos += 1;
         let h = self.norm.forward(&x)?.squeeze(1)?;

@@ -5,7 +5,7 @@
 //! weights, so this reads each weight row once and dots it with every activation row, four
 //! at a time in registers.
 
-use super::{par_rows, use_avx2, ROW_GROUP};
+use super::{fill_grouped, par_rows, use_avx2, ROW_GROUP};
 use crate::error::Result;
 use candle_core::{DType, Tensor};
 
@@ -53,26 +53,19 @@ pub fn matmul_rows(w: &[f32], rows: usize, cols: usize, xs: &[f32], m: usize, ou
     assert_eq!((w.len(), xs.len()), (rows * cols, m * cols));
     let avx2 = use_avx2();
     par_rows(out, rows, m, ROWS_PER_TASK, |r, buf| {
-        let wr = &w[r * cols..(r + 1) * cols];
+        let w = &w[r * cols..(r + 1) * cols];
         let x = |j: usize| &xs[j * cols..(j + 1) * cols];
-        let mut j = 0;
         #[cfg(target_arch = "x86_64")]
         if avx2 {
-            while j + ROW_GROUP <= m {
-                // SAFETY: only taken when the CPU reports avx2 and fma.
-                let v = unsafe { dot4_avx2(wr, std::array::from_fn(|k| x(j + k))) };
-                buf[j..j + ROW_GROUP].copy_from_slice(&v);
-                j += ROW_GROUP;
-            }
-            for (i, o) in buf.iter_mut().enumerate().skip(j) {
-                // SAFETY: as above.
-                *o = unsafe { dot_avx2(wr, x(i)) };
-            }
-            return;
+            // SAFETY: only taken when the CPU reports avx2 and fma.
+            let four = |j: usize| unsafe { dot4_avx2(w, std::array::from_fn(|k| x(j + k))) };
+            // SAFETY: as above.
+            let one = |j: usize| unsafe { dot_avx2(w, x(j)) };
+            return fill_grouped(buf, four, one);
         }
         let _ = avx2;
-        for (i, o) in buf.iter_mut().enumerate().skip(j) {
-            *o = dot_scalar(wr, x(i));
+        for (j, o) in buf.iter_mut().enumerate() {
+            *o = dot_scalar(w, x(j));
         }
     });
 }

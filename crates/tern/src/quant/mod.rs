@@ -113,6 +113,23 @@ pub(crate) fn par_rows(
 /// Activation rows handled together by the register-blocked kernels.
 pub(crate) const ROW_GROUP: usize = 4;
 
+/// Fills `buf[j]` for every activation row `j`: [`ROW_GROUP`] rows at a time with `four(j)`
+/// (rows `j..j + ROW_GROUP`), the rest one by one with `one(j)`.
+pub(crate) fn fill_grouped(
+    buf: &mut [f32],
+    four: impl Fn(usize) -> [f32; ROW_GROUP],
+    one: impl Fn(usize) -> f32,
+) {
+    let mut j = 0;
+    while j + ROW_GROUP <= buf.len() {
+        buf[j..j + ROW_GROUP].copy_from_slice(&four(j));
+        j += ROW_GROUP;
+    }
+    for (i, o) in buf.iter_mut().enumerate().skip(j) {
+        *o = one(i);
+    }
+}
+
 /// Whether the AVX2 + FMA + F16C kernels can run on this CPU.
 pub(crate) fn use_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -5,7 +5,7 @@
 //! llama.cpp. The math is ggml's: activations are rounded per 32-block to int8 (`Q8_1`-style
 //! with the block sum kept), and each block contributes `d_w*d_x*Σ q_w*q_x + m_w*s_x`.
 
-use super::{par_rows, use_avx2, BlockRows, RowKernel, BLOCK, ROW_GROUP};
+use super::{fill_grouped, par_rows, use_avx2, BlockRows, RowKernel, BLOCK, ROW_GROUP};
 use crate::error::Result;
 use candle_core::{Device, Tensor};
 use half::f16;
@@ -157,24 +157,17 @@ impl RowKernel for Q4_1Matrix {
         let avx2 = use_avx2();
         par_rows(out, rows, m, ROWS_PER_TASK, |r, buf| {
             let w = self.row(r);
-            let mut j = 0;
             #[cfg(target_arch = "x86_64")]
             if avx2 {
-                while j + ROW_GROUP <= m {
-                    let x = std::array::from_fn(|k| &xq[j + k]);
-                    // SAFETY: only taken when the CPU reports avx2, fma and f16c.
-                    buf[j..j + ROW_GROUP].copy_from_slice(&unsafe { dot4_avx2(w, x) });
-                    j += ROW_GROUP;
-                }
-                for (o, x) in buf[j..].iter_mut().zip(&xq[j..]) {
-                    // SAFETY: as above.
-                    *o = unsafe { dot_avx2(w, x) };
-                }
-                return;
+                // SAFETY: only taken when the CPU reports avx2, fma and f16c.
+                let four = |j: usize| unsafe { dot4_avx2(w, std::array::from_fn(|k| &xq[j + k])) };
+                // SAFETY: as above.
+                let one = |j: usize| unsafe { dot_avx2(w, &xq[j]) };
+                return fill_grouped(buf, four, one);
             }
             let _ = avx2;
-            for (o, x) in buf[j..].iter_mut().zip(&xq[j..]) {
-                *o = dot_scalar(w, x);
+            for (j, o) in buf.iter_mut().enumerate() {
+                *o = dot_scalar(w, &xq[j]);
             }
         });
     }

@@ -5,7 +5,7 @@
 //! keeps activations in f32, so logits are exact to the stored weights, while still reading
 //! the weight at 8.5 bits instead of the 32 of a dequantized copy.
 
-use super::{par_rows, use_avx2, BlockRows, RowKernel, BLOCK, ROW_GROUP};
+use super::{fill_grouped, par_rows, use_avx2, BlockRows, RowKernel, BLOCK, ROW_GROUP};
 use crate::error::Result;
 use candle_core::{Device, Tensor};
 use half::f16;
@@ -105,24 +105,17 @@ impl RowKernel for Q8_0Matrix {
         par_rows(out, rows, m, ROWS_PER_TASK, |r, buf| {
             let w = self.row(r);
             let x = |j: usize| &xs[j * cols..(j + 1) * cols];
-            let mut j = 0;
             #[cfg(target_arch = "x86_64")]
             if avx2 {
-                while j + ROW_GROUP <= m {
-                    // SAFETY: only taken when the CPU reports avx2, fma and f16c.
-                    let v = unsafe { dot4_avx2(w, std::array::from_fn(|k| x(j + k))) };
-                    buf[j..j + ROW_GROUP].copy_from_slice(&v);
-                    j += ROW_GROUP;
-                }
-                for (i, o) in buf.iter_mut().enumerate().skip(j) {
-                    // SAFETY: as above.
-                    *o = unsafe { dot_avx2(w, x(i)) };
-                }
-                return;
+                // SAFETY: only taken when the CPU reports avx2, fma and f16c.
+                let four = |j: usize| unsafe { dot4_avx2(w, std::array::from_fn(|k| x(j + k))) };
+                // SAFETY: as above.
+                let one = |j: usize| unsafe { dot_avx2(w, x(j)) };
+                return fill_grouped(buf, four, one);
             }
             let _ = avx2;
-            for (i, o) in buf.iter_mut().enumerate().skip(j) {
-                *o = dot_scalar(w, x(i));
+            for (j, o) in buf.iter_mut().enumerate() {
+                *o = dot_scalar(w, x(j));
             }
         });
     }
