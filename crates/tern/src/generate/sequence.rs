@@ -101,11 +101,6 @@ impl Sequence {
         self.done
     }
 
-    /// Whether the prompt still has to be run.
-    pub fn needs_prefill(&self) -> bool {
-        self.cache.is_empty()
-    }
-
     /// The token to run next (after prefill); `None` before prefill and once done.
     pub fn next_input(&self) -> Option<u32> {
         self.to_feed
