@@ -33,23 +33,14 @@ pub struct PrefixBenchArgs {
     /// Tokens in the shared prefix.
     #[arg(long, default_value_t = 1000)]
     pub prefix_tokens: usize,
-    /// Compute dtype.
-    #[arg(long)]
-    pub dtype: Option<String>,
+    #[command(flatten)]
+    pub load: crate::load_args::LoadArgs,
 }
 
 fn prefix(a: PrefixBenchArgs) -> Result<()> {
-    let dtype = a
-        .dtype
-        .as_deref()
-        .map(tern::device::parse_dtype)
-        .transpose()?;
     let r = tern::bench::prefix::run(
         &crate::resolve::model(&a.model)?,
-        &LoadOptions {
-            dtype,
-            ..Default::default()
-        },
+        &a.load.options()?,
         a.prefix_tokens,
     )
     .with_context(|| format!("benchmarking {}", a.model.display()))?;
@@ -77,23 +68,14 @@ pub struct BatchBenchArgs {
     /// Tokens per row.
     #[arg(long, default_value_t = 32)]
     pub max_tokens: usize,
-    /// Compute dtype.
-    #[arg(long)]
-    pub dtype: Option<String>,
+    #[command(flatten)]
+    pub load: crate::load_args::LoadArgs,
 }
 
 fn batch(a: BatchBenchArgs) -> Result<()> {
-    let dtype = a
-        .dtype
-        .as_deref()
-        .map(tern::device::parse_dtype)
-        .transpose()?;
     let r = tern::bench::batch::run(
         &crate::resolve::model(&a.model)?,
-        &LoadOptions {
-            dtype,
-            ..Default::default()
-        },
+        &a.load.options()?,
         &tern::bench::batch::BatchBenchOptions {
             rows: a.rows,
             batch: a.batch,
@@ -131,9 +113,8 @@ pub struct TrainBenchArgs {
     /// Recompute each layer in backward (less memory, more compute).
     #[arg(long)]
     pub grad_checkpointing: bool,
-    /// Compute dtype of the frozen base.
-    #[arg(long)]
-    pub dtype: Option<String>,
+    #[command(flatten)]
+    pub load: crate::load_args::LoadArgs,
 }
 
 /// Arguments of `tern bench adapters`.
@@ -160,9 +141,8 @@ pub struct AdapterBenchArgs {
     /// Rows of the batched comparison.
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
-    /// Compute dtype (for GGUF: dequantize to it).
-    #[arg(long)]
-    pub dtype: Option<String>,
+    #[command(flatten)]
+    pub load: crate::load_args::LoadArgs,
     /// Adapter storage dtype (default: f16 over a quantized base, else the compute dtype).
     #[arg(long)]
     pub adapter_dtype: Option<String>,
@@ -183,9 +163,8 @@ pub struct GenerateBenchArgs {
     /// Timed runs (best kept).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// Compute dtype (for GGUF: dequantize to it).
-    #[arg(long)]
-    pub dtype: Option<String>,
+    #[command(flatten)]
+    pub load: crate::load_args::LoadArgs,
     /// GGUF with tied embeddings: compute logits through candle's quantized matmul, rounding
     /// activations to int8 as llama.cpp does (default: exact logits from the stored blocks).
     #[arg(long)]
@@ -201,11 +180,6 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Batch(a) => batch(a),
         BenchCommand::Prefix(a) => prefix(a),
         BenchCommand::Generate(a) => {
-            let dtype = a
-                .dtype
-                .as_deref()
-                .map(tern::device::parse_dtype)
-                .transpose()?;
             let opts = GenerateBenchOptions {
                 prompt_tokens: a.prompt_tokens,
                 gen_tokens: a.gen_tokens,
@@ -214,9 +188,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let r = tern::bench::generate::run(
                 &crate::resolve::model(&a.model)?,
                 &LoadOptions {
-                    dtype,
                     quantized_head: a.quantized_head,
-                    ..Default::default()
+                    ..a.load.options()?
                 },
                 &opts,
             )
@@ -269,11 +242,6 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 }
 
 fn adapters(a: AdapterBenchArgs) -> Result<()> {
-    let dtype = a
-        .dtype
-        .as_deref()
-        .map(tern::device::parse_dtype)
-        .transpose()?;
     let adapter_dtype = a
         .adapter_dtype
         .as_deref()
@@ -294,9 +262,8 @@ fn adapters(a: AdapterBenchArgs) -> Result<()> {
     let r = tern::bench::adapters::run(
         &crate::resolve::model(&a.model)?,
         &LoadOptions {
-            dtype,
             adapter_dtype,
-            ..Default::default()
+            ..a.load.options()?
         },
         &opts,
     )
@@ -354,11 +321,6 @@ fn adapters(a: AdapterBenchArgs) -> Result<()> {
 }
 
 fn train(a: TrainBenchArgs) -> Result<()> {
-    let dtype = a
-        .dtype
-        .as_deref()
-        .map(tern::device::parse_dtype)
-        .transpose()?;
     let o = tern::bench::train::TrainBenchOptions {
         rank: a.rank,
         batch: a.batch,
@@ -368,10 +330,7 @@ fn train(a: TrainBenchArgs) -> Result<()> {
     };
     let r = tern::bench::train::run(
         &crate::resolve::model(&a.model)?,
-        &LoadOptions {
-            dtype,
-            ..Default::default()
-        },
+        &a.load.options()?,
         &o,
     )
     .with_context(|| format!("benchmarking training on {}", a.model.display()))?;

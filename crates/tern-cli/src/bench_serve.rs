@@ -46,9 +46,8 @@ pub struct ServeBenchArgs {
     /// The in-process server's batch size.
     #[arg(long, default_value_t = 32)]
     pub max_batch: usize,
-    /// Compute dtype of the in-process model.
-    #[arg(long)]
-    pub dtype: Option<String>,
+    #[command(flatten)]
+    pub load: crate::load_args::LoadArgs,
 }
 
 fn print(rows: &[ServeBenchRow]) -> Result<()> {
@@ -116,7 +115,7 @@ pub fn run(a: ServeBenchArgs) -> Result<()> {
     let Some(model) = &a.model else {
         bail!("give --model PATH or --url URL");
     };
-    let lm = crate::resolve::load(model, a.dtype.as_deref())?;
+    let lm = crate::resolve::load(model, &a.load)?;
     let rows = tern_server::bench::run(
         Arc::new(lm),
         &ServeBenchOptions {

@@ -34,9 +34,8 @@ pub struct ChatArgs {
     /// Random seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Compute dtype: f32, bf16 or f16 (for GGUF: dequantize to it).
-    #[arg(long)]
-    pub dtype: Option<String>,
+    #[command(flatten)]
+    pub load: crate::load_args::LoadArgs,
 }
 
 const HELP: &str =
@@ -44,7 +43,7 @@ const HELP: &str =
 
 /// Runs `tern chat` on stdin and stdout; token counts per turn go to stderr.
 pub fn run(a: ChatArgs) -> Result<()> {
-    let lm = crate::resolve::load(&a.model, a.dtype.as_deref())?;
+    let lm = crate::resolve::load(&a.model, &a.load)?;
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     ctrlc::set_handler(move || s.store(true, Ordering::SeqCst))

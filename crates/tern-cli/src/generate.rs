@@ -94,9 +94,8 @@ pub struct GenerateArgs {
     /// Stop when this text appears (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
-    /// Compute dtype: f32, bf16 or f16 (for GGUF: dequantize to it; default keeps it quantized).
-    #[arg(long)]
-    pub dtype: Option<String>,
+    #[command(flatten)]
+    pub load: crate::load_args::LoadArgs,
     /// GGUF with tied embeddings: compute logits through candle's quantized matmul, rounding
     /// activations to int8 as llama.cpp does (default: exact logits from the stored blocks).
     #[arg(long)]
@@ -117,18 +116,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
     };
     sampling.validate()?;
-    let dtype = a
-        .dtype
-        .as_deref()
-        .map(tern::device::parse_dtype)
-        .transpose()?;
     let model = crate::resolve::model(&a.model)?;
     let mut lm = LoadedModel::load(
         &model,
         &LoadOptions {
-            dtype,
             quantized_head: a.quantized_head,
-            ..Default::default()
+            ..a.load.options()?
         },
     )
     .with_context(|| format!("loading {}", a.model.display()))?;

@@ -8,7 +8,9 @@ mod chat;
 mod convert;
 mod generate;
 mod inspect;
+mod load_args;
 mod merge;
+mod quantize;
 mod resolve;
 mod serve;
 mod train;
@@ -41,6 +43,8 @@ enum Command {
     Merge(merge::MergeArgs),
     /// Rewrite a legacy PyTorch (.bin) checkpoint or adapter as safetensors.
     Convert(convert::ConvertArgs),
+    /// Write a Hugging Face checkpoint as a quantized GGUF file (tern and llama.cpp load it).
+    Quantize(quantize::QuantizeArgs),
     /// Describe a checkpoint: architecture, parameters, dtypes, files, tokenizer, template.
     Inspect(inspect::InspectArgs),
     /// Measure load, prompt and decode speed, memory and streaming overhead.
@@ -106,6 +110,7 @@ fn main() -> ExitCode {
         Command::Merge(a) => merge::run(a),
         Command::Train(a) => train::run(*a),
         Command::Convert(a) => convert::run(a),
+        Command::Quantize(a) => quantize::run(a),
         Command::Bench(b) => bench::run(b),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "tern", &mut std::io::stdout());

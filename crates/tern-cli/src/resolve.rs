@@ -20,13 +20,9 @@ pub fn adapter(p: &Path) -> Result<PathBuf> {
     go(p, RepoKind::Adapter)
 }
 
-/// Loads `--model` (a path or Hub id) with an optional `--dtype`, naming it on failure.
-pub fn load(p: &Path, dtype: Option<&str>) -> Result<tern::LoadedModel> {
+/// Loads `--model` (a path or Hub id) as `--dtype`/`--quantize` say, naming it on failure.
+pub fn load(p: &Path, flags: &crate::load_args::LoadArgs) -> Result<tern::LoadedModel> {
     use anyhow::Context;
-    let dtype = dtype.map(tern::device::parse_dtype).transpose()?;
-    let opts = tern::LoadOptions {
-        dtype,
-        ..Default::default()
-    };
-    tern::LoadedModel::load(&model(p)?, &opts).with_context(|| format!("loading {}", p.display()))
+    tern::LoadedModel::load(&model(p)?, &flags.options()?)
+        .with_context(|| format!("loading {}", p.display()))
 }

@@ -63,9 +63,8 @@ pub struct ServeArgs {
     /// Memory those answers may take.
     #[arg(long, default_value = "64MB")]
     pub response_cache_bytes: String,
-    /// Compute dtype: f32, bf16 or f16 (for GGUF: dequantize to it; default keeps it quantized).
-    #[arg(long)]
-    pub dtype: Option<String>,
+    #[command(flatten)]
+    pub load: crate::load_args::LoadArgs,
 }
 
 fn parse_adapter(s: &str) -> Result<(String, PathBuf)> {
@@ -95,7 +94,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
             .unwrap_or_else(|| "tern".into())
     });
-    let lm = crate::resolve::load(&a.model, a.dtype.as_deref())?;
+    let lm = crate::resolve::load(&a.model, &a.load)?;
     let cfg = ServeConfig {
         host: a.host,
         port: a.port,

@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod gguf;
+pub mod gguf_write;
 pub mod hf_dir;
 pub mod hub;
 pub mod pickle;

@@ -92,6 +92,33 @@ impl TensorFile {
         ))
     }
 
+    /// Drops the mapped pages that lie wholly inside tensor `name` from this process's
+    /// resident set, once a caller holds its own copy: otherwise every byte read stays counted
+    /// in RSS until the file is unmapped, so a quantized load would peak at the float file's
+    /// size. A later read just faults the pages back in from the page cache.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(e) = self.entries.get(name) {
+            const PAGE: usize = 4096;
+            let start = (self.data_start + e.start).next_multiple_of(PAGE);
+            let end = (self.data_start + e.end) / PAGE * PAGE;
+            if end > start {
+                // SAFETY: the map is a read-only view of a file nobody writes while we run, so
+                // dropping its pages loses nothing (they are re-read on access), and no slice
+                // into them is alive in this call.
+                let _ = unsafe {
+                    self.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = name;
+    }
+
     /// Builds a tensor on `device` in `dtype` from the mapped bytes (one copy, then a cast
     /// only if the stored dtype differs).
     pub fn tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {

@@ -3,6 +3,7 @@
 
 use super::safetensors::TensorFile;
 use crate::error::{Result, TernError};
+use crate::quant::scheme::{plan, quantize_tensor, QuantType};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -155,12 +156,15 @@ impl Weights {
 }
 
 /// Reads every tensor of the given safetensors files into `dtype` on `device`, spreading the
-/// work over threads (each file is mapped once; tensors are handed out largest first).
+/// work over threads (each file is mapped once; tensors are handed out largest first). With
+/// `quantize`, the projection matrices are quantized as they are read (see
+/// [`crate::quant::scheme::plan`]), so at most one float copy per thread exists at a time.
 pub fn load_safetensors(
     source: &Path,
     files: &[PathBuf],
     dtype: DType,
     device: &Device,
+    quantize: Option<QuantType>,
 ) -> Result<(Weights, LoadReport)> {
     let start = Instant::now();
     let mapped: Vec<TensorFile> = files
@@ -185,7 +189,7 @@ pub fn load_safetensors(
         .min(jobs.len().max(1))
         .min(8);
     let next = AtomicUsize::new(0);
-    let results: Vec<Result<Vec<(String, Tensor)>>> = std::thread::scope(|s| {
+    let results: Vec<Result<Vec<(String, Weight)>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
@@ -195,7 +199,13 @@ pub fn load_safetensors(
                         let Some((file, name, _)) = jobs.get(i) else {
                             break;
                         };
-                        out.push((name.clone(), mapped[*file].tensor(name, dtype, device)?));
+                        let t = mapped[*file].tensor(name, dtype, device)?;
+                        mapped[*file].release(name);
+                        let w = match quantize.and_then(|q| plan(q, name, t.dims())) {
+                            Some(g) => Weight::Quant(Arc::new(quantize_tensor(name, &t, g)?)),
+                            None => Weight::Float(t),
+                        };
+                        out.push((name.clone(), w));
                     }
                     Ok(out)
                 })
@@ -208,9 +218,7 @@ pub fn load_safetensors(
     });
     let mut map = HashMap::with_capacity(jobs.len());
     for r in results {
-        for (name, t) in r? {
-            map.insert(name, Weight::Float(t));
-        }
+        map.extend(r?);
     }
     let conv: Vec<String> = stored
         .iter()
@@ -228,9 +236,13 @@ pub fn load_safetensors(
         bytes,
         tensors: map.len(),
         path_kind: format!(
-            "mmap, {} file(s), {threads} thread(s), {}",
+            "mmap, {} file(s), {threads} thread(s), {}{}",
             files.len(),
-            conv.join(",")
+            conv.join(","),
+            match quantize {
+                Some(q) => format!(", quantized to {q}"),
+                None => String::new(),
+            }
         ),
     };
     Ok((

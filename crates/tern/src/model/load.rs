@@ -7,6 +7,7 @@ use crate::checkpoint::{weights::load_safetensors, Checkpoint, LoadReport};
 use crate::device::{default_dtype, DeviceKind};
 use crate::error::{Result, TernError};
 use crate::lora::{AdapterRegistry, LoraAdapter};
+use crate::quant::QuantType;
 use crate::tokenizer::{gguf::from_gguf, ChatTemplate, Tokenizer};
 use candle_core::DType;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,9 @@ pub struct LoadOptions {
     /// base on the CPU (decode there is bound by bytes read, and f16 halves the adapter's;
     /// its rounding is far below the base's own).
     pub adapter_dtype: Option<DType>,
+    /// Quantize a float checkpoint's projection matrices to this type while loading
+    /// (embeddings and norms stay float); refused for GGUF files, which are quantized already.
+    pub quantize: Option<QuantType>,
 }
 
 /// A model ready to generate with.
@@ -102,10 +106,17 @@ impl LoadedModel {
                     None => vec![],
                 };
                 let dtype = opts.dtype.unwrap_or_else(|| default_dtype(&device));
-                let (w, r) = load_safetensors(&d.dir, &d.weight_files, dtype, &device)?;
+                let (w, r) =
+                    load_safetensors(&d.dir, &d.weight_files, dtype, &device, opts.quantize)?;
                 (cfg, w, r, tokenizer, tmpl, gen_eos, "hf")
             }
             Checkpoint::Gguf(g) => {
+                if let Some(q) = opts.quantize {
+                    return Err(TernError::InvalidArgument(format!(
+                        "--quantize {q} applies to float checkpoints; {} is a GGUF file, already stored in its own types (drop --quantize, or pass the Hugging Face directory)",
+                        path.display()
+                    )));
+                }
                 let cfg = ModelConfig::from_gguf(g)?;
                 let tokenizer = from_gguf(g)?;
                 let tmpl = match g.metadata().get("tokenizer.chat_template") {

@@ -5,6 +5,7 @@ pub mod attention;
 mod checkpointing;
 pub mod config;
 pub mod decoder;
+pub mod gguf_export;
 pub mod inspect;
 pub mod layers;
 pub mod load;

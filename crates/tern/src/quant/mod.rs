@@ -5,6 +5,9 @@
 pub mod dense;
 pub mod q4_1;
 pub mod q8_0;
+pub mod scheme;
+
+pub use scheme::QuantType;
 
 use crate::error::Result;
 use candle_core::{Device, Tensor};

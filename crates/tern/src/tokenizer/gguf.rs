@@ -45,6 +45,39 @@ fn gpt2_pre_tokenizer(pre: &str) -> Json {
     }
 }
 
+/// The `tokenizer.ggml.pre` name for a `tokenizer.json` pre-tokenizer: the inverse of
+/// [`gpt2_pre_tokenizer`], by the regex or digit split it uses; `default` (with a warning)
+/// for ones llama.cpp has no name for.
+pub fn pre_tokenizer_name(pre: &Json) -> &'static str {
+    let parts: Vec<&Json> = match pre["type"].as_str() {
+        Some("Sequence") => pre["pretokenizers"].as_array().into_iter().flatten().collect(),
+        _ => vec![pre],
+    };
+    let regex = parts
+        .iter()
+        .find(|p| p["type"] == "Split")
+        .and_then(|p| p["pattern"]["Regex"].as_str());
+    let digits = parts
+        .iter()
+        .any(|p| p["type"] == "Digits" && p["individual_digits"] == true);
+    let byte_level_regex = parts
+        .iter()
+        .any(|p| p["type"] == "ByteLevel" && p["use_regex"] != false);
+    match regex {
+        Some(r) if r == LLAMA3_REGEX => "llama-bpe",
+        Some(r) if r == QWEN2_REGEX => "qwen2",
+        Some(r) if r == GPT2_REGEX => "gpt-2",
+        None if digits && byte_level_regex => "smollm",
+        None if byte_level_regex && parts.len() == 1 => "gpt-2",
+        _ => {
+            tracing::warn!(
+                "pre-tokenizer {pre} has no llama.cpp name; writing `default` (llama.cpp may split text differently)"
+            );
+            "default"
+        }
+    }
+}
+
 /// Builds the tokenizer stored in a GGUF file.
 pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer> {
     let md = g.metadata();

@@ -1,0 +1,33 @@
+//! `--dtype` and `--quantize`: how every command that runs a model loads it.
+
+use anyhow::Result;
+use clap::Args;
+use tern::quant::QuantType;
+use tern::LoadOptions;
+
+/// Load flags shared by `generate`, `chat`, `serve` and the benchmarks.
+#[derive(Args, Debug, Clone, Default)]
+pub struct LoadArgs {
+    /// Compute dtype: f32, bf16 or f16 (for GGUF: dequantize to it; default keeps it quantized).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Quantize a float checkpoint's linear layers while loading: q8_0, q4_k, q4_0, q4_1 or
+    /// q5_0 (embeddings and norms stay float).
+    #[arg(long, value_name = "TYPE")]
+    pub quantize: Option<QuantType>,
+}
+
+impl LoadArgs {
+    /// The library's load options for these flags.
+    pub fn options(&self) -> Result<LoadOptions> {
+        Ok(LoadOptions {
+            dtype: self
+                .dtype
+                .as_deref()
+                .map(tern::device::parse_dtype)
+                .transpose()?,
+            quantize: self.quantize,
+            ..Default::default()
+        })
+    }
+}

@@ -1,0 +1,169 @@
+//! Which GGML block type each weight gets when float weights are quantized (at load time with
+//! `--quantize`, or into a GGUF file with `tern quantize`).
+//!
+//! Only the projection matrices are quantized: embeddings and norms stay float (they are small
+//! or looked up a row at a time), as llama.cpp does. An untied output head is a linear layer
+//! like the others, but errors there reach the logits undamped, so it gets Q8_0 whatever the
+//! requested type (llama.cpp keeps it at Q6_K or better for the same reason). A matrix whose
+//! width is not a multiple of the type's block falls back the way llama.cpp's quantizer does
+//! (Q4_K -> Q5_0): SmolLM2's 576-wide layers cannot hold 256-element K-quant blocks.
+
+use crate::error::{Result, TernError};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::Tensor;
+use std::fmt;
+use std::str::FromStr;
+
+/// A quantization type users can ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantType {
+    /// 8-bit, 32-element blocks with one f16 scale (8.5 bits per weight).
+    Q8_0,
+    /// 4-bit k-quant, 256-element super-blocks (4.5 bits per weight).
+    Q4K,
+    /// 4-bit, 32-element blocks with one f16 scale (4.5 bits per weight).
+    Q4_0,
+    /// 4-bit, 32-element blocks with an f16 scale and minimum (5 bits per weight).
+    Q4_1,
+    /// 5-bit, 32-element blocks with one f16 scale (5.5 bits per weight).
+    Q5_0,
+}
+
+impl QuantType {
+    /// Every type, in the order help texts list them.
+    pub const ALL: [QuantType; 5] = [
+        QuantType::Q8_0,
+        QuantType::Q4K,
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q5_0,
+    ];
+
+    /// The GGML block type.
+    pub fn ggml(self) -> GgmlDType {
+        match self {
+            QuantType::Q8_0 => GgmlDType::Q8_0,
+            QuantType::Q4K => GgmlDType::Q4K,
+            QuantType::Q4_0 => GgmlDType::Q4_0,
+            QuantType::Q4_1 => GgmlDType::Q4_1,
+            QuantType::Q5_0 => GgmlDType::Q5_0,
+        }
+    }
+
+    /// The lowercase name used on the command line and in GGUF file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantType::Q8_0 => "q8_0",
+            QuantType::Q4K => "q4_k",
+            QuantType::Q4_0 => "q4_0",
+            QuantType::Q4_1 => "q4_1",
+            QuantType::Q5_0 => "q5_0",
+        }
+    }
+
+    /// llama.cpp's `general.file_type` code for a file mostly of this type.
+    pub fn gguf_file_type(self) -> u32 {
+        match self {
+            QuantType::Q4_0 => 2,
+            QuantType::Q4_1 => 3,
+            QuantType::Q8_0 => 7,
+            QuantType::Q5_0 => 8,
+            QuantType::Q4K => 15, // MOSTLY_Q4_K_M
+        }
+    }
+
+    /// The block type a `[rows, cols]` matrix gets: this type when `cols` holds whole blocks,
+    /// else llama.cpp's fallback; `None` when no 32-element type fits either (stay float).
+    pub fn for_width(self, cols: usize) -> Option<GgmlDType> {
+        let want = self.ggml();
+        if cols.is_multiple_of(want.block_size()) {
+            return Some(want);
+        }
+        let fallback = match self {
+            QuantType::Q4K => GgmlDType::Q5_0,
+            _ => return None,
+        };
+        cols.is_multiple_of(fallback.block_size())
+            .then_some(fallback)
+    }
+}
+
+impl fmt::Display for QuantType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for QuantType {
+    type Err = TernError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let key = s.to_ascii_lowercase().replace('-', "_");
+        let key = match key.as_str() {
+            "q4_k_m" | "q4k" => "q4_k",
+            "q80" => "q8_0",
+            k => k,
+        }
+        .to_string();
+        QuantType::ALL
+            .into_iter()
+            .find(|t| t.name() == key)
+            .ok_or_else(|| {
+                TernError::InvalidArgument(format!(
+                    "unknown quantization type `{s}`; choose one of {}",
+                    QuantType::ALL.map(|t| t.name()).join(", ")
+                ))
+            })
+    }
+}
+
+/// What a weight of this Hugging Face name and shape becomes under `q`: `None` keeps it float.
+pub fn plan(q: QuantType, name: &str, dims: &[usize]) -> Option<GgmlDType> {
+    let &[_, cols] = dims else { return None };
+    if name == "lm_head.weight" {
+        return QuantType::Q8_0.for_width(cols);
+    }
+    let projection = name.starts_with("model.layers.")
+        && name.ends_with("_proj.weight")
+        && (name.contains(".self_attn.") || name.contains(".mlp."));
+    if projection {
+        q.for_width(cols)
+    } else {
+        None
+    }
+}
+
+/// Quantizes `t` to `dtype`, naming the tensor if candle refuses.
+pub fn quantize_tensor(name: &str, t: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
+    QTensor::quantize(t, dtype).map_err(|e| {
+        TernError::InvalidArgument(format!("cannot quantize `{name}` to {dtype:?}: {e}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names_and_refuses_unknown() {
+        assert_eq!("Q4_K_M".parse::<QuantType>().unwrap(), QuantType::Q4K);
+        assert_eq!("q8_0".parse::<QuantType>().unwrap(), QuantType::Q8_0);
+        let e = "q3_k".parse::<QuantType>().unwrap_err().to_string();
+        assert!(e.contains("q3_k") && e.contains("q8_0, q4_k"), "{e}");
+    }
+
+    #[test]
+    fn only_projections_and_untied_head_are_quantized() {
+        let q = QuantType::Q4K;
+        let p = "model.layers.3.self_attn.q_proj.weight";
+        assert_eq!(plan(q, p, &[512, 512]), Some(GgmlDType::Q4K));
+        // 576 is not a multiple of 256: llama.cpp's Q4_K fallback.
+        assert_eq!(plan(q, p, &[576, 576]), Some(GgmlDType::Q5_0));
+        assert_eq!(plan(q, p, &[8, 24]), None);
+        assert_eq!(plan(q, "lm_head.weight", &[100, 576]), Some(GgmlDType::Q8_0));
+        assert_eq!(plan(q, "model.embed_tokens.weight", &[100, 576]), None);
+        assert_eq!(plan(q, "model.layers.0.input_layernorm.weight", &[576]), None);
+        assert_eq!(plan(q, "model.layers.0.self_attn.q_proj.bias", &[576]), None);
+        assert_eq!(plan(QuantType::Q8_0, p, &[64, 64]), Some(GgmlDType::Q8_0));
+    }
+}
