@@ -22,6 +22,62 @@ pub enum BenchCommand {
     Batch(BatchBenchArgs),
     /// Time to first token with a long shared prompt prefix, cold vs from the prefix cache.
     Prefix(PrefixBenchArgs),
+    /// Perplexity of a fixed text as stored and quantized (the cost of each type).
+    Quality(QualityBenchArgs),
+}
+
+/// Arguments of `tern bench quality`.
+#[derive(Args, Debug)]
+pub struct QualityBenchArgs {
+    /// A Hugging Face checkpoint directory, a .gguf file or a Hub id.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Quantization types to score against the model as stored (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "q8_0,q4_k")]
+    pub types: Vec<tern::quant::QuantType>,
+    /// GGUF files to score as well (e.g. written by `tern quantize` or llama.cpp).
+    #[arg(long)]
+    pub gguf: Vec<PathBuf>,
+    /// Tokens per scoring window (windows overlap by half).
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// Compute dtype.
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+fn quality(a: QualityBenchArgs) -> Result<()> {
+    let model = crate::resolve::model(&a.model)?;
+    let types = if model.is_file() { vec![] } else { a.types };
+    let mut variants = tern::bench::quality::variants(&model, &types);
+    for g in &a.gguf {
+        variants.push(tern::bench::quality::QualityVariant {
+            label: g
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            path: g.clone(),
+            quantize: None,
+        });
+    }
+    let load = crate::load_args::LoadArgs {
+        dtype: a.dtype,
+        quantize: None,
+    };
+    let r = tern::bench::quality::run(&variants, &load.options()?, a.ctx)
+        .with_context(|| format!("scoring {}", a.model.display()))?;
+    println!(
+        "text           {} tokens, windows of {} (bench/data/perplexity.txt)",
+        r.tokens, r.ctx
+    );
+    for row in &r.rows {
+        println!(
+            "{:<14} perplexity {:>9.4}  {:>+7.2} %  ({:.1} s)",
+            row.label, row.perplexity, row.delta_pct, row.seconds
+        );
+    }
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
 }
 
 /// Arguments of `tern bench prefix`.
@@ -179,6 +235,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Serve(a) => crate::bench_serve::run(a),
         BenchCommand::Batch(a) => batch(a),
         BenchCommand::Prefix(a) => prefix(a),
+        BenchCommand::Quality(a) => quality(a),
         BenchCommand::Generate(a) => {
             let opts = GenerateBenchOptions {
                 prompt_tokens: a.prompt_tokens,

@@ -4,6 +4,7 @@ pub mod adapters;
 pub mod batch;
 pub mod generate;
 pub mod prefix;
+pub mod quality;
 pub mod train;
 
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), if known.

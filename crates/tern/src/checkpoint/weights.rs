@@ -3,7 +3,7 @@
 
 use super::safetensors::TensorFile;
 use crate::error::{Result, TernError};
-use crate::quant::scheme::{plan, quantize_tensor, QuantType};
+use crate::quant::scheme::{layer_count, plan, quantize_tensor, QuantType};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -182,6 +182,7 @@ pub fn load_safetensors(
         }
     }
     jobs.sort_by_key(|j| std::cmp::Reverse(j.2));
+    let layers = layer_count(jobs.iter().map(|j| j.1.as_str()));
     let bytes: u64 = jobs.iter().map(|j| j.2 as u64).sum();
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -201,7 +202,7 @@ pub fn load_safetensors(
                         };
                         let t = mapped[*file].tensor(name, dtype, device)?;
                         mapped[*file].release(name);
-                        let w = match quantize.and_then(|q| plan(q, name, t.dims())) {
+                        let w = match quantize.and_then(|q| plan(q, name, t.dims(), layers)) {
                             Some(g) => Weight::Quant(Arc::new(quantize_tensor(name, &t, g)?)),
                             None => Weight::Float(t),
                         };

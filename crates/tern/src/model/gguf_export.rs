@@ -131,7 +131,9 @@ pub fn export_gguf(src: &Path, out: &Path, ty: ExportType, force: bool) -> Resul
             let dtype = match (ty, dims.len()) {
                 (_, 1) | (ExportType::F32, _) => GgmlDType::F32,
                 (ExportType::F16, _) => GgmlDType::F16,
-                (ExportType::Quant(q), _) => plan(q, name, &dims).unwrap_or(GgmlDType::F16),
+                (ExportType::Quant(q), _) => {
+                    plan(q, name, &dims, cfg.num_layers).unwrap_or(GgmlDType::F16)
+                }
             };
             let permute_heads = match () {
                 _ if arch != "llama" || dims.len() != 2 => None,
