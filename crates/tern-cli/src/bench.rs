@@ -385,12 +385,8 @@ fn train(a: TrainBenchArgs) -> Result<()> {
         steps: a.steps,
         grad_checkpointing: a.grad_checkpointing,
     };
-    let r = tern::bench::train::run(
-        &crate::resolve::model(&a.model)?,
-        &a.load.options()?,
-        &o,
-    )
-    .with_context(|| format!("benchmarking training on {}", a.model.display()))?;
+    let r = tern::bench::train::run(&crate::resolve::model(&a.model)?, &a.load.options()?, &o)
+        .with_context(|| format!("benchmarking training on {}", a.model.display()))?;
     println!("{:<14} {}", "model", r.model);
     println!(
         "{:<14} rank {} all-linear, {} trainable parameters",

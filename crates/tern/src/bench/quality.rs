@@ -66,18 +66,19 @@ pub fn mean_nll(lm: &LoadedModel, ids: &[u32], ctx: usize) -> Result<f64> {
         let end = (begin + ctx).min(ids.len());
         let window = &ids[begin..end];
         let input = Tensor::new(window, lm.model.device())?.unsqueeze(0)?;
-        let logits = lm.model.forward_all_with(
-            &input,
-            &mut lm.model.new_cache(),
-            &BatchAdapters::none(),
-        )?;
+        let logits =
+            lm.model
+                .forward_all_with(&input, &mut lm.model.new_cache(), &BatchAdapters::none())?;
         let lp = log_softmax_last(&logits)?.squeeze(0)?;
         // Position i of the window predicts window[i + 1] = ids[begin + i + 1].
         let first = scored - begin - 1;
         let n = window.len() - 1 - first;
         let targets = Tensor::new(&window[first + 1..], lp.device())?.unsqueeze(1)?;
         let picked = lp.narrow(0, first, n)?.gather(&targets, D::Minus1)?;
-        sum -= picked.to_dtype(candle_core::DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        sum -= picked
+            .to_dtype(candle_core::DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
         count += n;
         scored = end;
         if end == ids.len() {

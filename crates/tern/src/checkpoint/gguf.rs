@@ -6,6 +6,7 @@
 //! we undo the permutation on the raw rows (quantized blocks never straddle rows, so this
 //! works for every block type without dequantizing).
 
+use super::tensor_file::release_pages;
 use super::weights::{LoadReport, Weight, Weights};
 use crate::error::{Result, TernError};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -193,6 +194,7 @@ impl GgufFile {
                                 None
                             };
                             let w = self.read_tensor(name, heads, dequantize, compute, device)?;
+                            release_pages(&self.mmap, self.raw_range(name)?);
                             out.push((hf, w));
                         }
                         Ok(out)

@@ -95,7 +95,10 @@ fn put_value(b: &mut Vec<u8>, key: &str, v: &Value) -> Result<()> {
         Value::String(s) => put_str(b, s),
         Value::Array(items) => {
             let t = items.first().map(value_type).unwrap_or(4);
-            if items.iter().any(|i| value_type(i) != t || matches!(i, Value::Array(_))) {
+            if items
+                .iter()
+                .any(|i| value_type(i) != t || matches!(i, Value::Array(_)))
+            {
                 return Err(TernError::InvalidArgument(format!(
                     "GGUF metadata `{key}`: arrays must hold one scalar type"
                 )));
@@ -219,7 +222,10 @@ mod tests {
             },
         ];
         let meta = vec![
-            ("general.architecture".to_string(), Value::String("llama".into())),
+            (
+                "general.architecture".to_string(),
+                Value::String("llama".into()),
+            ),
             (
                 "xs".to_string(),
                 Value::Array(vec![Value::I32(-1), Value::I32(7)]),
@@ -236,16 +242,32 @@ mod tests {
         write_gguf(&p, &meta, &plans, |i| Ok(bytes[i].clone())).unwrap();
         let mut f = std::fs::File::open(&p).unwrap();
         let c = Content::read(&mut f).unwrap();
-        assert_eq!(c.metadata["general.architecture"].to_string().unwrap(), "llama");
+        assert_eq!(
+            c.metadata["general.architecture"].to_string().unwrap(),
+            "llama"
+        );
         assert_eq!(c.metadata["xs"].to_vec().unwrap()[1].to_i32().unwrap(), 7);
         let a = c.tensor(&mut f, "a", &Device::Cpu).unwrap();
         assert_eq!(a.shape().dims(), &[3, 64]);
         let back = a.dequantize(&Device::Cpu).unwrap();
         let want = q.dequantize(&Device::Cpu).unwrap();
-        let diff: f32 = (back - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let diff: f32 = (back - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert_eq!(diff, 0.0);
         let nn = c.tensor(&mut f, "n", &Device::Cpu).unwrap();
-        assert_eq!(nn.dequantize(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap(), [1.0, 2.0, 3.0]);
+        assert_eq!(
+            nn.dequantize(&Device::Cpu)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            [1.0, 2.0, 3.0]
+        );
     }
 
     #[test]

@@ -92,31 +92,15 @@ impl TensorFile {
         ))
     }
 
-    /// Drops the mapped pages that lie wholly inside tensor `name` from this process's
-    /// resident set, once a caller holds its own copy: otherwise every byte read stays counted
-    /// in RSS until the file is unmapped, so a quantized load would peak at the float file's
-    /// size. A later read just faults the pages back in from the page cache.
+    /// Drops tensor `name`'s mapped pages from the resident set once a caller holds its own
+    /// copy (see [`release_pages`]).
     pub fn release(&self, name: &str) {
-        #[cfg(unix)]
         if let Some(e) = self.entries.get(name) {
-            const PAGE: usize = 4096;
-            let start = (self.data_start + e.start).next_multiple_of(PAGE);
-            let end = (self.data_start + e.end) / PAGE * PAGE;
-            if end > start {
-                // SAFETY: the map is a read-only view of a file nobody writes while we run, so
-                // dropping its pages loses nothing (they are re-read on access), and no slice
-                // into them is alive in this call.
-                let _ = unsafe {
-                    self.mmap.unchecked_advise_range(
-                        memmap2::UncheckedAdvice::DontNeed,
-                        start,
-                        end - start,
-                    )
-                };
-            }
+            release_pages(
+                &self.mmap,
+                self.data_start + e.start..self.data_start + e.end,
+            );
         }
-        #[cfg(not(unix))]
-        let _ = name;
     }
 
     /// Builds a tensor on `device` in `dtype` from the mapped bytes (one copy, then a cast
@@ -135,4 +119,27 @@ impl TensorFile {
             t.to_device(device)?
         })
     }
+}
+
+/// Drops the pages of `map` that lie wholly inside `range` from this process's resident set.
+/// Every byte read through a map stays counted in RSS until the file is unmapped, so without
+/// this a quantized load would peak at the float file's size (and any load at twice the
+/// model's). A later read faults the pages back in from the page cache.
+pub(crate) fn release_pages(map: &Mmap, range: std::ops::Range<usize>) {
+    #[cfg(unix)]
+    {
+        const PAGE: usize = 4096;
+        let start = range.start.next_multiple_of(PAGE);
+        let end = range.end.min(map.len()) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the map is a read-only view of a file nobody writes while we run, so
+            // dropping its pages loses nothing (they are re-read on access); callers hold no
+            // slice into the range any more.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (map, range);
 }

@@ -75,6 +75,7 @@ pub struct Weights {
     map: HashMap<String, Weight>,
     dtype: DType,
     device: Device,
+    quantized_to: Option<QuantType>,
 }
 
 impl Weights {
@@ -90,7 +91,13 @@ impl Weights {
             map,
             dtype,
             device,
+            quantized_to: None,
         }
+    }
+
+    /// The type float weights were quantized to while loading, if they were.
+    pub fn quantized_to(&self) -> Option<QuantType> {
+        self.quantized_to
     }
 
     /// The compute dtype float weights were converted to.
@@ -106,6 +113,11 @@ impl Weights {
     /// Whether a tensor of this name exists.
     pub fn contains(&self, name: &str) -> bool {
         self.map.contains_key(name)
+    }
+
+    /// The stored weight of this name, if any.
+    pub fn weight(&self, name: &str) -> Option<&Weight> {
+        self.map.get(name)
     }
 
     /// All names, for inspection.
@@ -246,8 +258,7 @@ pub fn load_safetensors(
             }
         ),
     };
-    Ok((
-        Weights::new(source.to_path_buf(), map, dtype, device.clone()),
-        report,
-    ))
+    let mut weights = Weights::new(source.to_path_buf(), map, dtype, device.clone());
+    weights.quantized_to = quantize;
+    Ok((weights, report))
 }

@@ -30,7 +30,8 @@ pub enum ExportType {
     F32,
     /// Matrices in f16, vectors in f32.
     F16,
-    /// Projections quantized (see [`crate::quant::scheme`]), other matrices f16, vectors f32.
+    /// Projections quantized (see [`crate::quant::scheme`]), the embedding Q8_0 (as llama.cpp
+    /// stores it), other matrices f16, vectors f32.
     Quant(QuantType),
 }
 
@@ -131,6 +132,13 @@ pub fn export_gguf(src: &Path, out: &Path, ty: ExportType, force: bool) -> Resul
             let dtype = match (ty, dims.len()) {
                 (_, 1) | (ExportType::F32, _) => GgmlDType::F32,
                 (ExportType::F16, _) => GgmlDType::F16,
+                // The embedding as llama.cpp stores it: Q8_0, which tern also multiplies by
+                // exactly when it serves as the tied output head.
+                (ExportType::Quant(_), _)
+                    if name == "model.embed_tokens.weight" && dims[1].is_multiple_of(32) =>
+                {
+                    GgmlDType::Q8_0
+                }
                 (ExportType::Quant(q), _) => {
                     plan(q, name, &dims, cfg.num_layers).unwrap_or(GgmlDType::F16)
                 }
@@ -178,10 +186,9 @@ pub fn export_gguf(src: &Path, out: &Path, ty: ExportType, force: bool) -> Resul
         let mut t = files[s.file].tensor(&s.hf, DType::F32, &device)?;
         files[s.file].release(&s.hf);
         if let Some(h) = s.permute_heads {
-            t = permute_rows(&t, h).map_err(|detail| TernError::InvalidArgument(format!(
-                "tensor `{}`: {detail}",
-                s.hf
-            )))?;
+            t = permute_rows(&t, h).map_err(|detail| {
+                TernError::InvalidArgument(format!("tensor `{}`: {detail}", s.hf))
+            })?;
         }
         let q = quantize_tensor(&s.hf, &t, p.dtype)?;
         Ok(q.data()?.into_owned())
@@ -218,7 +225,9 @@ fn tensor_order_key(name: &str) -> (usize, usize, String) {
 fn permute_rows(t: &Tensor, heads: usize) -> std::result::Result<Tensor, String> {
     let (rows, cols) = t.dims2().map_err(|e| e.to_string())?;
     if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
-        return Err(format!("{rows} rows cannot be split into {heads} heads of even size"));
+        return Err(format!(
+            "{rows} rows cannot be split into {heads} heads of even size"
+        ));
     }
     let hd = rows / heads;
     let go = || -> candle_core::Result<Tensor> {
@@ -253,7 +262,8 @@ fn llama3_rope_divisors(cfg: &ModelConfig) -> Option<Vec<f32>> {
                 } else if wavelen > low_wavelen {
                     factor
                 } else {
-                    let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    let smooth =
+                        (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                     1.0 / ((1.0 - smooth) / factor + smooth)
                 };
                 div as f32
@@ -359,9 +369,12 @@ fn metadata(
     if eos.is_empty() {
         eos = tokenizer.eos_ids.clone();
     }
-    let bos = cfg
-        .bos_token_id
-        .or_else(|| tokenizer.bos_token.as_deref().and_then(|t| tokenizer.token_id(t)));
+    let bos = cfg.bos_token_id.or_else(|| {
+        tokenizer
+            .bos_token
+            .as_deref()
+            .and_then(|t| tokenizer.token_id(t))
+    });
     // Whether the tokenizer itself puts BOS in front (llama.cpp asks the file).
     let add_bos = match bos {
         Some(b) => tokenizer.encode("a", true)?.first() == Some(&b),
@@ -454,6 +467,9 @@ mod tests {
     fn order_puts_blocks_by_number() {
         let mut v = vec!["output.weight", "blk.10.a", "blk.2.a", "token_embd.weight"];
         v.sort_by_key(|n| tensor_order_key(n));
-        assert_eq!(v, ["token_embd.weight", "blk.2.a", "blk.10.a", "output.weight"]);
+        assert_eq!(
+            v,
+            ["token_embd.weight", "blk.2.a", "blk.10.a", "output.weight"]
+        );
     }
 }

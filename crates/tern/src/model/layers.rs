@@ -5,8 +5,8 @@ use super::config::ModelConfig;
 use crate::checkpoint::Weights;
 use crate::error::{Result, TernError};
 use crate::lora::{BatchAdapters, LoraPair};
-use crate::quant::{q4_1::Q4_1Matrix, q8_0::Q8_0Matrix, RowKernel};
-use candle_core::quantized::{GgmlDType, QMatMul};
+use crate::quant::{q8_0::Q8_0Matrix, RowKernel};
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Tensor};
 use std::sync::Arc;
 
@@ -82,17 +82,10 @@ impl Linear {
     /// Wraps an existing weight.
     pub fn new(w: QMatMul, b: Option<Tensor>) -> Self {
         let w = match &w {
-            QMatMul::QTensor(q) if q.dtype() == GgmlDType::Q4_1 => {
-                let (rows, cols) = q.shape().dims2().unwrap_or((0, 0));
-                match q
-                    .data()
-                    .map_err(TernError::from)
-                    .and_then(|d| Q4_1Matrix::new(rows, cols, d.to_vec()))
-                {
-                    Ok(m) => LinearWeight::Kernel(Arc::new(m)),
-                    Err(_) => LinearWeight::Candle(w),
-                }
-            }
+            QMatMul::QTensor(q) => match crate::quant::layer_kernel(q) {
+                Some(k) => LinearWeight::Kernel(k),
+                None => LinearWeight::Candle(w),
+            },
             _ => LinearWeight::Candle(w),
         };
         Self {

@@ -3,14 +3,18 @@
 //! whole weight for a handful of rows (f32 batched decode, `dense.rs`).
 
 pub mod dense;
+pub(crate) mod int8;
 pub mod q4_1;
+pub mod q5_0;
 pub mod q8_0;
 pub mod scheme;
 
 pub use scheme::QuantType;
 
 use crate::error::Result;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use std::sync::Arc;
 
 /// The rows of a `[rows, cols]` matrix stored as GGML blocks of `BLOCK` elements each.
 #[derive(Debug, Clone)]
@@ -82,6 +86,21 @@ pub trait RowKernel: std::fmt::Debug + Send + Sync {
         *dims.last_mut().expect("rank >= 1") = rows;
         Ok(Tensor::from_vec(out, dims, x.device())?)
     }
+}
+
+/// tern's kernel for a decoder layer's quantized weight, where it has one (Q4_1, Q5_0 and
+/// Q8_0, whose candle paths are scalar or about half llama.cpp's speed); `None` leaves the
+/// weight to candle (the k-quants, whose SIMD paths candle has).
+pub fn layer_kernel(q: &QTensor) -> Option<Arc<dyn RowKernel>> {
+    let (rows, cols) = q.shape().dims2().ok()?;
+    let data = q.data().ok()?.to_vec();
+    let k: Arc<dyn RowKernel> = match q.dtype() {
+        GgmlDType::Q4_1 => Arc::new(q4_1::Q4_1Matrix::new(rows, cols, data).ok()?),
+        GgmlDType::Q5_0 => Arc::new(q5_0::Q5_0Matrix::new(rows, cols, data).ok()?),
+        GgmlDType::Q8_0 => Arc::new(q8_0::Q8_0Matrix::rounding(rows, cols, data).ok()?),
+        _ => return None,
+    };
+    Some(k)
 }
 
 /// Fills `out[j * rows + r]` for every weight row `r < rows` and activation row `j < m`:

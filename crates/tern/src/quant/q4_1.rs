@@ -5,7 +5,8 @@
 //! llama.cpp. The math is ggml's: activations are rounded per 32-block to int8 (`Q8_1`-style
 //! with the block sum kept), and each block contributes `d_w*d_x*Σ q_w*q_x + m_w*s_x`.
 
-use super::{fill_grouped, par_rows, use_avx2, BlockRows, RowKernel, BLOCK, ROW_GROUP};
+use super::int8::{matmul_int8, Int8Dot, Q8Row};
+use super::{BlockRows, RowKernel, BLOCK, ROW_GROUP};
 use crate::error::Result;
 use candle_core::{Device, Tensor};
 use half::f16;
@@ -16,37 +17,6 @@ pub const BLOCK_BYTES: usize = 20;
 /// A `[rows, cols]` matrix of Q4_1 blocks, row-major, in ggml's byte layout.
 #[derive(Debug, Clone)]
 pub struct Q4_1Matrix(BlockRows);
-
-/// One row of activations rounded to int8 per block.
-struct Q8Row {
-    d: Vec<f32>,
-    s: Vec<f32>,
-    q: Vec<i8>,
-}
-
-fn quantize_row(x: &[f32]) -> Q8Row {
-    let nb = x.len() / BLOCK;
-    let mut r = Q8Row {
-        d: vec![0.0; nb],
-        s: vec![0.0; nb],
-        q: vec![0; x.len()],
-    };
-    for b in 0..nb {
-        let xs = &x[b * BLOCK..(b + 1) * BLOCK];
-        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (i, v) in xs.iter().enumerate() {
-            let q = (v * id).round() as i32;
-            r.q[b * BLOCK + i] = q as i8;
-            sum += q;
-        }
-        r.d[b] = d;
-        r.s[b] = d * sum as f32;
-    }
-    r
-}
 
 #[inline]
 fn block_params(blk: &[u8]) -> (f32, f32) {
@@ -131,6 +101,22 @@ unsafe fn dot4_avx2(row: &[u8], x: [&Q8Row; ROW_GROUP]) -> [f32; ROW_GROUP] {
     std::array::from_fn(|k| super::hsum(acc[k]) + mins[k])
 }
 
+impl Int8Dot for Q4_1Matrix {
+    fn dot_scalar(row: &[u8], x: &Q8Row) -> f32 {
+        dot_scalar(row, x)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_avx2(row: &[u8], x: &Q8Row) -> f32 {
+        dot_avx2(row, x)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot4_avx2(row: &[u8], x: [&Q8Row; ROW_GROUP]) -> [f32; ROW_GROUP] {
+        dot4_avx2(row, x)
+    }
+}
+
 /// Rows per task: enough work that handing tasks out stays a small cost.
 const ROWS_PER_TASK: usize = 32;
 
@@ -138,10 +124,6 @@ impl Q4_1Matrix {
     /// Wraps ggml Q4_1 bytes for a `[rows, cols]` matrix.
     pub fn new(rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
         BlockRows::new("Q4_1", rows, cols, BLOCK_BYTES, data).map(Self)
-    }
-
-    fn row(&self, r: usize) -> &[u8] {
-        self.0.row(r)
     }
 }
 
@@ -151,25 +133,7 @@ impl RowKernel for Q4_1Matrix {
     }
 
     fn matmul_rows(&self, xs: &[f32], m: usize, out: &mut [f32]) {
-        let (rows, cols) = (self.0.rows, self.0.cols);
-        assert_eq!((xs.len(), out.len()), (m * cols, m * rows));
-        let xq: Vec<Q8Row> = xs.chunks_exact(cols).map(quantize_row).collect();
-        let avx2 = use_avx2();
-        par_rows(out, rows, m, ROWS_PER_TASK, |r, buf| {
-            let w = self.row(r);
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: only taken when the CPU reports avx2, fma and f16c.
-                let four = |j: usize| unsafe { dot4_avx2(w, std::array::from_fn(|k| &xq[j + k])) };
-                // SAFETY: as above.
-                let one = |j: usize| unsafe { dot_avx2(w, &xq[j]) };
-                return fill_grouped(buf, four, one);
-            }
-            let _ = avx2;
-            for (j, o) in buf.iter_mut().enumerate() {
-                *o = dot_scalar(w, &xq[j]);
-            }
-        });
+        matmul_int8::<Self>(&self.0, xs, m, out, ROWS_PER_TASK)
     }
 
     fn dequantize(&self, device: &Device) -> Result<Tensor> {
@@ -243,7 +207,7 @@ pub(crate) mod tests {
             let xs = det_values(cols, seed);
             let mut ours = vec![0f32; rows];
             m.matvec(&xs, &mut ours);
-            let xq = quantize_row(&xs);
+            let xq = crate::quant::int8::quantize_row(&xs);
             let x = Tensor::from_vec(xs.clone(), (1, cols), &Device::Cpu).unwrap();
             let theirs = candle
                 .forward(&x)
@@ -255,7 +219,7 @@ pub(crate) mod tests {
             for r in 0..rows {
                 // The SIMD kernel computes exactly what the scalar one does.
                 assert!(
-                    (dot_scalar(m.row(r), &xq) - ours[r]).abs() < 1e-3,
+                    (dot_scalar(m.0.row(r), &xq) - ours[r]).abs() < 1e-3,
                     "row {r}"
                 );
                 // Rounding x to int8 per block moves each x_i by at most d_b/2, so the result is

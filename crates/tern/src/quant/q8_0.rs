@@ -1,10 +1,12 @@
-//! GGML `Q8_0` matrices multiplied by f32 activations without rounding them.
+//! GGML `Q8_0` matrices, multiplied two ways.
 //!
-//! The usual quantized matmul rounds activations to int8 as well; for the output head that
-//! rounding flips near-tied greedy choices (see `model::layers::DEQUANT_MIN_ROWS`). This kernel
-//! keeps activations in f32, so logits are exact to the stored weights, while still reading
-//! the weight at 8.5 bits instead of the 32 of a dequantized copy.
+//! - Exact (the output head): activations stay f32. Rounding them to int8 flips near-tied
+//!   greedy choices at the head (see `model::layers::DEQUANT_MIN_ROWS`); this keeps logits
+//!   exact to the stored weights while still reading the weight at 8.5 bits per value.
+//! - Rounding (decoder layers): activations rounded to int8 per block as ggml does, so a block
+//!   is one int8 multiply-add; candle's own Q8_0 path decoded SmolLM2 at half llama.cpp's speed.
 
+use super::int8::{matmul_int8, Int8Dot, Q8Row};
 use super::{fill_grouped, par_rows, use_avx2, BlockRows, RowKernel, BLOCK, ROW_GROUP};
 use crate::error::Result;
 use candle_core::{Device, Tensor};
@@ -16,7 +18,70 @@ const ROWS_PER_TASK: usize = 256;
 
 /// A `[rows, cols]` matrix of Q8_0 blocks in ggml's byte layout.
 #[derive(Debug, Clone)]
-pub struct Q8_0Matrix(BlockRows);
+pub struct Q8_0Matrix {
+    blocks: BlockRows,
+    /// Round activations to int8 (the fast layer kernel) instead of keeping them exact.
+    rounding: bool,
+}
+
+/// Rows per task of the int8 kernel (the exact one does more work per row).
+const ROWS_PER_TASK_INT8: usize = 32;
+
+fn dot_int8_scalar(row: &[u8], x: &Q8Row) -> f32 {
+    let mut acc = 0f32;
+    for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
+        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        let xq = &x.q[b * BLOCK..(b + 1) * BLOCK];
+        let sumi: i32 = blk[2..]
+            .iter()
+            .zip(xq)
+            .map(|(&w, &v)| w as i8 as i32 * v as i32)
+            .sum();
+        acc += d * x.d[b] * sumi as f32;
+    }
+    acc
+}
+
+/// Dots of one weight row with `N` int8 activation rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_int8_avx2<const N: usize>(row: &[u8], x: [&Q8Row; N]) -> [f32; N] {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); N];
+    let ones = _mm256_set1_epi16(1);
+    for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
+        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            u16::from_le_bytes([blk[0], blk[1]]) as i32,
+        )));
+        let w = _mm256_loadu_si256(blk.as_ptr().add(2) as *const __m256i);
+        // maddubs wants one unsigned side: |w| times x carrying w's sign.
+        let aw = _mm256_sign_epi8(w, w);
+        for k in 0..N {
+            let xv = _mm256_loadu_si256(x[k].q.as_ptr().add(b * BLOCK) as *const __m256i);
+            let sx = _mm256_sign_epi8(xv, w);
+            let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+            let scale = _mm256_set1_ps(d * x[k].d[b]);
+            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), scale, acc[k]);
+        }
+    }
+    std::array::from_fn(|k| super::hsum(acc[k]))
+}
+
+impl Int8Dot for Q8_0Matrix {
+    fn dot_scalar(row: &[u8], x: &Q8Row) -> f32 {
+        dot_int8_scalar(row, x)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_avx2(row: &[u8], x: &Q8Row) -> f32 {
+        dot_int8_avx2::<1>(row, [x])[0]
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot4_avx2(row: &[u8], x: [&Q8Row; ROW_GROUP]) -> [f32; ROW_GROUP] {
+        dot_int8_avx2::<ROW_GROUP>(row, x)
+    }
+}
 
 fn dot_scalar(row: &[u8], x: &[f32]) -> f32 {
     let mut acc = 0f32;
@@ -83,23 +148,39 @@ unsafe fn dot4_avx2(row: &[u8], x: [&[f32]; ROW_GROUP]) -> [f32; ROW_GROUP] {
 }
 
 impl Q8_0Matrix {
-    /// Wraps ggml Q8_0 bytes for a `[rows, cols]` matrix.
+    /// Wraps ggml Q8_0 bytes for a `[rows, cols]` matrix, multiplied exactly (f32
+    /// activations).
     pub fn new(rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
-        BlockRows::new("Q8_0", rows, cols, BLOCK_BYTES, data).map(Self)
+        BlockRows::new("Q8_0", rows, cols, BLOCK_BYTES, data).map(|blocks| Self {
+            blocks,
+            rounding: false,
+        })
+    }
+
+    /// As [`Q8_0Matrix::new`], multiplied with activations rounded to int8 per block (as ggml;
+    /// for decoder layers, where it is about twice as fast).
+    pub fn rounding(rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
+        Self::new(rows, cols, data).map(|m| Self {
+            rounding: true,
+            ..m
+        })
     }
 
     fn row(&self, r: usize) -> &[u8] {
-        self.0.row(r)
+        self.blocks.row(r)
     }
 }
 
 impl RowKernel for Q8_0Matrix {
     fn dims(&self) -> (usize, usize) {
-        (self.0.rows, self.0.cols)
+        (self.blocks.rows, self.blocks.cols)
     }
 
     fn matmul_rows(&self, xs: &[f32], m: usize, out: &mut [f32]) {
-        let (rows, cols) = (self.0.rows, self.0.cols);
+        if self.rounding {
+            return matmul_int8::<Self>(&self.blocks, xs, m, out, ROWS_PER_TASK_INT8);
+        }
+        let (rows, cols) = (self.blocks.rows, self.blocks.cols);
         assert_eq!((xs.len(), out.len()), (m * cols, m * rows));
         let avx2 = use_avx2();
         par_rows(out, rows, m, ROWS_PER_TASK, |r, buf| {
@@ -121,12 +202,16 @@ impl RowKernel for Q8_0Matrix {
     }
 
     fn dequantize(&self, device: &Device) -> Result<Tensor> {
-        let mut v = Vec::with_capacity(self.0.rows * self.0.cols);
-        for blk in self.0.data.chunks_exact(BLOCK_BYTES) {
+        let mut v = Vec::with_capacity(self.blocks.rows * self.blocks.cols);
+        for blk in self.blocks.data.chunks_exact(BLOCK_BYTES) {
             let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
             v.extend(blk[2..].iter().map(|&q| d * q as i8 as f32));
         }
-        Ok(Tensor::from_vec(v, (self.0.rows, self.0.cols), device)?)
+        Ok(Tensor::from_vec(
+            v,
+            (self.blocks.rows, self.blocks.cols),
+            device,
+        )?)
     }
 }
 
@@ -155,6 +240,37 @@ mod tests {
             assert!((dot_scalar(m.row(r), &xs) - o).abs() < 1e-3);
         }
         assert!(Q8_0Matrix::new(2, 32, vec![0; 10]).is_err());
+        crate::quant::tests::batch_equals_single_rows(&m);
+    }
+
+    #[test]
+    fn rounding_kernel_equals_its_scalar_form_and_candle() {
+        use candle_core::quantized::QMatMul;
+        use candle_core::Module;
+        let det = crate::quant::q4_1::tests::det_values;
+        let (rows, cols) = (96, 576);
+        let w = Tensor::from_vec(det(rows * cols, 5), (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let m = Q8_0Matrix::rounding(rows, cols, q.data().unwrap().to_vec()).unwrap();
+        let xs = det(cols, 6);
+        let mut ours = vec![0f32; rows];
+        m.matvec(&xs, &mut ours);
+        let xq = crate::quant::int8::quantize_row(&xs);
+        let x = Tensor::from_vec(xs.clone(), (1, cols), &Device::Cpu).unwrap();
+        let candle = QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap();
+        let theirs = candle.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for r in 0..rows {
+            let scalar = dot_int8_scalar(m.row(r), &xq);
+            assert!(
+                (scalar - ours[r]).abs() < 1e-3 * scalar.abs().max(1.0),
+                "row {r}"
+            );
+            // candle rounds activations the same way but keeps their scales in f16.
+            assert!(
+                (ours[r] - theirs[r]).abs() < 0.05 * theirs[r].abs().max(1.0),
+                "row {r}"
+            );
+        }
         crate::quant::tests::batch_equals_single_rows(&m);
     }
 }

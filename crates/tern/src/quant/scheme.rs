@@ -121,7 +121,7 @@ impl FromStr for QuantType {
 /// between get more bits in its `_M` mixes (those layers' errors cost the most).
 fn more_bits(layer: usize, layers: usize) -> bool {
     let eighth = layers / 8;
-    layer < eighth || layer >= 7 * layers / 8 || (layer >= eighth && (layer - eighth) % 3 == 2)
+    layer < eighth || layer >= 7 * layers / 8 || (layer - eighth) % 3 == 2
 }
 
 /// What a weight of this Hugging Face name and shape becomes under `q` in a model of `layers`
@@ -135,8 +135,8 @@ pub fn plan(q: QuantType, name: &str, dims: &[usize], layers: usize) -> Option<G
         return QuantType::Q8_0.for_width(cols);
     }
     let rest = name.strip_prefix("model.layers.")?;
-    let projection = name.ends_with("_proj.weight")
-        && (name.contains(".self_attn.") || name.contains(".mlp."));
+    let projection =
+        name.ends_with("_proj.weight") && (name.contains(".self_attn.") || name.contains(".mlp."));
     if !projection {
         return None;
     }
@@ -179,9 +179,7 @@ pub fn quantize_tensor(name: &str, t: &Tensor, dtype: GgmlDType) -> Result<QTens
     } else {
         QTensor::quantize(t, dtype)
     };
-    q.map_err(|e| {
-        TernError::InvalidArgument(format!("cannot quantize `{name}` to {dtype:?}: {e}"))
-    })
+    q.map_err(|e| TernError::InvalidArgument(format!("cannot quantize `{name}` to {dtype:?}: {e}")))
 }
 
 #[cfg(test)]
@@ -209,8 +207,14 @@ mod tests {
         assert_eq!(plan(q, "model.embed_tokens.weight", &[100, 576], 30), None);
         let norm = "model.layers.0.input_layernorm.weight";
         assert_eq!(plan(q, norm, &[576], 30), None);
-        assert_eq!(plan(q, "model.layers.0.self_attn.q_proj.bias", &[576], 30), None);
-        assert_eq!(plan(QuantType::Q8_0, p, &[64, 64], 30), Some(GgmlDType::Q8_0));
+        assert_eq!(
+            plan(q, "model.layers.0.self_attn.q_proj.bias", &[576], 30),
+            None
+        );
+        assert_eq!(
+            plan(QuantType::Q8_0, p, &[64, 64], 30),
+            Some(GgmlDType::Q8_0)
+        );
     }
 
     #[test]
@@ -218,7 +222,12 @@ mod tests {
         // SmolLM2 (30 layers): llama.cpp's Q4_K_M put 14 down_proj in Q6_K and 14 v_proj in
         // Q8_0 (576-wide, no room for Q6_K's 256 blocks).
         let at = |i: usize, m: &str, dims: &[usize]| {
-            plan(QuantType::Q4K, &format!("model.layers.{i}.{m}.weight"), dims, 30)
+            plan(
+                QuantType::Q4K,
+                &format!("model.layers.{i}.{m}.weight"),
+                dims,
+                30,
+            )
         };
         let down = |i| at(i, "mlp.down_proj", &[576, 1536]);
         let v = |i| at(i, "self_attn.v_proj", &[192, 576]);

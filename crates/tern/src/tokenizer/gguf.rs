@@ -50,7 +50,11 @@ fn gpt2_pre_tokenizer(pre: &str) -> Json {
 /// for ones llama.cpp has no name for.
 pub fn pre_tokenizer_name(pre: &Json) -> &'static str {
     let parts: Vec<&Json> = match pre["type"].as_str() {
-        Some("Sequence") => pre["pretokenizers"].as_array().into_iter().flatten().collect(),
+        Some("Sequence") => pre["pretokenizers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .collect(),
         _ => vec![pre],
     };
     let regex = parts

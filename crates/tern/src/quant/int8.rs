@@ -1,0 +1,85 @@
+//! The int8-activation kernels' shared parts: activation rows rounded to int8 per 32-block
+//! (ggml's `Q8_1`, block sums kept for the formats with offsets) and the driver that hands
+//! weight rows to a format's dot products, four activation rows per weight load.
+
+use super::{fill_grouped, par_rows, use_avx2, BlockRows, BLOCK, ROW_GROUP};
+
+/// One row of activations rounded to int8 per block: `x ≈ d[b] * q`, `s[b] = d[b] * Σ q`.
+pub(crate) struct Q8Row {
+    pub d: Vec<f32>,
+    pub s: Vec<f32>,
+    pub q: Vec<i8>,
+}
+
+/// Rounds `x` to int8 per 32-block, as ggml does for the activations of a quantized matmul.
+pub(crate) fn quantize_row(x: &[f32]) -> Q8Row {
+    let nb = x.len() / BLOCK;
+    let mut r = Q8Row {
+        d: vec![0.0; nb],
+        s: vec![0.0; nb],
+        q: vec![0; x.len()],
+    };
+    for b in 0..nb {
+        let xs = &x[b * BLOCK..(b + 1) * BLOCK];
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (i, v) in xs.iter().enumerate() {
+            let q = (v * id).round() as i32;
+            r.q[b * BLOCK + i] = q as i8;
+            sum += q;
+        }
+        r.d[b] = d;
+        r.s[b] = d * sum as f32;
+    }
+    r
+}
+
+/// A block format's dot products of one weight row with int8 activation rows.
+pub(crate) trait Int8Dot: Sync {
+    /// Portable reference.
+    fn dot_scalar(row: &[u8], x: &Q8Row) -> f32;
+    /// AVX2 version of [`Int8Dot::dot_scalar`].
+    ///
+    /// # Safety
+    /// The CPU must support avx2, fma and f16c.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_avx2(row: &[u8], x: &Q8Row) -> f32;
+    /// Four activation rows against one weight row (the weight block is unpacked once).
+    ///
+    /// # Safety
+    /// As [`Int8Dot::dot_avx2`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot4_avx2(row: &[u8], x: [&Q8Row; ROW_GROUP]) -> [f32; ROW_GROUP];
+}
+
+/// `out[j * rows + r] = W[r] · xs[j]` for a matrix of `K` blocks, with the activations rounded
+/// to int8 once per call; `per_task` weight rows go to each pool task.
+pub(crate) fn matmul_int8<K: Int8Dot>(
+    w: &BlockRows,
+    xs: &[f32],
+    m: usize,
+    out: &mut [f32],
+    per_task: usize,
+) {
+    let (rows, cols) = (w.rows, w.cols);
+    assert_eq!((xs.len(), out.len()), (m * cols, m * rows));
+    let xq: Vec<Q8Row> = xs.chunks_exact(cols).map(quantize_row).collect();
+    let avx2 = use_avx2();
+    par_rows(out, rows, m, per_task, |r, buf| {
+        let row = w.row(r);
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: only taken when the CPU reports avx2, fma and f16c.
+            let four = |j: usize| unsafe { K::dot4_avx2(row, std::array::from_fn(|k| &xq[j + k])) };
+            // SAFETY: as above.
+            let one = |j: usize| unsafe { K::dot_avx2(row, &xq[j]) };
+            return fill_grouped(buf, four, one);
+        }
+        let _ = avx2;
+        for (j, o) in buf.iter_mut().enumerate() {
+            *o = K::dot_scalar(row, &xq[j]);
+        }
+    });
+}
