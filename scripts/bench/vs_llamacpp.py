@@ -1,13 +1,17 @@
-"""Prompt and decode speed of tern vs llama.cpp on the same GGUF, same machine, one run.
+"""Prompt and decode speed of tern vs llama.cpp on the same GGUF files, same machine, one run.
 
 llama.cpp comes from the PyPI package llama-cpp-python (built from source by pip, in a venv
 outside the repo). Both use 2 threads, a prompt of --prompt-tokens tokens and --gen-tokens
 greedy tokens; the best of 3 runs is kept on each side. Prints both rates and tern / llama.cpp
-ratios, for tern's default exact output head and for --quantized-head (what llama.cpp does).
+ratios per file.
 
-    python scripts/bench/vs_llamacpp.py [--threads 2] [--prompt-tokens 128] [--gen-tokens 64]
+Files: each --gguf as given, plus, with --model HF_DIR, one GGUF per --types entry written by
+`tern quantize` (so both engines read tern's output); with neither, the SmolLM2 Q4_1 GGUF.
+--quantized-head adds a tern run with int8-rounded head activations (what llama.cpp does).
+
+    python scripts/bench/vs_llamacpp.py [--model HF_DIR --types q8_0,q4_k] [--gguf FILE]...
 """
-import argparse, json, os, subprocess, sys, time
+import argparse, json, os, subprocess, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,24 +45,44 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--tern", default=str(ROOT / "target/release/tern"))
+    ap.add_argument("--model", help="float Hugging Face checkpoint to quantize with tern")
+    ap.add_argument("--types", default="q8_0,q4_k")
+    ap.add_argument("--gguf", action="append", default=[])
+    ap.add_argument("--quantized-head", action="store_true")
     a = ap.parse_args()
-    gguf = subprocess.check_output([str(ROOT / "scripts/fetch-smollm2.sh")], text=True).strip()
-    lp, ld = llamacpp_rates(gguf, a.threads, a.prompt_tokens, a.gen_tokens)
-    print(f"llama.cpp: prompt {lp:.1f} tok/s, decode {ld:.1f} tok/s")
-    result = {"llamacpp_prompt_tok_s": lp, "llamacpp_decode_tok_s": ld}
-    for label, extra in [("exact head", []), ("quantized head", ["--quantized-head"])]:
-        out = subprocess.check_output(
-            [a.tern, "bench", "generate", "--model", gguf, "--prompt-tokens", str(a.prompt_tokens),
-             "--gen-tokens", str(a.gen_tokens), *extra],
-            text=True, env={**os.environ, "RAYON_NUM_THREADS": str(a.threads)})
-        r = json.loads(out.strip().splitlines()[-1])
-        print(f"tern ({label}): prompt {r['prompt_tok_s']:.1f} tok/s, decode {r['decode_tok_s']:.1f} tok/s; "
-              f"ratio prompt {r['prompt_tok_s'] / lp:.2f}, decode {r['decode_tok_s'] / ld:.2f}")
-        key = label.replace(" ", "_")
-        result[f"tern_{key}_decode_tok_s"] = r["decode_tok_s"]
-        result[f"ratio_decode_{key}"] = r["decode_tok_s"] / ld
-        result[f"ratio_prompt_{key}"] = r["prompt_tok_s"] / lp
-    print(json.dumps(result))
+    files = [(Path(g).name, g) for g in a.gguf]
+    tmp = tempfile.TemporaryDirectory()
+    if a.model:
+        for t in [t for t in a.types.split(",") if t]:
+            out = os.path.join(tmp.name, f"model-{t}.gguf")
+            subprocess.run([a.tern, "quantize", "--model", a.model, "--out", out, "--type", t],
+                           check=True, capture_output=True)
+            files.append((f"{t} (tern quantize)", out))
+    if not files:
+        gguf = subprocess.check_output([str(ROOT / "scripts/fetch-smollm2.sh")], text=True).strip()
+        files.append((Path(gguf).name, gguf))
+    heads = [("exact head", [])] + ([("quantized head", ["--quantized-head"])] if a.quantized_head else [])
+    results = []
+    for name, gguf in files:
+        lp, ld = llamacpp_rates(gguf, a.threads, a.prompt_tokens, a.gen_tokens)
+        print(f"{name}: llama.cpp prompt {lp:.1f} tok/s, decode {ld:.1f} tok/s")
+        result = {"file": name, "llamacpp_prompt_tok_s": lp, "llamacpp_decode_tok_s": ld}
+        for label, extra in heads:
+            out = subprocess.check_output(
+                [a.tern, "bench", "generate", "--model", gguf, "--prompt-tokens", str(a.prompt_tokens),
+                 "--gen-tokens", str(a.gen_tokens), *extra],
+                text=True, env={**os.environ, "RAYON_NUM_THREADS": str(a.threads)})
+            r = json.loads(out.strip().splitlines()[-1])
+            print(f"  tern ({label}): prompt {r['prompt_tok_s']:.1f} tok/s, decode {r['decode_tok_s']:.1f} tok/s, "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB; ratio prompt {r['prompt_tok_s'] / lp:.2f}, "
+                  f"decode {r['decode_tok_s'] / ld:.2f}", flush=True)
+            key = label.replace(" ", "_")
+            result[f"tern_{key}_decode_tok_s"] = r["decode_tok_s"]
+            result[f"tern_{key}_prompt_tok_s"] = r["prompt_tok_s"]
+            result[f"ratio_decode_{key}"] = r["decode_tok_s"] / ld
+            result[f"ratio_prompt_{key}"] = r["prompt_tok_s"] / lp
+        results.append(result)
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -97,6 +97,9 @@ pub struct TrainArgs {
     /// Compute dtype of the frozen base (f32, bf16, f16).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Quantize the frozen base while loading (QLoRA): q8_0, q4_k, q4_0, q4_1 or q5_0.
+    #[arg(long, value_name = "TYPE")]
+    pub quantize: Option<String>,
     /// Recompute activations in backward to save memory.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub grad_checkpointing: Option<bool>,

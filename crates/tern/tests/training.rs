@@ -122,9 +122,35 @@ fn memorise_cfg() -> serde_json::Value {
 
 #[test]
 fn training_memorises_prompt_completion_pairs() {
-    let lm = load(&fixture("llama"));
-    let data = load_jsonl(&train_fixture("memorise.jsonl"), &lm, 64, false).unwrap();
-    let mut t = Trainer::new(&lm, cfg(memorise_cfg())).unwrap();
+    let tmp = memorise_and_check(&load(&fixture("llama")));
+    let png = std::fs::read(tmp.path().join("loss.png")).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 1000,
+        "loss curve"
+    );
+}
+
+#[test]
+fn qlora_over_a_q8_0_base_memorises_and_leaves_the_base_alone() {
+    let opts = LoadOptions {
+        quantize: Some(tern::quant::QuantType::Q8_0),
+        ..Default::default()
+    };
+    let lm = LoadedModel::load(&fixture("llama"), &opts).unwrap();
+    assert!(lm.model.is_quantized());
+    let ids = train_reference().input_ids[0].clone();
+    let before = logprobs(&lm, &ids, &mut lm.model.new_cache());
+    memorise_and_check(&lm);
+    // Gradients reach the input through the dequantized weights, never the weights.
+    let after = logprobs(&lm, &ids, &mut lm.model.new_cache());
+    assert_eq!(before, after, "the frozen base changed");
+}
+
+/// Trains `memorise.jsonl` into a fresh adapter on `lm` and checks every completion comes
+/// back greedily and stops; returns the output directory.
+fn memorise_and_check(lm: &LoadedModel) -> tempfile::TempDir {
+    let data = load_jsonl(&train_fixture("memorise.jsonl"), lm, 64, false).unwrap();
+    let mut t = Trainer::new(lm, cfg(memorise_cfg())).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let rep = t.run(&data, &[], tmp.path(), |_| {}).unwrap();
     assert!(rep.final_loss < 0.05, "final loss {}", rep.final_loss);
@@ -149,14 +175,10 @@ fn training_memorises_prompt_completion_pairs() {
             "it learned to stop"
         );
     }
-    let png = std::fs::read(tmp.path().join("loss.png")).unwrap();
-    assert!(
-        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 1000,
-        "loss curve"
-    );
     // metrics.jsonl has one line per step.
     let m = std::fs::read_to_string(tmp.path().join("metrics.jsonl")).unwrap();
     assert_eq!(m.lines().count(), rep.steps);
+    tmp
 }
 
 #[test]

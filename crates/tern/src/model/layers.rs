@@ -37,6 +37,22 @@ enum LinearWeight {
     Kernel(Arc<dyn RowKernel>),
 }
 
+impl LinearWeight {
+    /// The weight as a float `[out, in]` tensor in `dtype` (dequantized when stored
+    /// quantized; a float weight is shared, not copied, when already in `dtype`).
+    fn float(&self, dtype: DType, device: &candle_core::Device) -> candle_core::Result<Tensor> {
+        match self {
+            LinearWeight::Candle(QMatMul::Tensor(t))
+            | LinearWeight::Candle(QMatMul::TensorF16(t)) => t.to_dtype(dtype),
+            LinearWeight::Candle(QMatMul::QTensor(q)) => q.dequantize(device)?.to_dtype(dtype),
+            LinearWeight::Kernel(m) => m
+                .dequantize(device)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+                .to_dtype(dtype),
+        }
+    }
+}
+
 /// `y = x W^T (+ b)`, with `W` float or quantized, plus the LoRA delta of whatever adapter
 /// each batch row uses (found by the layer's slot number).
 #[derive(Debug, Clone)]
@@ -127,25 +143,16 @@ impl Linear {
         self.slot = Some(slot);
     }
 
-    /// The weight as a float `[out, in]` tensor in `dtype` (dequantized when stored quantized).
-    fn float_weight(&self, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
-        Ok(match &self.w {
-            LinearWeight::Candle(QMatMul::Tensor(t))
-            | LinearWeight::Candle(QMatMul::TensorF16(t)) => t.to_dtype(dtype)?,
-            LinearWeight::Candle(QMatMul::QTensor(q)) => q.dequantize(device)?.to_dtype(dtype)?,
-            LinearWeight::Kernel(m) => m.dequantize(device)?.to_dtype(dtype)?,
-        })
-    }
-
     /// The frozen base layer for a training step: `x W^T` computed outside the graph and
     /// re-attached by [`FrozenMatmul`], whose backward gives only `dL/dx`.
     fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
         let in_dim = x.dim(candle_core::D::Minus1)?;
         let rows = x.elem_count() / in_dim.max(1);
-        let w = self.float_weight(x.dtype(), x.device())?;
+        let w = self.w.float(x.dtype(), x.device())?;
         let x2 = x.reshape((rows, in_dim))?;
         let y = x2.detach().matmul(&w.t()?)?;
-        let y = x2.apply_op2(&y, FrozenMatmul { w })?;
+        drop(w);
+        let y = x2.apply_op2(&y, FrozenMatmul { w: self.w.clone() })?;
         let mut dims = x.dims().to_vec();
         *dims.last_mut().expect("rank >= 1") = y.dim(1)?;
         self.add_bias(y.reshape(dims)?)
@@ -244,8 +251,12 @@ impl Linear {
 /// the weight whether or not anything wants it, and keeps it until the end of the backward
 /// pass: one weight-sized tensor per layer (x the batch, for 3-d inputs), gigabytes even for
 /// a 135M model, and half the backward's arithmetic.
+///
+/// It holds the layer's stored weight, not a float copy, and dequantizes it again in backward:
+/// over a quantized base (QLoRA) a copy kept per layer from forward to backward would bring
+/// back the float model's memory.
 struct FrozenMatmul {
-    w: Tensor,
+    w: LinearWeight,
 }
 
 impl candle_core::CustomOp2 for FrozenMatmul {
@@ -270,7 +281,8 @@ impl candle_core::CustomOp2 for FrozenMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(&self.w)?), None))
+        let w = self.w.float(grad.dtype(), grad.device())?;
+        Ok((Some(grad.matmul(&w)?), None))
     }
 }
 

@@ -84,6 +84,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Compute dtype of the frozen base (adapters train in f32).
     pub dtype: Option<String>,
+    /// Quantize the frozen base's linear layers while loading (QLoRA): gradients flow through
+    /// the dequantized weights to the input, never into them.
+    pub quantize: Option<String>,
     /// Recompute each layer's activations in backward to save memory.
     pub grad_checkpointing: bool,
     /// Pack several short examples into one sequence.
@@ -121,6 +124,7 @@ impl Default for TrainConfig {
             keep_checkpoints: 2,
             seed: 42,
             dtype: None,
+            quantize: None,
             grad_checkpointing: false,
             packing: false,
             train_on_prompt: false,
@@ -226,6 +230,9 @@ impl TrainConfig {
         }
         if let Some(d) = &self.dtype {
             crate::device::parse_dtype(d)?;
+        }
+        if let Some(q) = &self.quantize {
+            q.parse::<crate::quant::QuantType>()?;
         }
         self.adapter_config()?;
         Ok(())

@@ -60,6 +60,7 @@ pub fn run(
         &path,
         &LoadOptions {
             dtype,
+            quantize: cfg.quantize.as_deref().map(str::parse).transpose()?,
             ..Default::default()
         },
     )?;
