@@ -738,3 +738,76 @@ fn generate_with_beams_prints_the_best_sequences_first() {
         rows.iter().map(|r| r["ids"].to_string()).collect();
     assert_eq!(distinct.len(), 3);
 }
+
+#[test]
+fn quantize_writes_ggufs_that_generate_and_refuses_bad_requests() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("llama-q8_0.gguf");
+    let model = fixture("llama");
+    let m = model.to_str().unwrap();
+    let o = tern(&[
+        "quantize",
+        "--model",
+        m,
+        "--out",
+        out.to_str().unwrap(),
+        "--type",
+        "q8_0",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        said.contains("Q8_0") && said.contains("llama-q8_0.gguf"),
+        "{said}"
+    );
+    let r = reference("llama");
+    let prompt = r["prompt"].as_str().unwrap();
+    assert_eq!(greedy_ids(out.to_str().unwrap(), prompt, 6, &[]).len(), 6);
+    assert_eq!(greedy_ids(m, prompt, 6, &["--quantize", "q8_0"]).len(), 6);
+    // A lossless export generates exactly what transformers did.
+    let f32_out = d.path().join("llama-f32.gguf");
+    let o = tern(&[
+        "quantize",
+        "--model",
+        m,
+        "--out",
+        f32_out.to_str().unwrap(),
+        "--type",
+        "f32",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want: Vec<u64> = r["greedy_ids"].as_array().unwrap()[..6]
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(greedy_ids(f32_out.to_str().unwrap(), prompt, 6, &[]), want);
+    // Bad input: an unknown type names the choices; a GGUF cannot be quantized again; an
+    // existing output is kept.
+    let o = tern(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "x",
+        "--quantize",
+        "q3",
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("q8_0, q4_k"), "{e}");
+    let before = std::fs::read(&out).unwrap();
+    let o = tern(&["quantize", "--model", m, "--out", out.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("--force"), "{e}");
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+    let o = tern(&[
+        "generate",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--quantize",
+        "q8_0",
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("already stored"), "{e}");
+}

@@ -191,3 +191,31 @@ fn bad_requests_are_refused_by_name_and_write_nothing() {
     let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
     assert_eq!(names.len(), 1, "no temp files left behind");
 }
+
+#[test]
+fn perplexity_windows_score_each_token_once_against_transformers() {
+    let r = reference("llama");
+    let lm = load(&fixture("llama"), None);
+    let ids = &r.input_ids;
+    // transformers' own log-probs of each next token, over the whole prompt in one window.
+    let want: f64 = -(0..ids.len() - 1)
+        .map(|i| r.prompt_logprobs[i][ids[i + 1] as usize] as f64)
+        .sum::<f64>()
+        / (ids.len() - 1) as f64;
+    let whole = tern::bench::quality::mean_nll(&lm, ids, ids.len()).unwrap();
+    assert!((whole - want).abs() < 1e-4, "{whole} vs {want}");
+    // Short windows: every token still scored once, with less context (so a different mean),
+    // and the first window alone is exactly transformers' numbers for its tokens.
+    let short = tern::bench::quality::mean_nll(&lm, ids, 4).unwrap();
+    assert!(
+        short.is_finite() && (short - whole).abs() > 1e-3,
+        "{short} vs {whole}"
+    );
+    let head = tern::bench::quality::mean_nll(&lm, &ids[..4], 4).unwrap();
+    let head_want = -(0..3)
+        .map(|i| r.prompt_logprobs[i][ids[i + 1] as usize] as f64)
+        .sum::<f64>()
+        / 3.0;
+    assert!((head - head_want).abs() < 1e-4);
+    assert!(tern::bench::quality::mean_nll(&lm, &ids[..1], 4).is_err());
+}
