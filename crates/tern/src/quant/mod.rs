@@ -88,10 +88,14 @@ pub trait RowKernel: std::fmt::Debug + Send + Sync {
     }
 }
 
-/// tern's kernel for a decoder layer's quantized weight, where it has one (Q4_1, Q5_0 and
+/// tern's kernel for a decoder layer's quantized CPU weight, where it has one (Q4_1, Q5_0 and
 /// Q8_0, whose candle paths are scalar or about half llama.cpp's speed); `None` leaves the
 /// weight to candle (the k-quants, whose SIMD paths candle has).
 pub fn layer_kernel(q: &QTensor) -> Option<Arc<dyn RowKernel>> {
+    // The kernels are CPU code; on a GPU the weight stays with candle's device kernels.
+    if !q.device().is_cpu() {
+        return None;
+    }
     let (rows, cols) = q.shape().dims2().ok()?;
     let data = q.data().ok()?.to_vec();
     let k: Arc<dyn RowKernel> = match q.dtype() {
