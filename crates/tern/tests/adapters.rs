@@ -198,12 +198,7 @@ fn mixed_adapter_batch_rows_equal_single_runs() {
     let dev = lm.model.device();
     let n = rows.len();
     let ids = &r.input_ids;
-    let batch = Tensor::new(ids.as_slice(), dev)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap()
-        .repeat((n, 1))
-        .unwrap();
+    let batch = batch_of(ids, n, dev);
     let ad = BatchAdapters::per_row(&rows, dev).unwrap();
     let mut cache = lm.model.new_cache();
     // Prefill of the whole batch (the gather/scatter path), then decode steps (the fused

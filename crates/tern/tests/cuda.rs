@@ -44,7 +44,11 @@ fn every_architecture_matches_transformers_on_the_gpu() {
         assert!(d < 1e-4, "{arch} f32 on GPU vs transformers: {d}");
         let mut req = tern::GenerateRequest::new(r.input_ids.clone(), r.greedy_ids.len());
         req.stop_at_eos = false;
-        assert_eq!(lm.generate_collect(req).unwrap().ids(), r.greedy_ids, "{arch}");
+        assert_eq!(
+            lm.generate_collect(req).unwrap().ids(),
+            r.greedy_ids,
+            "{arch}"
+        );
         let bf = on(DeviceKind::Cuda(0), DType::BF16, arch);
         let lp = logprobs(&bf, &r.input_ids, &mut bf.model.new_cache());
         bf16_close(arch, &lp, &r.prompt_logprobs);
@@ -65,7 +69,11 @@ fn bf16_close(arch: &str, got: &[Vec<f32>], want: &[Vec<f32>]) {
             assert_eq!(am(a), am(b), "{arch}: a clear winner changed under bf16");
         }
     }
-    assert!(sum / (n as f32) < 0.05, "{arch}: bf16 mean diff {}", sum / n as f32);
+    assert!(
+        sum / (n as f32) < 0.05,
+        "{arch}: bf16 mean diff {}",
+        sum / n as f32
+    );
 }
 
 #[test]
@@ -81,12 +89,7 @@ fn adapters_and_mixed_batches_equal_the_cpu() {
     let run = |lm: &LoadedModel, rows: Vec<Option<std::sync::Arc<tern::lora::LoraAdapter>>>| {
         let dev = lm.model.device();
         let n = rows.len();
-        let batch = Tensor::new(r.input_ids.as_slice(), dev)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap()
-            .repeat((n, 1))
-            .unwrap();
+        let batch = batch_of(&r.input_ids, n, dev);
         let ad = BatchAdapters::per_row(&rows, dev).unwrap();
         let mut cache = lm.model.new_cache();
         let mut out = vec![lm.model.forward_last_with(&batch, &mut cache, &ad).unwrap()];
@@ -123,8 +126,7 @@ fn a_training_step_gives_the_cpu_gradients() {
         let data =
             tern::train::data::load_jsonl(&fx.join("memorise.jsonl"), lm, 64, false).unwrap();
         let cfg = tern::train::TrainConfig::load(None, serde_json::json!({"seed": 3})).unwrap();
-        let t =
-            tern::train::Trainer::from_adapter(lm, cfg, &fx.join("adapter_init")).unwrap();
+        let t = tern::train::Trainer::from_adapter(lm, cfg, &fx.join("adapter_init")).unwrap();
         let first: Vec<&tern::train::data::Example> = data.iter().take(4).collect();
         let batch = tern::train::data::pad(&first, 0);
         let (loss, grads) = t.loss_and_grads(std::slice::from_ref(&batch)).unwrap();
@@ -138,7 +140,13 @@ fn a_training_step_gives_the_cpu_gradients() {
     let (cl, cg) = train(&cpu("llama"));
     assert!(((gl - cl) / cl).abs() < 1e-4, "loss GPU {gl} vs CPU {cl}");
     for (i, (a, b)) in gg.iter().zip(&cg).enumerate() {
-        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let d = tensor_max_abs_diff(a, b) / scale.max(1e-12);
         assert!(d < 1e-4, "gradient {i}: relative difference {d}");
     }

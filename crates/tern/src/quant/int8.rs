@@ -2,12 +2,18 @@
 //! (ggml's `Q8_1`, block sums kept for the formats with offsets) and the driver that hands
 //! weight rows to a format's dot products, four activation rows per weight load.
 
-use super::{fill_grouped, par_rows, use_avx2, BlockRows, BLOCK, ROW_GROUP};
+use super::{fill_grouped, par_rows, use_avx2, BlockRows, RowKernel, BLOCK, ROW_GROUP};
+use crate::error::Result;
+use candle_core::{Device, Tensor};
+use std::marker::PhantomData;
 
 /// One row of activations rounded to int8 per block: `x ≈ d[b] * q`, `s[b] = d[b] * Σ q`.
-pub(crate) struct Q8Row {
+pub struct Q8Row {
+    /// Block scales.
     pub d: Vec<f32>,
+    /// Block sums times scale.
     pub s: Vec<f32>,
+    /// The int8 values.
     pub q: Vec<i8>,
 }
 
@@ -37,7 +43,7 @@ pub(crate) fn quantize_row(x: &[f32]) -> Q8Row {
 }
 
 /// A block format's dot products of one weight row with int8 activation rows.
-pub(crate) trait Int8Dot: Sync {
+pub trait Int8Dot: Sync {
     /// Portable reference.
     fn dot_scalar(row: &[u8], x: &Q8Row) -> f32;
     /// AVX2 version of [`Int8Dot::dot_scalar`].
@@ -82,4 +88,62 @@ pub(crate) fn matmul_int8<K: Int8Dot>(
             *o = K::dot_scalar(row, &xq[j]);
         }
     });
+}
+
+/// A GGML block format whose matrices [`Int8Matrix`] multiplies with int8 activations.
+pub trait Int8Format: Int8Dot + std::fmt::Debug + Send + 'static {
+    /// The format's name in errors (`Q4_1`).
+    const NAME: &'static str;
+    /// Bytes per 32-element block.
+    const BLOCK_BYTES: usize;
+    /// Appends a block's 32 values.
+    fn dequantize_block(blk: &[u8], out: &mut Vec<f32>);
+}
+
+/// Weight rows per pool task: enough work that handing tasks out stays a small cost.
+const ROWS_PER_TASK: usize = 32;
+
+/// A `[rows, cols]` matrix of `F` blocks, row-major, in ggml's byte layout.
+#[derive(Debug, Clone)]
+pub struct Int8Matrix<F> {
+    blocks: BlockRows,
+    format: PhantomData<F>,
+}
+
+impl<F: Int8Format> Int8Matrix<F> {
+    /// Wraps ggml bytes of a `[rows, cols]` matrix.
+    pub fn new(rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
+        BlockRows::new(F::NAME, rows, cols, F::BLOCK_BYTES, data).map(|blocks| Self {
+            blocks,
+            format: PhantomData,
+        })
+    }
+
+    /// The bytes of weight row `r`.
+    #[cfg(test)]
+    pub(crate) fn row(&self, r: usize) -> &[u8] {
+        self.blocks.row(r)
+    }
+}
+
+impl<F: Int8Format> RowKernel for Int8Matrix<F> {
+    fn dims(&self) -> (usize, usize) {
+        (self.blocks.rows, self.blocks.cols)
+    }
+
+    fn matmul_rows(&self, xs: &[f32], m: usize, out: &mut [f32]) {
+        matmul_int8::<F>(&self.blocks, xs, m, out, ROWS_PER_TASK)
+    }
+
+    fn dequantize(&self, device: &Device) -> Result<Tensor> {
+        let mut v = Vec::with_capacity(self.blocks.rows * self.blocks.cols);
+        for blk in self.blocks.data.chunks_exact(F::BLOCK_BYTES) {
+            F::dequantize_block(blk, &mut v);
+        }
+        Ok(Tensor::from_vec(
+            v,
+            (self.blocks.rows, self.blocks.cols),
+            device,
+        )?)
+    }
 }

@@ -3,7 +3,7 @@
 //! whole weight for a handful of rows (f32 batched decode, `dense.rs`).
 
 pub mod dense;
-pub(crate) mod int8;
+pub mod int8;
 pub mod q4_1;
 pub mod q5_0;
 pub mod q8_0;
@@ -184,6 +184,33 @@ pub(crate) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::RowKernel;
+
+    /// An int8 kernel over `q`'s blocks: its SIMD product equals `scalar` (the portable dot of
+    /// weight row `r` with the same int8 activations), candle's quantized matmul within
+    /// rounding (candle keeps activation scales in f16), and batched rows equal single ones.
+    pub(crate) fn int8_kernel_agrees(
+        k: &dyn RowKernel,
+        q: candle_core::quantized::QTensor,
+        scalar: impl Fn(usize, &crate::quant::int8::Q8Row) -> f32,
+    ) {
+        use candle_core::Module;
+        let (rows, cols) = k.dims();
+        let xs = crate::quant::q4_1::tests::det_values(cols, 9);
+        let mut ours = vec![0f32; rows];
+        k.matvec(&xs, &mut ours);
+        let xq = crate::quant::int8::quantize_row(&xs);
+        let x = candle_core::Tensor::from_vec(xs, (1, cols), &candle_core::Device::Cpu).unwrap();
+        let candle = candle_core::quantized::QMatMul::from_qtensor(q).unwrap();
+        let theirs = candle.forward(&x).unwrap().flatten_all().unwrap();
+        let theirs = theirs.to_vec1::<f32>().unwrap();
+        for r in 0..rows {
+            let s = scalar(r, &xq);
+            assert!((s - ours[r]).abs() < 1e-3 * s.abs().max(1.0), "row {r}");
+            let t = theirs[r];
+            assert!((ours[r] - t).abs() < 0.05 * t.abs().max(1.0), "row {r}");
+        }
+        batch_equals_single_rows(k);
+    }
 
     /// A batch through `matmul_rows` gives each row bit for bit what it gives alone, for
     /// every row count around the register group (so batched decode equals solo decode).

@@ -5,18 +5,19 @@
 //! llama.cpp. The math is ggml's: activations are rounded per 32-block to int8 (`Q8_1`-style
 //! with the block sum kept), and each block contributes `d_w*d_x*Σ q_w*q_x + m_w*s_x`.
 
-use super::int8::{matmul_int8, Int8Dot, Q8Row};
-use super::{BlockRows, RowKernel, BLOCK, ROW_GROUP};
-use crate::error::Result;
-use candle_core::{Device, Tensor};
+use super::int8::{Int8Dot, Int8Format, Int8Matrix, Q8Row};
+use super::{BLOCK, ROW_GROUP};
 use half::f16;
 
 /// Bytes per block: f16 scale, f16 min, 16 bytes of nibbles.
 pub const BLOCK_BYTES: usize = 20;
 
+/// The Q4_1 block format.
+#[derive(Debug, Clone, Copy)]
+pub struct Q4_1;
+
 /// A `[rows, cols]` matrix of Q4_1 blocks, row-major, in ggml's byte layout.
-#[derive(Debug, Clone)]
-pub struct Q4_1Matrix(BlockRows);
+pub type Q4_1Matrix = Int8Matrix<Q4_1>;
 
 #[inline]
 fn block_params(blk: &[u8]) -> (f32, f32) {
@@ -101,7 +102,7 @@ unsafe fn dot4_avx2(row: &[u8], x: [&Q8Row; ROW_GROUP]) -> [f32; ROW_GROUP] {
     std::array::from_fn(|k| super::hsum(acc[k]) + mins[k])
 }
 
-impl Int8Dot for Q4_1Matrix {
+impl Int8Dot for Q4_1 {
     fn dot_scalar(row: &[u8], x: &Q8Row) -> f32 {
         dot_scalar(row, x)
     }
@@ -117,42 +118,25 @@ impl Int8Dot for Q4_1Matrix {
     }
 }
 
-/// Rows per task: enough work that handing tasks out stays a small cost.
-const ROWS_PER_TASK: usize = 32;
+impl Int8Format for Q4_1 {
+    const NAME: &'static str = "Q4_1";
+    const BLOCK_BYTES: usize = BLOCK_BYTES;
 
-impl Q4_1Matrix {
-    /// Wraps ggml Q4_1 bytes for a `[rows, cols]` matrix.
-    pub fn new(rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
-        BlockRows::new("Q4_1", rows, cols, BLOCK_BYTES, data).map(Self)
-    }
-}
-
-impl RowKernel for Q4_1Matrix {
-    fn dims(&self) -> (usize, usize) {
-        (self.0.rows, self.0.cols)
-    }
-
-    fn matmul_rows(&self, xs: &[f32], m: usize, out: &mut [f32]) {
-        matmul_int8::<Self>(&self.0, xs, m, out, ROWS_PER_TASK)
-    }
-
-    fn dequantize(&self, device: &Device) -> Result<Tensor> {
-        let mut v = Vec::with_capacity(self.0.rows * self.0.cols);
-        for blk in self.0.data.chunks_exact(BLOCK_BYTES) {
-            let (d, m) = block_params(blk);
-            let q = &blk[4..];
-            v.extend(q.iter().map(|b| d * (b & 0x0f) as f32 + m));
-            v.extend(q.iter().map(|b| d * (b >> 4) as f32 + m));
-        }
-        Ok(Tensor::from_vec(v, (self.0.rows, self.0.cols), device)?)
+    fn dequantize_block(blk: &[u8], out: &mut Vec<f32>) {
+        let (d, m) = block_params(blk);
+        let q = &blk[4..];
+        out.extend(q.iter().map(|b| d * (b & 0x0f) as f32 + m));
+        out.extend(q.iter().map(|b| d * (b >> 4) as f32 + m));
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::quant::RowKernel;
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::Module;
+    use candle_core::{Device, Tensor};
 
     /// Deterministic pseudo-normal values (no RNG state shared with other tests).
     pub(crate) fn det_values(n: usize, seed: u64) -> Vec<f32> {
@@ -219,7 +203,7 @@ pub(crate) mod tests {
             for r in 0..rows {
                 // The SIMD kernel computes exactly what the scalar one does.
                 assert!(
-                    (dot_scalar(m.0.row(r), &xq) - ours[r]).abs() < 1e-3,
+                    (dot_scalar(m.row(r), &xq) - ours[r]).abs() < 1e-3,
                     "row {r}"
                 );
                 // Rounding x to int8 per block moves each x_i by at most d_b/2, so the result is

@@ -8,19 +8,19 @@
 //! `d * ((nibble_j | bit_j << 4) - 16)`. With activations `x ≈ d_x q_x` the block contributes
 //! `d d_x Σ w5 q_x - 16 d s_x`, where `w5` is the unsigned 5-bit value and `s_x = d_x Σ q_x`.
 
-use super::int8::{matmul_int8, Int8Dot, Q8Row};
-use super::{BlockRows, RowKernel, BLOCK, ROW_GROUP};
-use crate::error::Result;
-use candle_core::{Device, Tensor};
+use super::int8::{Int8Dot, Int8Format, Int8Matrix, Q8Row};
+use super::{BLOCK, ROW_GROUP};
 use half::f16;
 
 /// Bytes per block: f16 scale, 4 bytes of high bits, 16 bytes of nibbles.
 pub const BLOCK_BYTES: usize = 22;
-const ROWS_PER_TASK: usize = 32;
+
+/// The Q5_0 block format.
+#[derive(Debug, Clone, Copy)]
+pub struct Q5_0;
 
 /// A `[rows, cols]` matrix of Q5_0 blocks, row-major, in ggml's byte layout.
-#[derive(Debug, Clone)]
-pub struct Q5_0Matrix(BlockRows);
+pub type Q5_0Matrix = Int8Matrix<Q5_0>;
 
 fn parts(blk: &[u8]) -> (f32, u32, &[u8]) {
     let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
@@ -111,7 +111,7 @@ unsafe fn dot4_or_1<const N: usize>(row: &[u8], x: [&Q8Row; N]) -> [f32; N] {
     std::array::from_fn(|k| super::hsum(acc[k]) - 16.0 * corr[k])
 }
 
-impl Int8Dot for Q5_0Matrix {
+impl Int8Dot for Q5_0 {
     fn dot_scalar(row: &[u8], x: &Q8Row) -> f32 {
         dot_scalar(row, x)
     }
@@ -127,39 +127,23 @@ impl Int8Dot for Q5_0Matrix {
     }
 }
 
-impl Q5_0Matrix {
-    /// Wraps ggml Q5_0 bytes for a `[rows, cols]` matrix.
-    pub fn new(rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
-        BlockRows::new("Q5_0", rows, cols, BLOCK_BYTES, data).map(Self)
-    }
-}
+impl Int8Format for Q5_0 {
+    const NAME: &'static str = "Q5_0";
+    const BLOCK_BYTES: usize = BLOCK_BYTES;
 
-impl RowKernel for Q5_0Matrix {
-    fn dims(&self) -> (usize, usize) {
-        (self.0.rows, self.0.cols)
-    }
-
-    fn matmul_rows(&self, xs: &[f32], m: usize, out: &mut [f32]) {
-        matmul_int8::<Self>(&self.0, xs, m, out, ROWS_PER_TASK)
-    }
-
-    fn dequantize(&self, device: &Device) -> Result<Tensor> {
-        let mut v = Vec::with_capacity(self.0.rows * self.0.cols);
-        for blk in self.0.data.chunks_exact(BLOCK_BYTES) {
-            let (d, qh, qs) = parts(blk);
-            v.extend(values(qh, qs).iter().map(|&q| d * (q as f32 - 16.0)));
-        }
-        Ok(Tensor::from_vec(v, (self.0.rows, self.0.cols), device)?)
+    fn dequantize_block(blk: &[u8], out: &mut Vec<f32>) {
+        let (d, qh, qs) = parts(blk);
+        out.extend(values(qh, qs).iter().map(|&q| d * (q as f32 - 16.0)));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::int8::quantize_row;
     use crate::quant::q4_1::tests::det_values;
-    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-    use candle_core::Module;
+    use crate::quant::RowKernel;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
 
     fn pair(rows: usize, cols: usize) -> (Q5_0Matrix, QTensor) {
         let w = Tensor::from_vec(det_values(rows * cols, 3), (rows, cols), &Device::Cpu).unwrap();
@@ -178,29 +162,8 @@ mod tests {
 
     #[test]
     fn simd_equals_scalar_and_candle_within_rounding() {
-        let (rows, cols) = (96, 576);
-        let (m, q) = pair(rows, cols);
-        let candle = QMatMul::from_qtensor(q).unwrap();
-        let xs = det_values(cols, 9);
-        let mut ours = vec![0f32; rows];
-        m.matvec(&xs, &mut ours);
-        let xq = quantize_row(&xs);
-        let x = Tensor::from_vec(xs.clone(), (1, cols), &Device::Cpu).unwrap();
-        let theirs = candle.forward(&x).unwrap().flatten_all().unwrap();
-        let theirs = theirs.to_vec1::<f32>().unwrap();
-        for r in 0..rows {
-            let scalar = dot_scalar(m.0.row(r), &xq);
-            assert!(
-                (scalar - ours[r]).abs() < 1e-3 * scalar.abs().max(1.0),
-                "row {r}"
-            );
-            // candle rounds the activations the same way but keeps block scales in f16.
-            assert!(
-                (ours[r] - theirs[r]).abs() < 0.05 * theirs[r].abs().max(1.0),
-                "row {r}"
-            );
-        }
-        crate::quant::tests::batch_equals_single_rows(&m);
+        let (m, q) = pair(96, 576);
+        crate::quant::tests::int8_kernel_agrees(&m, q, |r, x| dot_scalar(m.row(r), x));
     }
 
     #[test]

@@ -112,3 +112,13 @@ pub fn worst_row_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .map(|(x, y)| max_abs_diff(x, y))
         .fold(0.0, f32::max)
 }
+
+/// `ids` as a batch of `n` identical rows on `dev`.
+pub fn batch_of(ids: &[u32], n: usize, dev: &candle_core::Device) -> candle_core::Tensor {
+    candle_core::Tensor::new(ids, dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .repeat((n, 1))
+        .unwrap()
+}
