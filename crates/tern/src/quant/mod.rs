@@ -6,6 +6,7 @@ pub mod dense;
 pub mod int8;
 pub mod q4_1;
 pub mod q5_0;
+pub mod q6_k;
 pub mod q8_0;
 pub mod scheme;
 
