@@ -2,7 +2,7 @@
 # Builds tern with `--features cuda` on a machine without a GPU, for an NVIDIA GPU machine
 # (default: compute capability 9.0, H100/H200; CUDA 13.0 to match driver 580).
 #
-#   scripts/cuda/build.sh            # -> dist/cuda/{tern, tests/cuda} and dist/cuda/MANIFEST
+#   scripts/cuda/build.sh            # -> dist/cuda/{tern.gz, tests/cuda.gz, MANIFEST}
 #
 # What the build needs comes from PyPI wheels, installed into a venv outside the repo
 # ($TERN_CUDA_VENV, default ~/venvs/cuda13, ~1.2 GB): nvcc, the CUDA headers and the libraries
@@ -59,18 +59,25 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         print(m["executable"])' > "$CARGO_TARGET_DIR/test-executables.txt"
 
+# It starts here (the stub stands in for the driver; nothing touches a GPU).
+SMOKE="$(mktemp -d)"
+ln -s "$STUB" "$SMOKE/libcuda.so.1"
+LD_LIBRARY_PATH="$SMOKE:$CU/lib" "$CARGO_TARGET_DIR/release/tern" --version
+
+# Stripped and gzipped: the PTX of candle's kernels makes each binary ~65-70 MB, over what the
+# device tool carries (64 MiB); compressed, both together are ~35 MB.
 DIST="$ROOT/dist/cuda"
 rm -rf "$DIST" && mkdir -p "$DIST/tests"
 cp "$CARGO_TARGET_DIR/release/tern" "$DIST/tern"
 while read -r exe; do
-  name="$(basename "$exe" | sed 's/-[0-9a-f]*$//')"
-  cp "$exe" "$DIST/tests/$name"
+  cp "$exe" "$DIST/tests/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"
 done < "$CARGO_TARGET_DIR/test-executables.txt"
-strip "$DIST/tern" "$DIST"/tests/* 2>/dev/null || true
+strip "$DIST/tern" "$DIST"/tests/*
 {
   echo "built $(date -u +%FT%TZ) from $(git rev-parse --short HEAD), compute capability $CAP"
   echo "nvcc: $(nvcc --version | tail -1)"
-  ls -l "$DIST/tern" "$DIST"/tests/
   echo "needs at run time:"; ldd "$DIST/tern" | grep -E 'cuda|cublas|curand|nvrtc' || true
 } > "$DIST/MANIFEST"
+gzip -9 "$DIST/tern" "$DIST"/tests/*
+ls -l "$DIST" "$DIST/tests" >> "$DIST/MANIFEST"
 cat "$DIST/MANIFEST"

@@ -13,7 +13,12 @@ ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 DIST="$ROOT/dist/cuda"
 REPORT="${OUT:-$DIST/report}"
 mkdir -p "$REPORT"
-[ -x "$DIST/tern" ] || { echo "no $DIST/tern: run scripts/cuda/build.sh first and carry dist/cuda" >&2; exit 1; }
+[ -f "$DIST/tern.gz" ] || { echo "no $DIST/tern.gz: run scripts/cuda/build.sh first and carry dist/cuda" >&2; exit 1; }
+BIN="$(mktemp -d)"
+mkdir -p "$BIN/tests"
+gunzip -c "$DIST/tern.gz" > "$BIN/tern"
+for t in "$DIST"/tests/*.gz; do gunzip -c "$t" > "$BIN/tests/$(basename "$t" .gz)"; done
+chmod +x "$BIN/tern" "$BIN"/tests/*
 CU="$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)"
 export LD_LIBRARY_PATH="${CU:+$CU:}/usr/local/nvidia/lib64:/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 BUILT_IN=/work/main
@@ -23,10 +28,10 @@ fi
 {
   echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
   cat "$DIST/MANIFEST" 2>/dev/null | head -3
-  ldd "$DIST/tern" | grep -E 'cuda|cublas|curand|nvrtc'
+  ldd "$BIN/tern" | grep -E 'cuda|cublas|curand|nvrtc'
 } > "$REPORT/summary.txt" 2>&1
 status=0
-for t in "$DIST"/tests/*; do
+for t in "$BIN"/tests/*; do
   name="$(basename "$t")"
   echo "== $name" >> "$REPORT/summary.txt"
   "$t" --test-threads 1 > "$REPORT/test-$name.log" 2>&1 || status=1
@@ -34,7 +39,7 @@ for t in "$DIST"/tests/*; do
 done
 for m in llama qwen2; do
   echo "== bench generate $m (f32, GPU)" >> "$REPORT/summary.txt"
-  "$DIST/tern" bench generate --model "$ROOT/crates/tern/tests/fixtures/models/$m" \
+  "$BIN/tern" bench generate --model "$ROOT/crates/tern/tests/fixtures/models/$m" \
     --prompt-tokens 64 --gen-tokens 64 >> "$REPORT/summary.txt" 2>&1 || status=1
 done
 cat "$REPORT/summary.txt"
