@@ -3,12 +3,12 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
-use tern::model::gguf_export::{export_gguf, ExportType};
+use tern::model::gguf_export::{export_gguf, ExportOptions, ExportType};
 
 /// Arguments of `tern quantize`.
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {
-    /// A Hugging Face model directory (or a Hub id ORG/NAME[@rev]).
+    /// A Hugging Face model directory (or a Hub id ORG/NAME[@rev]), or a GGUF file to convert.
     #[arg(long)]
     pub model: PathBuf,
     /// The GGUF file to write (it appears only when complete).
@@ -20,12 +20,21 @@ pub struct QuantizeArgs {
     /// Replace --out if it exists.
     #[arg(long)]
     pub force: bool,
+    /// Accept a GGUF input whose tensors are already quantized (they are dequantized and
+    /// quantized again, adding a second rounding).
+    #[arg(long)]
+    pub allow_requantize: bool,
 }
 
 /// Runs `tern quantize`.
 pub fn run(a: QuantizeArgs) -> Result<()> {
     let src = crate::resolve::model(&a.model)?;
-    let r = export_gguf(&src, &a.out, a.ty, a.force)
+    let opts = ExportOptions {
+        ty: a.ty,
+        force: a.force,
+        allow_requantize: a.allow_requantize,
+    };
+    let r = export_gguf(&src, &a.out, &opts)
         .with_context(|| format!("quantizing {}", src.display()))?;
     let types: Vec<String> = r.types.iter().map(|(k, n)| format!("{n} {k}")).collect();
     println!(

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use tern::checkpoint::GgufFile;
-use tern::model::gguf_export::{export_gguf, ExportType};
+use tern::model::gguf_export::{export_gguf, ExportOptions, ExportType};
 use tern::quant::QuantType;
 use tern::{LoadOptions, LoadedModel, Prompt};
 
@@ -30,7 +30,7 @@ fn lossless_export_of_every_architecture_matches_transformers() {
     for arch in ARCHS {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join(format!("{arch}.gguf"));
-        let r = export_gguf(&fixture(arch), &p, ExportType::F32, false).unwrap();
+        let r = export_gguf(&fixture(arch), &p, &ExportOptions::new(ExportType::F32)).unwrap();
         assert_eq!(r.types.keys().collect::<Vec<_>>(), ["F32"], "{arch}");
         let hf = load(&fixture(arch), None);
         let lm = load(&p, None);
@@ -77,7 +77,7 @@ fn llama3_rope_scaling_travels_as_rope_freqs() {
         "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let p = d.path().join("llama31.gguf");
-    export_gguf(&src, &p, ExportType::F32, false).unwrap();
+    export_gguf(&src, &p, &ExportOptions::new(ExportType::F32)).unwrap();
     let g = GgufFile::open(&p).unwrap();
     assert!(g.tensor_infos().any(|(n, _, _)| n == "rope_freqs.weight"));
     let ids: Vec<u32> = (0..40).map(|i| (i * 7 % 300) as u32).collect();
@@ -98,7 +98,12 @@ fn quantized_export_holds_what_quantizing_at_load_gives() {
     for q in [QuantType::Q8_0, QuantType::Q4K, QuantType::Q4_0] {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("llama.gguf");
-        export_gguf(&fixture("llama"), &p, ExportType::Quant(q), false).unwrap();
+        export_gguf(
+            &fixture("llama"),
+            &p,
+            &ExportOptions::new(ExportType::Quant(q)),
+        )
+        .unwrap();
         let (file, _) = GgufFile::open(&p).unwrap().load(None, &dev).unwrap();
         let (at_load, _) = tern::checkpoint::weights::load_safetensors(
             &dir.dir,
@@ -167,17 +172,13 @@ fn quantizing_at_load_keeps_norms_and_embeddings_float_and_stays_close() {
 fn bad_requests_are_refused_by_name_and_write_nothing() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("m.gguf");
-    export_gguf(&fixture("qwen2"), &p, ExportType::F16, false).unwrap();
+    export_gguf(&fixture("qwen2"), &p, &ExportOptions::new(ExportType::F16)).unwrap();
     let before = std::fs::read(&p).unwrap();
-    let e = export_gguf(&fixture("qwen2"), &p, ExportType::F32, false)
+    let e = export_gguf(&fixture("qwen2"), &p, &ExportOptions::new(ExportType::F32))
         .unwrap_err()
         .to_string();
     assert!(e.contains("already exists") && e.contains("--force"), "{e}");
     assert_eq!(std::fs::read(&p).unwrap(), before);
-    let e = export_gguf(&p, &d.path().join("x.gguf"), ExportType::F16, false)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("already a GGUF"), "{e}");
     let e = LoadedModel::load(
         &p,
         &LoadOptions {
@@ -218,4 +219,63 @@ fn perplexity_windows_score_each_token_once_against_transformers() {
         / 3.0;
     assert!((head - head_want).abs() < 1e-4);
     assert!(tern::bench::quality::mean_nll(&lm, &ids[..1], 4).is_err());
+}
+
+#[test]
+fn a_gguf_converts_like_its_checkpoint_and_requantizing_needs_consent() {
+    let d = tempfile::tempdir().unwrap();
+    let path = |n: &str| d.path().join(n);
+    let q8 = ExportOptions::new(ExportType::Quant(QuantType::Q8_0));
+    export_gguf(
+        &fixture("llama"),
+        &path("f32.gguf"),
+        &ExportOptions::new(ExportType::F32),
+    )
+    .unwrap();
+    export_gguf(&fixture("llama"), &path("direct.gguf"), &q8).unwrap();
+    export_gguf(&path("f32.gguf"), &path("via.gguf"), &q8).unwrap();
+    // From the f32 GGUF or from the checkpoint: the same types and the same blocks.
+    let dev = candle_core::Device::Cpu;
+    let (a, _) = GgufFile::open(&path("direct.gguf"))
+        .unwrap()
+        .load(None, &dev)
+        .unwrap();
+    let (b, _) = GgufFile::open(&path("via.gguf"))
+        .unwrap()
+        .load(None, &dev)
+        .unwrap();
+    let mut names: Vec<&String> = a.names().collect();
+    names.sort();
+    assert_eq!(names.len(), b.names().count());
+    for name in names {
+        let dims = match a.weight(name).unwrap() {
+            tern::checkpoint::Weight::Quant(q) => q.shape().dims().to_vec(),
+            tern::checkpoint::Weight::Float(t) => t.dims().to_vec(),
+        };
+        let (x, y) = (a.float(name, &dims).unwrap(), b.float(name, &dims).unwrap());
+        assert_eq!(tensor_max_abs_diff(&x, &y), 0.0, "{name}");
+    }
+    let r = reference("llama");
+    let via = load(&path("via.gguf"), None);
+    assert_eq!(via.tokenizer.encode(&r.prompt, false).unwrap(), r.input_ids);
+    let lp = prompt_logprobs(&via, &r.input_ids);
+    let lq = prompt_logprobs(&load(&path("direct.gguf"), None), &r.input_ids);
+    assert_eq!(lp, lq);
+    // The same type again copies the blocks; another type must be asked for.
+    export_gguf(&path("via.gguf"), &path("again.gguf"), &q8).unwrap();
+    let q4 = ExportOptions::new(ExportType::Quant(QuantType::Q4_0));
+    let e = export_gguf(&path("via.gguf"), &path("q4.gguf"), &q4)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--allow-requantize") && e.contains("Q8_0 -> Q4_0"),
+        "{e}"
+    );
+    assert!(!path("q4.gguf").exists());
+    let ok = ExportOptions {
+        allow_requantize: true,
+        ..q4
+    };
+    export_gguf(&path("via.gguf"), &path("q4.gguf"), &ok).unwrap();
+    assert!(load(&path("q4.gguf"), None).model.is_quantized());
 }

@@ -10,7 +10,7 @@ use super::tensor_file::release_pages;
 use super::weights::{LoadReport, Weight, Weights};
 use crate::error::{Result, TernError};
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{DType, Device};
 use memmap2::Mmap;
 use std::collections::HashMap;
@@ -112,6 +112,32 @@ impl GgufFile {
             .tensor_infos
             .iter()
             .map(|(n, t)| (n, t.ggml_dtype, t.shape.dims()))
+    }
+
+    /// A tensor as stored, in its own block type and row order (no q/k un-permutation), for
+    /// writers that copy or requantize GGUF tensors; its mapped pages are released after.
+    pub fn raw_tensor(&self, name: &str) -> Result<QTensor> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| TernError::MissingTensor {
+                file: self.path.clone(),
+                tensor: name.to_string(),
+            })?;
+        let range = self.raw_range(name)?;
+        let q = qtensor_from_ggml(
+            info.ggml_dtype,
+            &self.mmap[range.clone()],
+            info.shape.dims().to_vec(),
+            &Device::Cpu,
+        )
+        .map_err(|e| TernError::Gguf {
+            file: self.path.clone(),
+            detail: format!("tensor `{name}`: {e}"),
+        })?;
+        release_pages(&self.mmap, range);
+        Ok(q)
     }
 
     /// Byte range of a tensor inside the file, checked against the file size.

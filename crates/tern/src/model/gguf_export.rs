@@ -1,5 +1,6 @@
 //! `tern quantize`: a Hugging Face checkpoint written as one GGUF file that tern and
-//! llama.cpp both load, with the architecture metadata, tokenizer and chat template inside.
+//! llama.cpp both load, with the architecture metadata, tokenizer and chat template inside
+//! (a GGUF input goes to `gguf_requantize.rs`).
 //!
 //! What llama.cpp's own converter does and we follow: q/k rows permuted for the `llama`
 //! architecture (its rope rotates adjacent pairs), Llama 3 rope scaling stored as a
@@ -88,25 +89,74 @@ struct Source {
     permute_heads: Option<usize>,
 }
 
-/// Writes the Hugging Face checkpoint at `src` as a GGUF file at `out` (refusing to replace an
-/// existing file unless `force`).
-pub fn export_gguf(src: &Path, out: &Path, ty: ExportType, force: bool) -> Result<ExportReport> {
-    let start = Instant::now();
-    let d = match Checkpoint::open(src)? {
-        Checkpoint::Hf(d) => d,
-        Checkpoint::Gguf(_) => {
-            return Err(TernError::InvalidArgument(format!(
-                "{} is already a GGUF file; pass the Hugging Face model directory it came from",
-                src.display()
-            )))
+/// How an export writes.
+#[derive(Debug, Clone, Copy)]
+pub struct ExportOptions {
+    /// Storage of the tensors.
+    pub ty: ExportType,
+    /// Replace an existing output file.
+    pub force: bool,
+    /// Accept a GGUF whose matrices are already quantized (their blocks are dequantized and
+    /// quantized again, which loses more than quantizing float weights once).
+    pub allow_requantize: bool,
+}
+
+impl ExportOptions {
+    /// Options for `ty`, refusing to replace files or to requantize.
+    pub fn new(ty: ExportType) -> Self {
+        Self {
+            ty,
+            force: false,
+            allow_requantize: false,
         }
-    };
-    if out.exists() && !force {
+    }
+}
+
+/// Writes the checkpoint at `src` (a Hugging Face directory, or a GGUF file to requantize) as
+/// a GGUF file at `out`.
+pub fn export_gguf(src: &Path, out: &Path, o: &ExportOptions) -> Result<ExportReport> {
+    let start = Instant::now();
+    if out.exists() && !o.force {
         return Err(TernError::InvalidArgument(format!(
             "{} already exists; pass --force to replace it, or choose another --out",
             out.display()
         )));
     }
+    let mut report = match Checkpoint::open(src)? {
+        Checkpoint::Hf(d) => from_hf(&d, out, o.ty)?,
+        Checkpoint::Gguf(g) => super::gguf_requantize::requantize(&g, out, o)?,
+    };
+    report.elapsed = start.elapsed();
+    Ok(report)
+}
+
+/// The storage a tensor of this Hugging Face name and shape gets under `ty`, in a model of
+/// `layers` layers.
+pub(crate) fn target_type(ty: ExportType, name: &str, dims: &[usize], layers: usize) -> GgmlDType {
+    match (ty, dims.len()) {
+        (_, 1) | (ExportType::F32, _) => GgmlDType::F32,
+        (ExportType::F16, _) => GgmlDType::F16,
+        // The embedding as llama.cpp stores it: Q8_0, which tern also multiplies by exactly
+        // when it serves as the tied output head.
+        (ExportType::Quant(_), _)
+            if name == "model.embed_tokens.weight" && dims[1].is_multiple_of(32) =>
+        {
+            GgmlDType::Q8_0
+        }
+        (ExportType::Quant(q), _) => plan(q, name, dims, layers).unwrap_or(GgmlDType::F16),
+    }
+}
+
+/// Tensors per storage type, for the report.
+pub(crate) fn type_counts(plans: &[TensorPlan]) -> BTreeMap<String, usize> {
+    let mut types = BTreeMap::new();
+    for p in plans {
+        *types.entry(format!("{:?}", p.dtype)).or_insert(0) += 1;
+    }
+    types
+}
+
+fn from_hf(d: &crate::checkpoint::HfDir, out: &Path, ty: ExportType) -> Result<ExportReport> {
     let cfg = ModelConfig::from_hf_file(&d.config)?;
     let arch = match cfg.family {
         Family::Llama | Family::Mistral => "llama",
@@ -129,20 +179,7 @@ pub fn export_gguf(src: &Path, out: &Path, ty: ExportType, force: bool) -> Resul
             };
             bytes_in += (e.end - e.start) as u64;
             let dims = e.shape.clone();
-            let dtype = match (ty, dims.len()) {
-                (_, 1) | (ExportType::F32, _) => GgmlDType::F32,
-                (ExportType::F16, _) => GgmlDType::F16,
-                // The embedding as llama.cpp stores it: Q8_0, which tern also multiplies by
-                // exactly when it serves as the tied output head.
-                (ExportType::Quant(_), _)
-                    if name == "model.embed_tokens.weight" && dims[1].is_multiple_of(32) =>
-                {
-                    GgmlDType::Q8_0
-                }
-                (ExportType::Quant(q), _) => {
-                    plan(q, name, &dims, cfg.num_layers).unwrap_or(GgmlDType::F16)
-                }
-            };
+            let dtype = target_type(ty, name, &dims, cfg.num_layers);
             let permute_heads = match () {
                 _ if arch != "llama" || dims.len() != 2 => None,
                 _ if g.ends_with("attn_q.weight") => Some(cfg.num_heads),
@@ -173,7 +210,7 @@ pub fn export_gguf(src: &Path, out: &Path, ty: ExportType, force: bool) -> Resul
     let mut order: Vec<usize> = (0..plans.len()).collect();
     order.sort_by_key(|&i| tensor_order_key(&plans[i].name));
     let plans: Vec<TensorPlan> = order.iter().map(|&i| plans[i].clone()).collect();
-    let meta = metadata(&d, &cfg, arch, ty)?;
+    let meta = metadata(d, &cfg, arch, ty)?;
     let device = Device::Cpu;
     let bytes_out = write_gguf(out, &meta, &plans, |k| {
         let i = order[k];
@@ -193,22 +230,18 @@ pub fn export_gguf(src: &Path, out: &Path, ty: ExportType, force: bool) -> Resul
         let q = quantize_tensor(&s.hf, &t, p.dtype)?;
         Ok(q.data()?.into_owned())
     })?;
-    let mut types = BTreeMap::new();
-    for p in &plans {
-        *types.entry(format!("{:?}", p.dtype)).or_insert(0) += 1;
-    }
     Ok(ExportReport {
         out: out.to_path_buf(),
         tensors: plans.len(),
-        types,
+        types: type_counts(&plans),
         bytes_in,
         bytes_out,
-        elapsed: start.elapsed(),
+        elapsed: Duration::ZERO,
     })
 }
 
 /// Sorts `token_embd`, then `blk.N.*` by N, then everything else.
-fn tensor_order_key(name: &str) -> (usize, usize, String) {
+pub(crate) fn tensor_order_key(name: &str) -> (usize, usize, String) {
     if name.starts_with("token_embd") {
         return (0, 0, name.into());
     }

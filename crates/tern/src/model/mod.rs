@@ -6,6 +6,7 @@ mod checkpointing;
 pub mod config;
 pub mod decoder;
 pub mod gguf_export;
+mod gguf_requantize;
 pub mod inspect;
 pub mod layers;
 pub mod load;
