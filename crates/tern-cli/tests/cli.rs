@@ -810,4 +810,22 @@ fn quantize_writes_ggufs_that_generate_and_refuses_bad_requests() {
     ]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("already stored"), "{e}");
+    // A quantized GGUF converts to another type only when asked to round twice.
+    let q4 = d.path().join("q4.gguf");
+    let args = [
+        "quantize",
+        "--model",
+        out.to_str().unwrap(),
+        "--out",
+        q4.to_str().unwrap(),
+    ];
+    let o = tern(&[&args[..], &["--type", "q4_0"]].concat());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("--allow-requantize"),
+        "{e}"
+    );
+    let o = tern(&[&args[..], &["--type", "q4_0", "--allow-requantize"]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(greedy_ids(q4.to_str().unwrap(), prompt, 3, &[]).len(), 3);
 }
