@@ -213,6 +213,30 @@ pub(crate) mod tests {
         batch_equals_single_rows(k);
     }
 
+    #[test]
+    fn simd_activation_rounding_equals_the_scalar_one() {
+        let xs = crate::quant::q4_1::tests::det_values(32 * 40, 17);
+        let simd = crate::quant::int8::quantize_row(&xs);
+        for (b, x) in xs.chunks_exact(32).enumerate() {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            assert_eq!(simd.d[b], d);
+            let q: Vec<i8> = x.iter().map(|v| (v / d).round_ties_even() as i8).collect();
+            // 1/d then multiply (as the SIMD form does) may differ from a division by one ulp,
+            // which can move a value sitting on a rounding boundary by one step.
+            for (i, (a, e)) in simd.q[b * 32..(b + 1) * 32].iter().zip(&q).enumerate() {
+                assert!(
+                    (*a as i32 - *e as i32).abs() <= 1,
+                    "block {b} value {i}: {a} vs {e}"
+                );
+            }
+            let sum: i32 = simd.q[b * 32..(b + 1) * 32].iter().map(|&v| v as i32).sum();
+            assert_eq!(simd.s[b], d * sum as f32);
+        }
+        let zeros = crate::quant::int8::quantize_row(&[0f32; 64]);
+        assert!(zeros.q.iter().all(|&v| v == 0) && zeros.d == [0.0, 0.0]);
+    }
+
     /// A batch through `matmul_rows` gives each row bit for bit what it gives alone, for
     /// every row count around the register group (so batched decode equals solo decode).
     pub(crate) fn batch_equals_single_rows(k: &dyn RowKernel) {
