@@ -6,7 +6,7 @@
 //!
 //! A block is an f16 scale `d`, 32 high bits `qh` and 16 bytes of low nibbles; element `j` is
 //! `d * ((nibble_j | bit_j << 4) - 16)`. With activations `x ≈ d_x q_x` the block contributes
-//! `d d_x Σ w5 q_x - 16 d s_x`, where `w5` is the unsigned 5-bit value and `s_x = d_x Σ q_x`.
+//! `d d_x Σ (w5 - 16) q_x`, the signed 5-bit values multiplied as int8 (as ggml does).
 
 use super::int8::{Int8Dot, Int8Format, Int8Matrix, Q8Row};
 use super::{BLOCK, ROW_GROUP};
@@ -46,13 +46,18 @@ fn dot_scalar(row: &[u8], x: &Q8Row) -> f32 {
         let (d, qh, qs) = parts(blk);
         let w = values(qh, qs);
         let xq = &x.q[b * BLOCK..(b + 1) * BLOCK];
-        let sumi: i32 = w.iter().zip(xq).map(|(&a, &b)| a as i32 * b as i32).sum();
-        acc += d * x.d[b] * sumi as f32 - 16.0 * d * x.s[b];
+        let sumi: i32 = w
+            .iter()
+            .zip(xq)
+            .map(|(&a, &b)| (a as i32 - 16) * b as i32)
+            .sum();
+        acc += d * x.d[b] * sumi as f32;
     }
     acc
 }
 
-/// A block's 32 unsigned 5-bit values in one register (element j in byte j) and its scale.
+/// A block's 32 values `w5 - 16` as signed bytes in one register (element j in byte j) and
+/// its scale.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn unpack(blk: &[u8]) -> (std::arch::x86_64::__m256i, f32) {
@@ -79,7 +84,10 @@ unsafe fn unpack(blk: &[u8]) -> (std::arch::x86_64::__m256i, f32) {
     );
     let bit = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
     let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
-    let high = _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+    // The signed value w5 - 16 straight away: a clear high bit makes the byte `nibble | 0xF0`
+    // (nibble - 16 as i8), a set one leaves the nibble. No per-block correction term then,
+    // whose scalar chain of dependent adds had set the pace of the whole loop.
+    let high = _mm256_andnot_si256(set, _mm256_set1_epi8(0xF0u8 as i8));
     (_mm256_or_si256(nibbles, high), d)
 }
 
@@ -95,20 +103,19 @@ unsafe fn dot_avx2(row: &[u8], x: &Q8Row) -> f32 {
 unsafe fn dot4_or_1<const N: usize>(row: &[u8], x: [&Q8Row; N]) -> [f32; N] {
     use std::arch::x86_64::*;
     let mut acc = [_mm256_setzero_ps(); N];
-    let mut corr = [0f32; N];
     let ones = _mm256_set1_epi16(1);
     for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
         let (w, d) = unpack(blk);
+        // maddubs wants one unsigned side: |w| times x carrying w's sign.
+        let aw = _mm256_sign_epi8(w, w);
         for k in 0..N {
             let xv = _mm256_loadu_si256(x[k].q.as_ptr().add(b * BLOCK) as *const __m256i);
-            // u8 (<= 31) x i8 -> i16 pairs without saturation, then -> i32 lanes.
-            let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+            let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
             let scale = _mm256_set1_ps(d * x[k].d[b]);
             acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), scale, acc[k]);
-            corr[k] += d * x[k].s[b];
         }
     }
-    std::array::from_fn(|k| super::hsum(acc[k]) - 16.0 * corr[k])
+    std::array::from_fn(|k| super::hsum(acc[k]))
 }
 
 impl Int8Dot for Q5_0 {
