@@ -6,6 +6,8 @@
 //! rounding passes; here every sub-block tries 19 candidate scales around `32 / max|x|` and
 //! keeps the one with the least squared error weighted by `x²` (the same objective), which left
 //! 4% less error on SmolLM2's `down_proj` matrices and is what moves a Q4_K mix's perplexity.
+//! The idea (a small grid of scales around the max-based one, scored by the weighted least
+//! squares objective) is the one llama.cpp's current quantizer uses; the code is tern's own.
 //! The byte layout is ggml's, so candle and llama.cpp read the result unchanged.
 
 use crate::error::{Result, TernError};
