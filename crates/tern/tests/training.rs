@@ -5,7 +5,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use common::*;
 use std::path::{Path, PathBuf};
 use tern::checkpoint::safetensors::TensorFile;
@@ -50,19 +50,6 @@ fn load(p: &Path) -> LoadedModel {
 
 fn cfg(v: serde_json::Value) -> TrainConfig {
     TrainConfig::load(None, v).unwrap()
-}
-
-/// max |a - b| / max |b|.
-fn rel(a: &Tensor, b: &Tensor) -> f32 {
-    let d = tensor_max_abs_diff(a, b);
-    let m = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    d / m.max(1e-12)
 }
 
 #[test]

@@ -147,13 +147,22 @@ pub(crate) fn target_type(ty: ExportType, name: &str, dims: &[usize], layers: us
     }
 }
 
-/// Tensors per storage type, for the report.
-pub(crate) fn type_counts(plans: &[TensorPlan]) -> BTreeMap<String, usize> {
-    let mut types = BTreeMap::new();
-    for p in plans {
-        *types.entry(format!("{:?}", p.dtype)).or_insert(0) += 1;
+impl ExportReport {
+    /// The report of a file written from `plans` (the caller sets `elapsed`).
+    pub(crate) fn new(out: &Path, plans: &[TensorPlan], bytes_in: u64, bytes_out: u64) -> Self {
+        let mut types = BTreeMap::new();
+        for p in plans {
+            *types.entry(format!("{:?}", p.dtype)).or_insert(0) += 1;
+        }
+        Self {
+            out: out.to_path_buf(),
+            tensors: plans.len(),
+            types,
+            bytes_in,
+            bytes_out,
+            elapsed: Duration::ZERO,
+        }
     }
-    types
 }
 
 fn from_hf(d: &crate::checkpoint::HfDir, out: &Path, ty: ExportType) -> Result<ExportReport> {
@@ -230,14 +239,7 @@ fn from_hf(d: &crate::checkpoint::HfDir, out: &Path, ty: ExportType) -> Result<E
         let q = quantize_tensor(&s.hf, &t, p.dtype)?;
         Ok(q.data()?.into_owned())
     })?;
-    Ok(ExportReport {
-        out: out.to_path_buf(),
-        tensors: plans.len(),
-        types: type_counts(&plans),
-        bytes_in,
-        bytes_out,
-        elapsed: Duration::ZERO,
-    })
+    Ok(ExportReport::new(out, &plans, bytes_in, bytes_out))
 }
 
 /// Sorts `token_embd`, then `blk.N.*` by N, then everything else.

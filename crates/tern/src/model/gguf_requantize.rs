@@ -7,9 +7,7 @@
 //! with `allow_requantize`, as llama.cpp's `--allow-requantize`: the second rounding adds to
 //! the first.
 
-use super::gguf_export::{
-    target_type, tensor_order_key, type_counts, ExportOptions, ExportReport, ExportType,
-};
+use super::gguf_export::{target_type, tensor_order_key, ExportOptions, ExportReport, ExportType};
 use crate::checkpoint::gguf::hf_name;
 use crate::checkpoint::gguf_write::{write_gguf, TensorPlan};
 use crate::checkpoint::GgufFile;
@@ -19,7 +17,6 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 use std::path::Path;
-use std::time::Duration;
 
 fn is_float(t: GgmlDType) -> bool {
     matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
@@ -100,12 +97,5 @@ pub(crate) fn requantize(g: &GgufFile, out: &Path, o: &ExportOptions) -> Result<
         let q = quantize_tensor(name, &t, plans[k].dtype)?;
         Ok(q.data()?.into_owned())
     })?;
-    Ok(ExportReport {
-        out: out.to_path_buf(),
-        tensors: plans.len(),
-        types: type_counts(&plans),
-        bytes_in,
-        bytes_out,
-        elapsed: Duration::ZERO,
-    })
+    Ok(ExportReport::new(out, &plans, bytes_in, bytes_out))
 }

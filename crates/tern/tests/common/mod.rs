@@ -122,3 +122,16 @@ pub fn batch_of(ids: &[u32], n: usize, dev: &candle_core::Device) -> candle_core
         .repeat((n, 1))
         .unwrap()
 }
+
+/// max |a - b| / max |b|.
+pub fn rel(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    let d = tensor_max_abs_diff(a, b);
+    let m = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    d / m.max(1e-12)
+}
