@@ -6,7 +6,7 @@
 //! candle has a GGUF writer, but it takes every tensor at once, which for a 7B model means
 //! holding the whole quantized model in memory before the first byte is written.
 
-use super::writer::temp_beside;
+use super::writer::{stream_tensors, write_file_atomic};
 use crate::error::{Result, TernError};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::GgmlDType;
@@ -156,40 +156,14 @@ pub fn write_gguf(
     path: &Path,
     meta: &[(String, Value)],
     tensors: &[TensorPlan],
-    mut fill: impl FnMut(usize) -> Result<Vec<u8>>,
+    fill: impl FnMut(usize) -> Result<Vec<u8>>,
 ) -> Result<u64> {
     let head = header(meta, tensors)?;
-    let tmp = temp_beside(path);
-    let result = (|| -> Result<u64> {
-        let io = |e| TernError::io(path, e);
-        let file = std::fs::File::create(&tmp).map_err(io)?;
-        let mut f = std::io::BufWriter::with_capacity(1 << 20, file);
-        f.write_all(&head).map_err(io)?;
-        let mut written = head.len() as u64;
-        for (i, t) in tensors.iter().enumerate() {
-            let bytes = fill(i)?;
-            if bytes.len() != t.nbytes() {
-                return Err(TernError::InvalidArgument(format!(
-                    "tensor `{}`: {} bytes given for {} expected",
-                    t.name,
-                    bytes.len(),
-                    t.nbytes()
-                )));
-            }
-            f.write_all(&bytes).map_err(io)?;
-            let pad = (bytes.len() as u64).next_multiple_of(ALIGN) - bytes.len() as u64;
-            f.write_all(&vec![0u8; pad as usize]).map_err(io)?;
-            written += bytes.len() as u64 + pad;
-        }
-        let f = f.into_inner().map_err(|e| io(e.into_error()))?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)?;
-        Ok(written)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    write_file_atomic(path, |f| {
+        f.write_all(&head).map_err(|e| TernError::io(path, e))?;
+        let sizes = tensors.iter().map(|t| (t.name.as_str(), t.nbytes()));
+        Ok(head.len() as u64 + stream_tensors(f, path, sizes, ALIGN, fill)?)
+    })
 }
 
 #[cfg(test)]

@@ -246,19 +246,62 @@ pub fn temp_beside(path: &Path) -> PathBuf {
     ))
 }
 
+/// Writes `path` atomically: `body` fills a buffered writer on a temp file beside it, which is
+/// synced and renamed over `path` only when `body` succeeds, and removed otherwise.
+pub fn write_file_atomic<T>(
+    path: &Path,
+    body: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<T>,
+) -> Result<T> {
+    let tmp = temp_beside(path);
+    let result = (|| -> Result<T> {
+        let io = |e| TernError::io(path, e);
+        let file = std::fs::File::create(&tmp).map_err(io)?;
+        let mut f = std::io::BufWriter::with_capacity(1 << 20, file);
+        let out = body(&mut f)?;
+        let f = f.into_inner().map_err(|e| io(e.into_error()))?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)?;
+        Ok(out)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// Writes `bytes` to `path` atomically.
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_beside(path);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        TernError::io(path, e)
+    write_file_atomic(path, |f| {
+        f.write_all(bytes).map_err(|e| TernError::io(path, e))
     })
+}
+
+/// Streams the tensors `(name, nbytes)` into `f`, asking `fill(i)` for tensor `i`'s bytes in
+/// order (each must be exactly `nbytes` long) and padding each to a multiple of `align`.
+/// Returns the bytes written.
+pub(crate) fn stream_tensors<'a>(
+    f: &mut impl Write,
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a str, usize)>,
+    align: u64,
+    mut fill: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<u64> {
+    let io = |e| TernError::io(path, e);
+    let mut written = 0u64;
+    for (i, (name, nbytes)) in tensors.into_iter().enumerate() {
+        let b = fill(i)?;
+        if b.len() != nbytes {
+            return Err(TernError::InvalidArgument(format!(
+                "tensor `{name}`: {} bytes given for {nbytes} expected",
+                b.len()
+            )));
+        }
+        f.write_all(&b).map_err(io)?;
+        let pad = (b.len() as u64).next_multiple_of(align) - b.len() as u64;
+        f.write_all(&vec![0u8; pad as usize]).map_err(io)?;
+        written += b.len() as u64 + pad;
+    }
+    Ok(written)
 }
 
 /// Writes a safetensors file atomically, asking `fill(i)` for the bytes of tensor `i` in
@@ -266,35 +309,14 @@ pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn write_streaming(
     path: &Path,
     specs: &[TensorSpec],
-    mut fill: impl FnMut(usize) -> Result<Vec<u8>>,
+    fill: impl FnMut(usize) -> Result<Vec<u8>>,
 ) -> Result<()> {
     let head = header(specs)?;
-    let tmp = temp_beside(path);
-    let result = (|| -> Result<()> {
-        let io = |e| TernError::io(path, e);
-        let mut f =
-            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).map_err(io)?);
-        f.write_all(&head).map_err(io)?;
-        for (i, s) in specs.iter().enumerate() {
-            let b = fill(i)?;
-            if b.len() != s.nbytes() {
-                return Err(TernError::InvalidArgument(format!(
-                    "tensor `{}`: {} bytes given for {} expected",
-                    s.name,
-                    b.len(),
-                    s.nbytes()
-                )));
-            }
-            f.write_all(&b).map_err(io)?;
-        }
-        let f = f.into_inner().map_err(|e| io(e.into_error()))?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    write_file_atomic(path, |f| {
+        f.write_all(&head).map_err(|e| TernError::io(path, e))?;
+        let sizes = specs.iter().map(|s| (s.name.as_str(), s.nbytes()));
+        stream_tensors(f, path, sizes, 1, fill).map(|_| ())
+    })
 }
 
 /// Writes tensors to a safetensors file atomically.

@@ -140,23 +140,13 @@ pub fn loss_png(path: &Path, loss: &[f64], eval: &[(usize, f64)]) -> Result<()> 
             }
         }
     }
-    let io = |e: std::io::Error| TernError::io(path, e);
-    let tmp = crate::checkpoint::writer::temp_beside(path);
-    let write = || -> Result<()> {
-        let f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+    let png_err = |e: png::EncodingError| TernError::io(path, std::io::Error::other(e));
+    crate::checkpoint::writer::write_file_atomic(path, |f| {
         let mut enc = png::Encoder::new(f, W as u32, H as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        let mut w = enc
-            .write_header()
-            .map_err(|e| TernError::io(path, std::io::Error::other(e)))?;
-        w.write_image_data(&c.0)
-            .map_err(|e| TernError::io(path, std::io::Error::other(e)))?;
-        w.finish()
-            .map_err(|e| TernError::io(path, std::io::Error::other(e)))?;
-        std::fs::rename(&tmp, path).map_err(io)
-    };
-    write().inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
+        let mut w = enc.write_header().map_err(png_err)?;
+        w.write_image_data(&c.0).map_err(png_err)?;
+        w.finish().map_err(png_err)
     })
 }
