@@ -220,6 +220,11 @@ impl Attention {
             cache.append(&k, v)?
         };
         let t = k.dim(2)?;
+        if s == 1 && !train && t == offset + 1 {
+            if let Some(y) = super::decode_attention::decode_attention(&q, &k, &v, self.window)? {
+                return Ok(y);
+            }
+        }
         // Heads of one kv group are adjacent, so folding them into the row dimension lets one
         // matmul per kv head serve the whole group without repeating k/v in memory.
         let rep = self.heads / self.kv_heads;

@@ -4,6 +4,7 @@
 pub mod attention;
 mod checkpointing;
 pub mod config;
+mod decode_attention;
 pub mod decoder;
 pub mod gguf_export;
 mod gguf_requantize;
