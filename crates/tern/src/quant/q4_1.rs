@@ -6,7 +6,7 @@
 //! with the block sum kept), and each block contributes `d_w*d_x*Σ q_w*q_x + m_w*s_x`.
 
 use super::int8::{Int8Dot, Int8Format, Int8Matrix, Q8Row};
-use super::{BLOCK, ROW_GROUP};
+use super::BLOCK;
 use half::f16;
 
 /// Bytes per block: f16 scale, f16 min, 16 bytes of nibbles.
@@ -41,59 +41,28 @@ fn dot_scalar(row: &[u8], x: &Q8Row) -> f32 {
     acc
 }
 
+/// Dots of one weight row with `N` activation rows: each block is unpacked once.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_avx2(row: &[u8], x: &Q8Row) -> f32 {
+#[inline(always)]
+unsafe fn dots<const N: usize>(row: &[u8], x: [&Q8Row; N]) -> [f32; N] {
     use std::arch::x86_64::*;
-    // Both f16 block parameters (scale, min) converted in one instruction.
-    let params = |blk: &[u8]| {
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut mins = [0f32; N];
+    let low = _mm_set1_epi8(0x0f);
+    for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
+        // Both f16 block parameters (scale, min) converted in one instruction.
         let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
             blk[0], blk[1], blk[2], blk[3],
         ])));
-        (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
-    };
-    let mut acc = _mm256_setzero_ps();
-    let mut mins = 0f32;
-    let low = _mm_set1_epi8(0x0f);
-    let ones = _mm256_set1_epi16(1);
-    for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-        let (d, m) = params(blk);
+        let (d, m) = (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)));
         // 16 bytes of nibbles -> 32 unsigned bytes: low nibbles are elements 0..16, high 16..32.
         let packed = _mm_loadu_si128(blk.as_ptr().add(4) as *const __m128i);
         let lo = _mm_and_si128(packed, low);
         let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
         let w = _mm256_set_m128i(hi, lo);
-        let xv = _mm256_loadu_si256(x.q.as_ptr().add(b * BLOCK) as *const __m256i);
-        // u8 x i8 -> i16 pairs (at most 2*15*127, no saturation), then -> i32 lanes.
-        let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
-        let scale = _mm256_set1_ps(d * x.d[b]);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), scale, acc);
-        mins += m * x.s[b];
-    }
-    super::hsum(acc) + mins
-}
-
-/// [`dot_avx2`] for four activation rows at once: each weight block is unpacked once.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot4_avx2(row: &[u8], x: [&Q8Row; ROW_GROUP]) -> [f32; ROW_GROUP] {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_ps(); ROW_GROUP];
-    let mut mins = [0f32; ROW_GROUP];
-    let low = _mm_set1_epi8(0x0f);
-    let ones = _mm256_set1_epi16(1);
-    for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
-            blk[0], blk[1], blk[2], blk[3],
-        ])));
-        let (d, m) = (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)));
-        let packed = _mm_loadu_si128(blk.as_ptr().add(4) as *const __m128i);
-        let lo = _mm_and_si128(packed, low);
-        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
-        let w = _mm256_set_m128i(hi, lo);
-        for k in 0..ROW_GROUP {
+        for k in 0..N {
             let xv = _mm256_loadu_si256(x[k].q.as_ptr().add(b * BLOCK) as *const __m256i);
-            let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+            let prod = super::int8::mul_sum(w, xv);
             let scale = _mm256_set1_ps(d * x[k].d[b]);
             acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), scale, acc[k]);
             mins[k] += m * x[k].s[b];
@@ -108,13 +77,9 @@ impl Int8Dot for Q4_1 {
     }
 
     #[cfg(target_arch = "x86_64")]
-    unsafe fn dot_avx2(row: &[u8], x: &Q8Row) -> f32 {
-        dot_avx2(row, x)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn dot4_avx2(row: &[u8], x: [&Q8Row; ROW_GROUP]) -> [f32; ROW_GROUP] {
-        dot4_avx2(row, x)
+    #[inline(always)]
+    unsafe fn dots<const N: usize>(row: &[u8], x: [&Q8Row; N]) -> [f32; N] {
+        dots::<N>(row, x)
     }
 }
 

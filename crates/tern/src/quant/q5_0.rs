@@ -9,7 +9,7 @@
 //! `d d_x Σ (w5 - 16) q_x`, the signed 5-bit values multiplied as int8 (as ggml does).
 
 use super::int8::{Int8Dot, Int8Format, Int8Matrix, Q8Row};
-use super::{BLOCK, ROW_GROUP};
+use super::BLOCK;
 use half::f16;
 
 /// Bytes per block: f16 scale, 4 bytes of high bits, 16 bytes of nibbles.
@@ -91,26 +91,19 @@ unsafe fn unpack(blk: &[u8]) -> (std::arch::x86_64::__m256i, f32) {
     (_mm256_or_si256(nibbles, high), d)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_avx2(row: &[u8], x: &Q8Row) -> f32 {
-    dot4_or_1::<1>(row, [x; 1])[0]
-}
-
 /// Dots of one weight row with `N` activation rows (each block unpacked once).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot4_or_1<const N: usize>(row: &[u8], x: [&Q8Row; N]) -> [f32; N] {
+#[inline(always)]
+unsafe fn dots<const N: usize>(row: &[u8], x: [&Q8Row; N]) -> [f32; N] {
     use std::arch::x86_64::*;
     let mut acc = [_mm256_setzero_ps(); N];
-    let ones = _mm256_set1_epi16(1);
     for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
         let (w, d) = unpack(blk);
-        // maddubs wants one unsigned side: |w| times x carrying w's sign.
+        // The unsigned side is |w|; x carries w's sign.
         let aw = _mm256_sign_epi8(w, w);
         for k in 0..N {
             let xv = _mm256_loadu_si256(x[k].q.as_ptr().add(b * BLOCK) as *const __m256i);
-            let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
+            let prod = super::int8::mul_sum(aw, _mm256_sign_epi8(xv, w));
             let scale = _mm256_set1_ps(d * x[k].d[b]);
             acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), scale, acc[k]);
         }
@@ -124,13 +117,9 @@ impl Int8Dot for Q5_0 {
     }
 
     #[cfg(target_arch = "x86_64")]
-    unsafe fn dot_avx2(row: &[u8], x: &Q8Row) -> f32 {
-        dot_avx2(row, x)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn dot4_avx2(row: &[u8], x: [&Q8Row; ROW_GROUP]) -> [f32; ROW_GROUP] {
-        dot4_or_1::<ROW_GROUP>(row, x)
+    #[inline(always)]
+    unsafe fn dots<const N: usize>(row: &[u8], x: [&Q8Row; N]) -> [f32; N] {
+        dots::<N>(row, x)
     }
 }
 

@@ -44,22 +44,20 @@ fn dot_int8_scalar(row: &[u8], x: &Q8Row) -> f32 {
 
 /// Dots of one weight row with `N` int8 activation rows.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_int8_avx2<const N: usize>(row: &[u8], x: [&Q8Row; N]) -> [f32; N] {
+#[inline(always)]
+unsafe fn dots_int8<const N: usize>(row: &[u8], x: [&Q8Row; N]) -> [f32; N] {
     use std::arch::x86_64::*;
     let mut acc = [_mm256_setzero_ps(); N];
-    let ones = _mm256_set1_epi16(1);
     for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
         let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
             u16::from_le_bytes([blk[0], blk[1]]) as i32,
         )));
         let w = _mm256_loadu_si256(blk.as_ptr().add(2) as *const __m256i);
-        // maddubs wants one unsigned side: |w| times x carrying w's sign.
+        // The unsigned side is |w|; x carries w's sign.
         let aw = _mm256_sign_epi8(w, w);
         for k in 0..N {
             let xv = _mm256_loadu_si256(x[k].q.as_ptr().add(b * BLOCK) as *const __m256i);
-            let sx = _mm256_sign_epi8(xv, w);
-            let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+            let prod = super::int8::mul_sum(aw, _mm256_sign_epi8(xv, w));
             let scale = _mm256_set1_ps(d * x[k].d[b]);
             acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), scale, acc[k]);
         }
@@ -73,13 +71,9 @@ impl Int8Dot for Q8_0Matrix {
     }
 
     #[cfg(target_arch = "x86_64")]
-    unsafe fn dot_avx2(row: &[u8], x: &Q8Row) -> f32 {
-        dot_int8_avx2::<1>(row, [x])[0]
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn dot4_avx2(row: &[u8], x: [&Q8Row; ROW_GROUP]) -> [f32; ROW_GROUP] {
-        dot_int8_avx2::<ROW_GROUP>(row, x)
+    #[inline(always)]
+    unsafe fn dots<const N: usize>(row: &[u8], x: [&Q8Row; N]) -> [f32; N] {
+        dots_int8::<N>(row, x)
     }
 }
 
