@@ -137,6 +137,29 @@ pub(crate) unsafe fn mul_sum(
     _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
 }
 
+/// Adds block `b` to each activation row's sum: 32 signed weight bytes `w` with scale `d`
+/// times row `k`'s block `b` into `acc[k]` (the formats whose values are signed bytes once
+/// unpacked: Q8_0, Q5_0).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn add_signed_block<const N: usize>(
+    w: std::arch::x86_64::__m256i,
+    d: f32,
+    x: &[&Q8Row; N],
+    b: usize,
+    acc: &mut [std::arch::x86_64::__m256; N],
+) {
+    use std::arch::x86_64::*;
+    // The unsigned side is |w|; x carries w's sign.
+    let aw = _mm256_sign_epi8(w, w);
+    for k in 0..N {
+        let xv = _mm256_loadu_si256(x[k].q.as_ptr().add(b * BLOCK) as *const __m256i);
+        let prod = mul_sum(aw, _mm256_sign_epi8(xv, w));
+        let scale = _mm256_set1_ps(d * x[k].d[b]);
+        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), scale, acc[k]);
+    }
+}
+
 /// `out[j * rows + r] = W[r] · xs[j]` for a matrix of `K` blocks, with the activations rounded
 /// to int8 once per call; `per_task` weight rows go to each pool task.
 pub(crate) fn matmul_int8<K: Int8Dot>(

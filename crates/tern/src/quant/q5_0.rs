@@ -99,14 +99,7 @@ unsafe fn dots<const N: usize>(row: &[u8], x: [&Q8Row; N]) -> [f32; N] {
     let mut acc = [_mm256_setzero_ps(); N];
     for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
         let (w, d) = unpack(blk);
-        // The unsigned side is |w|; x carries w's sign.
-        let aw = _mm256_sign_epi8(w, w);
-        for k in 0..N {
-            let xv = _mm256_loadu_si256(x[k].q.as_ptr().add(b * BLOCK) as *const __m256i);
-            let prod = super::int8::mul_sum(aw, _mm256_sign_epi8(xv, w));
-            let scale = _mm256_set1_ps(d * x[k].d[b]);
-            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), scale, acc[k]);
-        }
+        super::int8::add_signed_block(w, d, &x, b, &mut acc);
     }
     std::array::from_fn(|k| super::hsum(acc[k]))
 }

@@ -77,14 +77,7 @@ unsafe fn block_into<const N: usize>(
         u16::from_le_bytes([blk[0], blk[1]]) as i32,
     )));
     let w = _mm256_loadu_si256(blk.as_ptr().add(2) as *const __m256i);
-    // The unsigned side is |w|; x carries w's sign.
-    let aw = _mm256_sign_epi8(w, w);
-    for k in 0..N {
-        let xv = _mm256_loadu_si256(x[k].q.as_ptr().add(b * BLOCK) as *const __m256i);
-        let prod = super::int8::mul_sum(aw, _mm256_sign_epi8(xv, w));
-        let scale = _mm256_set1_ps(d * x[k].d[b]);
-        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), scale, acc[k]);
-    }
+    super::int8::add_signed_block(w, d, x, b, acc);
 }
 
 impl Int8Dot for Q8_0Matrix {
