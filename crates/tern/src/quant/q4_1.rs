@@ -41,45 +41,39 @@ fn dot_scalar(row: &[u8], x: &Q8Row) -> f32 {
     acc
 }
 
-/// Dots of one weight row with `N` activation rows: each block is unpacked once.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn dots<const N: usize>(row: &[u8], x: [&Q8Row; N]) -> [f32; N] {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_ps(); N];
-    let mut mins = [0f32; N];
-    let low = _mm_set1_epi8(0x0f);
-    for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-        // Both f16 block parameters (scale, min) converted in one instruction.
-        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
-            blk[0], blk[1], blk[2], blk[3],
-        ])));
-        let (d, m) = (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)));
-        // 16 bytes of nibbles -> 32 unsigned bytes: low nibbles are elements 0..16, high 16..32.
-        let packed = _mm_loadu_si128(blk.as_ptr().add(4) as *const __m128i);
-        let lo = _mm_and_si128(packed, low);
-        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
-        let w = _mm256_set_m128i(hi, lo);
-        for k in 0..N {
-            let xv = _mm256_loadu_si256(x[k].q.as_ptr().add(b * BLOCK) as *const __m256i);
-            let prod = super::int8::mul_sum(w, xv);
-            let scale = _mm256_set1_ps(d * x[k].d[b]);
-            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), scale, acc[k]);
-            mins[k] += m * x[k].s[b];
-        }
-    }
-    std::array::from_fn(|k| super::hsum(acc[k]) + mins[k])
-}
-
 impl Int8Dot for Q4_1 {
     fn dot_scalar(row: &[u8], x: &Q8Row) -> f32 {
         dot_scalar(row, x)
     }
 
+    /// Dots of one weight row with `N` activation rows: each block is unpacked once.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn dots<const N: usize>(row: &[u8], x: [&Q8Row; N]) -> [f32; N] {
-        dots::<N>(row, x)
+        use std::arch::x86_64::*;
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut mins = [0f32; N];
+        let low = _mm_set1_epi8(0x0f);
+        for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
+            // Both f16 block parameters (scale, min) converted in one instruction.
+            let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+                blk[0], blk[1], blk[2], blk[3],
+            ])));
+            let (d, m) = (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)));
+            // 16 bytes of nibbles -> 32 unsigned bytes: low nibbles are elements 0..16, high 16..32.
+            let packed = _mm_loadu_si128(blk.as_ptr().add(4) as *const __m128i);
+            let lo = _mm_and_si128(packed, low);
+            let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
+            let w = _mm256_set_m128i(hi, lo);
+            for k in 0..N {
+                let xv = _mm256_loadu_si256(x[k].q.as_ptr().add(b * BLOCK) as *const __m256i);
+                let prod = super::int8::mul_sum(w, xv);
+                let scale = _mm256_set1_ps(d * x[k].d[b]);
+                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), scale, acc[k]);
+                mins[k] += m * x[k].s[b];
+            }
+        }
+        std::array::from_fn(|k| super::hsum(acc[k]) + mins[k])
     }
 }
 

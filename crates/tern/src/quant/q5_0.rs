@@ -91,28 +91,22 @@ unsafe fn unpack(blk: &[u8]) -> (std::arch::x86_64::__m256i, f32) {
     (_mm256_or_si256(nibbles, high), d)
 }
 
-/// Dots of one weight row with `N` activation rows (each block unpacked once).
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn dots<const N: usize>(row: &[u8], x: [&Q8Row; N]) -> [f32; N] {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_ps(); N];
-    for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-        let (w, d) = unpack(blk);
-        super::int8::add_signed_block(w, d, &x, b, &mut acc);
-    }
-    std::array::from_fn(|k| super::hsum(acc[k]))
-}
-
 impl Int8Dot for Q5_0 {
     fn dot_scalar(row: &[u8], x: &Q8Row) -> f32 {
         dot_scalar(row, x)
     }
 
+    /// Dots of one weight row with `N` activation rows (each block unpacked once).
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn dots<const N: usize>(row: &[u8], x: [&Q8Row; N]) -> [f32; N] {
-        dots::<N>(row, x)
+        use std::arch::x86_64::*;
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
+            let (w, d) = unpack(blk);
+            super::int8::add_signed_block(w, d, &x, b, &mut acc);
+        }
+        std::array::from_fn(|k| super::hsum(acc[k]))
     }
 }
 
