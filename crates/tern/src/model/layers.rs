@@ -208,6 +208,7 @@ impl Linear {
             [.., s, _] if x.rank() >= 3 => *s,
             _ => 1,
         };
+        let forced = dense;
         let prefill = dense || positions >= DEQUANT_MIN_ROWS || rows >= DEQUANT_MIN_DECODE_ROWS;
         // Dequantized weight times x in x's dtype (the exact, compute-bound prefill path).
         let dense =
@@ -217,6 +218,14 @@ impl Linear {
             Ok(f(&x.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(x.dtype())?)
         };
         let y = match &self.w {
+            // The kernel's own exact product where it has one: no dequantized copy of the
+            // matrix (for a short prompt, writing that copy cost more than the product).
+            LinearWeight::Kernel(m) if prefill && !forced && x.device().is_cpu() => {
+                match m.forward_exact(&x.to_dtype(DType::F32)?)? {
+                    Some(y) => y.to_dtype(x.dtype())?,
+                    None => dense(m.dequantize(x.device())?)?,
+                }
+            }
             LinearWeight::Kernel(m) if prefill => dense(m.dequantize(x.device())?)?,
             LinearWeight::Kernel(m) => in_f32(&|x| m.forward(x))?,
             LinearWeight::Candle(QMatMul::QTensor(q)) if prefill => {

@@ -5,6 +5,7 @@
 pub mod dense;
 pub mod int8;
 pub mod q4_1;
+pub mod q4_1x8;
 pub mod q5_0;
 pub mod q6_k;
 pub mod q8_0;
@@ -71,9 +72,31 @@ pub trait RowKernel: std::fmt::Debug + Send + Sync {
     /// The matrix in f32 `[rows, cols]`.
     fn dequantize(&self, device: &Device) -> Result<Tensor>;
 
+    /// As [`RowKernel::matmul_rows`] but exact to the stored weights (f32 activations, no
+    /// int8 rounding), if the kernel has such a path; `false` (and `out` untouched) if not,
+    /// and the caller multiplies by [`RowKernel::dequantize`] instead.
+    fn matmul_exact_rows(&self, _xs: &[f32], _m: usize, _out: &mut [f32]) -> bool {
+        false
+    }
+
     /// `out[r] = W[r] · x` for one activation row.
     fn matvec(&self, x: &[f32], out: &mut [f32]) {
         self.matmul_rows(x, 1, out)
+    }
+
+    /// `x W^T` for `x` `[.., cols]` in f32 through [`RowKernel::matmul_exact_rows`]; `None`
+    /// if the kernel has no exact product.
+    fn forward_exact(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let (rows, cols) = self.dims();
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let m = xs.len() / cols;
+        let mut out = vec![0f32; m * rows];
+        if !self.matmul_exact_rows(&xs, m, &mut out) {
+            return Ok(None);
+        }
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = rows;
+        Ok(Some(Tensor::from_vec(out, dims, x.device())?))
     }
 
     /// `x W^T` for `x` `[.., cols]` in f32.
@@ -100,6 +123,9 @@ pub fn layer_kernel(q: &QTensor) -> Option<Arc<dyn RowKernel>> {
     let (rows, cols) = q.shape().dims2().ok()?;
     let data = q.data().ok()?.to_vec();
     let k: Arc<dyn RowKernel> = match q.dtype() {
+        GgmlDType::Q4_1 if rows.is_multiple_of(q4_1x8::ROWS) => {
+            Arc::new(q4_1x8::Q4_1x8Matrix::new(rows, cols, &data).ok()?)
+        }
         GgmlDType::Q4_1 => Arc::new(q4_1::Q4_1Matrix::new(rows, cols, data).ok()?),
         GgmlDType::Q5_0 => Arc::new(q5_0::Q5_0Matrix::new(rows, cols, data).ok()?),
         GgmlDType::Q8_0 => Arc::new(q8_0::Q8_0Matrix::rounding(rows, cols, data).ok()?),

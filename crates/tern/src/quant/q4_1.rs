@@ -26,7 +26,8 @@ fn block_params(blk: &[u8]) -> (f32, f32) {
     (d, m)
 }
 
-fn dot_scalar(row: &[u8], x: &Q8Row) -> f32 {
+/// Portable reference of one row's dot product.
+pub(crate) fn dot_scalar(row: &[u8], x: &Q8Row) -> f32 {
     let mut acc = 0f32;
     for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
         let (d, m) = block_params(blk);
