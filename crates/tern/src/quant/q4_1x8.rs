@@ -137,10 +137,8 @@ unsafe fn dots8_avx2<const N: usize>(group: &[u8], x: [&Q8Row; N], out: [*mut f3
                 let xq = x[k].q.as_ptr().add(b * BLOCK);
                 let xl = _mm256_set1_epi32((xq.add(4 * c) as *const i32).read_unaligned());
                 let xh = _mm256_set1_epi32((xq.add(16 + 4 * c) as *const i32).read_unaligned());
-                let pair = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(lo, xl),
-                    _mm256_maddubs_epi16(hi, xh),
-                );
+                let pair =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
                 s16[k] = _mm256_add_epi16(s16[k], pair);
             }
         }
@@ -214,13 +212,21 @@ impl Q4_1x8Matrix {
                 // values, and `at` gives this group's disjoint 8-value run of each output row.
                 while j + 8 <= m {
                     unsafe {
-                        exact8_avx2::<8>(group, std::array::from_fn(|k| x(j + k)), std::array::from_fn(|k| at(j + k)))
+                        exact8_avx2::<8>(
+                            group,
+                            std::array::from_fn(|k| x(j + k)),
+                            std::array::from_fn(|k| at(j + k)),
+                        )
                     };
                     j += 8;
                 }
                 while j + ROW_GROUP <= m {
                     unsafe {
-                        exact8_avx2::<ROW_GROUP>(group, std::array::from_fn(|k| x(j + k)), std::array::from_fn(|k| at(j + k)))
+                        exact8_avx2::<ROW_GROUP>(
+                            group,
+                            std::array::from_fn(|k| x(j + k)),
+                            std::array::from_fn(|k| at(j + k)),
+                        )
                     };
                     j += ROW_GROUP;
                 }
@@ -242,7 +248,11 @@ impl Q4_1x8Matrix {
     /// Portable reference of the exact product of row `r` with `x`.
     fn dot_exact_scalar(&self, r: usize, x: &[f32]) -> f32 {
         let mut acc = 0f32;
-        for (b, gb) in self.group(r / ROWS).chunks_exact(GROUP_BLOCK_BYTES).enumerate() {
+        for (b, gb) in self
+            .group(r / ROWS)
+            .chunks_exact(GROUP_BLOCK_BYTES)
+            .enumerate()
+        {
             let (d, m, q) = Self::unpack(gb, r % ROWS);
             for (i, &q) in q.iter().enumerate() {
                 acc += (d * q as f32 + m) * x[b * BLOCK + i];
@@ -264,7 +274,9 @@ impl Q4_1x8Matrix {
                 for g in task {
                     // Tasks cover disjoint groups, so each 8-value run has one writer; `out`
                     // outlives the call, which returns only when every task is done.
-                    f(g, &|j| (out_ptr as *mut f32).wrapping_add(j * rows + g * ROWS));
+                    f(g, &|j| {
+                        (out_ptr as *mut f32).wrapping_add(j * rows + g * ROWS)
+                    });
                 }
             },
         );
@@ -298,14 +310,14 @@ impl RowKernel for Q4_1x8Matrix {
                     };
                     j += ROW_GROUP;
                 }
-                for j in j..m {
-                    unsafe { dots8_avx2::<1>(group, [&xq[j]], [at(j)]) };
+                for (j, x) in xq.iter().enumerate().skip(j) {
+                    unsafe { dots8_avx2::<1>(group, [x], [at(j)]) };
                 }
                 return;
             }
-            for j in 0..m {
+            for (j, x) in xq.iter().enumerate() {
                 for i in 0..ROWS {
-                    let v = self.dot_scalar(g * ROWS + i, &xq[j]);
+                    let v = self.dot_scalar(g * ROWS + i, x);
                     // SAFETY: as above.
                     unsafe { *at(j).add(i) = v };
                 }
