@@ -9,7 +9,9 @@ pub mod q4_1x8;
 pub mod q5_0;
 pub mod q6_k;
 pub mod q8_0;
+pub mod q8_0x8;
 pub mod scheme;
+pub mod x8;
 
 pub use scheme::QuantType;
 
@@ -125,11 +127,14 @@ pub fn layer_kernel(q: &QTensor) -> Option<Arc<dyn RowKernel>> {
     let k: Arc<dyn RowKernel> = match q.dtype() {
         // Repacked eight rows at a time: several times less work per activation row (batched
         // decode, and an exact prefill product).
-        GgmlDType::Q4_1 if rows.is_multiple_of(q4_1x8::ROWS) => {
+        GgmlDType::Q4_1 if rows.is_multiple_of(x8::ROWS) => {
             Arc::new(q4_1x8::Q4_1x8Matrix::new(rows, cols, &data).ok()?)
         }
         GgmlDType::Q4_1 => Arc::new(q4_1::Q4_1Matrix::new(rows, cols, data.to_vec()).ok()?),
         GgmlDType::Q5_0 => Arc::new(q5_0::Q5_0Matrix::new(rows, cols, data.to_vec()).ok()?),
+        GgmlDType::Q8_0 if rows.is_multiple_of(x8::ROWS) => {
+            Arc::new(q8_0x8::Q8_0x8Matrix::new(rows, cols, &data).ok()?)
+        }
         GgmlDType::Q8_0 => Arc::new(q8_0::Q8_0Matrix::rounding(rows, cols, data.to_vec()).ok()?),
         _ => return None,
     };

@@ -27,7 +27,8 @@ pub struct Q8_0Matrix {
 /// Rows per task of the int8 kernel (the exact one does more work per row).
 const ROWS_PER_TASK_INT8: usize = 32;
 
-fn dot_int8_scalar(row: &[u8], x: &Q8Row) -> f32 {
+/// Portable reference of one row's int8 dot product.
+pub(crate) fn dot_int8_scalar(row: &[u8], x: &Q8Row) -> f32 {
     let mut acc = 0f32;
     for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
         let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();

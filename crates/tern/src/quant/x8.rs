@@ -1,0 +1,354 @@
+//! Block formats repacked eight weight rows at a time: the matrix, its driver and what every
+//! format shares.
+//!
+//! The row-layout int8 kernels (`int8.rs`) spend four or more vector operations per (weight
+//! row, activation row, block), then a horizontal sum per row. Past a few activation rows that
+//! work, not memory, set the pace: eight decode rows cost ~4.4x one on SmolLM2 Q4_1. Here a
+//! group block holds the same 32 values of eight rows, four consecutive values per row in each
+//! 32-byte chunk, so one byte multiply-add against a broadcast of four activation bytes serves
+//! eight weight rows, and block scales apply to eight rows in one float operation. The same
+//! layout gives prefill an exact f32 product that needs no dequantized copy of the matrix. The
+//! idea is llama.cpp's interleaved `q4_0_8x8` layout; the code is ours. Bytes and memory are
+//! the format's own, only reordered.
+
+use super::int8::{quantize_row, Q8Row};
+use super::{use_avx2, RowKernel, BLOCK, ROW_GROUP};
+use crate::error::Result;
+use candle_core::{Device, Tensor};
+use std::marker::PhantomData;
+
+/// Weight rows interleaved together.
+pub const ROWS: usize = 8;
+/// Groups of eight rows per pool task (32 rows, as the row-layout kernels).
+const GROUPS_PER_TASK: usize = 4;
+
+/// A 32-value block format in its eight-row layout.
+pub trait X8Format: std::fmt::Debug + Send + Sync + 'static {
+    /// The format's name in errors (`Q4_1`).
+    const NAME: &'static str;
+    /// Bytes of one ggml block; a group block is eight of them.
+    const BLOCK_BYTES: usize;
+    /// Writes the group block `dst` from the eight rows' ggml blocks.
+    fn repack(src: [&[u8]; ROWS], dst: &mut [u8]);
+    /// Row `r` of group block `gb`: `(d, m, q)` with value `i` equal to `d * q[i] + m`.
+    fn unpack(gb: &[u8], r: usize) -> (f32, f32, [i8; BLOCK]);
+    /// The group's eight rows times `N` int8 activation rows; `out[k]` receives row `k`'s
+    /// eight results. Inlined into [`dots8_avx2`], which enables AVX2; the same code serves
+    /// every `N`, so a row gives the same bits batched or alone.
+    ///
+    /// # Safety
+    /// Only to be called from [`dots8_avx2`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dots8<const N: usize>(group: &[u8], x: [&Q8Row; N], out: [*mut f32; N]);
+    /// As [`X8Format::dots8`] with f32 activations, exact to the stored weights (each weight
+    /// rebuilt as [`RowKernel::dequantize`] gives it). Inlined into [`exact8_avx2`].
+    ///
+    /// # Safety
+    /// Only to be called from [`exact8_avx2`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn exact8<const N: usize>(group: &[u8], x: [&[f32]; N], out: [*mut f32; N]);
+}
+
+/// [`X8Format::dots8`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support avx2, fma and f16c; `group` holds `x[k].d.len()` group blocks and each
+/// `out[k]` has room for 8 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dots8_avx2<F: X8Format, const N: usize>(
+    group: &[u8],
+    x: [&Q8Row; N],
+    out: [*mut f32; N],
+) {
+    F::dots8::<N>(group, x, out)
+}
+
+/// [`X8Format::exact8`] compiled for AVX2.
+///
+/// # Safety
+/// As [`dots8_avx2`]; each `x[k]` holds the group's columns.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn exact8_avx2<F: X8Format, const N: usize>(
+    group: &[u8],
+    x: [&[f32]; N],
+    out: [*mut f32; N],
+) {
+    F::exact8::<N>(group, x, out)
+}
+
+/// A `[rows, cols]` matrix of `F` blocks with its rows interleaved eight at a time.
+#[derive(Debug, Clone)]
+pub struct X8Matrix<F> {
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+    format: PhantomData<F>,
+}
+
+impl<F: X8Format> X8Matrix<F> {
+    /// Repacks ggml bytes of a `[rows, cols]` matrix; `rows` must be a multiple of 8
+    /// (otherwise use the format's row-layout matrix).
+    pub fn new(rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
+        let nb = cols / BLOCK;
+        let row_bytes = nb * F::BLOCK_BYTES;
+        if !rows.is_multiple_of(ROWS)
+            || !cols.is_multiple_of(BLOCK)
+            || data.len() != rows * row_bytes
+        {
+            return Err(crate::TernError::InvalidArgument(format!(
+                "{} matrix [{rows}, {cols}] in eight-row groups needs rows % {ROWS} == 0, cols % \
+                 {BLOCK} == 0 and {} bytes, got {}",
+                F::NAME,
+                rows * row_bytes,
+                data.len()
+            )));
+        }
+        let mut out = vec![0u8; data.len()];
+        let gbb = ROWS * F::BLOCK_BYTES;
+        for (g, dst) in out.chunks_exact_mut(nb * gbb).enumerate() {
+            for (b, gb) in dst.chunks_exact_mut(gbb).enumerate() {
+                let src = std::array::from_fn(|r| {
+                    &data[(g * ROWS + r) * row_bytes + b * F::BLOCK_BYTES..][..F::BLOCK_BYTES]
+                });
+                F::repack(src, gb);
+            }
+        }
+        Ok(Self {
+            rows,
+            cols,
+            data: out,
+            format: PhantomData,
+        })
+    }
+
+    /// The bytes of group `g` (rows `8g..8g+8`), block after block.
+    fn group(&self, g: usize) -> &[u8] {
+        let n = self.cols / BLOCK * ROWS * F::BLOCK_BYTES;
+        &self.data[g * n..(g + 1) * n]
+    }
+
+    /// Row `r`'s blocks, unpacked.
+    fn row_blocks(&self, r: usize) -> impl Iterator<Item = (f32, f32, [i8; BLOCK])> + '_ {
+        self.group(r / ROWS)
+            .chunks_exact(ROWS * F::BLOCK_BYTES)
+            .map(move |gb| F::unpack(gb, r % ROWS))
+    }
+
+    /// Portable reference: row `r` times int8 activations.
+    pub(crate) fn dot_scalar(&self, r: usize, x: &Q8Row) -> f32 {
+        let mut acc = 0f32;
+        for (b, (d, m, q)) in self.row_blocks(r).enumerate() {
+            let xq = &x.q[b * BLOCK..(b + 1) * BLOCK];
+            let sumi: i32 = q.iter().zip(xq).map(|(&w, &v)| w as i32 * v as i32).sum();
+            acc += d * x.d[b] * sumi as f32 + m * x.s[b];
+        }
+        acc
+    }
+
+    /// Portable reference: row `r` times f32 activations, exactly.
+    pub(crate) fn dot_exact_scalar(&self, r: usize, x: &[f32]) -> f32 {
+        let mut acc = 0f32;
+        for (b, (d, m, q)) in self.row_blocks(r).enumerate() {
+            for (i, &q) in q.iter().enumerate() {
+                acc += (d * q as f32 + m) * x[b * BLOCK + i];
+            }
+        }
+        acc
+    }
+
+    /// Runs `f(g, at)` for every group `g` on the worker pool, [`GROUPS_PER_TASK`] groups per
+    /// task; `at(j)` points at activation row `j`'s results for the group's eight rows.
+    fn for_groups(&self, out: &mut [f32], f: impl Fn(usize, &dyn Fn(usize) -> *mut f32) + Sync) {
+        let rows = self.rows;
+        let groups = rows / ROWS;
+        let out_ptr = out.as_mut_ptr() as usize;
+        candle_core::utils::barrier_pool().execute_chunked(
+            groups.div_ceil(GROUPS_PER_TASK),
+            |range| {
+                let task = range.start * GROUPS_PER_TASK..(range.end * GROUPS_PER_TASK).min(groups);
+                for g in task {
+                    // Tasks cover disjoint groups, so each 8-value run has one writer; `out`
+                    // outlives the call, which returns only when every task is done.
+                    f(g, &|j| {
+                        (out_ptr as *mut f32).wrapping_add(j * rows + g * ROWS)
+                    });
+                }
+            },
+        );
+    }
+
+    /// `out[j * rows + r] = W[r] · xs[j]` in f32, exact to the stored weights.
+    fn matmul_exact(&self, xs: &[f32], m: usize, out: &mut [f32]) {
+        let (rows, cols) = (self.rows, self.cols);
+        assert_eq!((xs.len(), out.len()), (m * cols, m * rows));
+        let x = |j: usize| &xs[j * cols..(j + 1) * cols];
+        self.for_groups(out, |g, at| {
+            let group = self.group(g);
+            #[cfg(target_arch = "x86_64")]
+            if use_avx2() {
+                let mut j = 0;
+                // SAFETY (each call): avx2, fma and f16c are present; every x row has `cols`
+                // values, and `at` gives this group's disjoint 8-value run of each output row.
+                while j + ROWS <= m {
+                    let (xk, ok) = (
+                        std::array::from_fn(|k| x(j + k)),
+                        std::array::from_fn(|k| at(j + k)),
+                    );
+                    unsafe { exact8_avx2::<F, ROWS>(group, xk, ok) };
+                    j += ROWS;
+                }
+                while j + ROW_GROUP <= m {
+                    let (xk, ok) = (
+                        std::array::from_fn(|k| x(j + k)),
+                        std::array::from_fn(|k| at(j + k)),
+                    );
+                    unsafe { exact8_avx2::<F, ROW_GROUP>(group, xk, ok) };
+                    j += ROW_GROUP;
+                }
+                for j in j..m {
+                    unsafe { exact8_avx2::<F, 1>(group, [x(j)], [at(j)]) };
+                }
+                return;
+            }
+            for j in 0..m {
+                for i in 0..ROWS {
+                    let v = self.dot_exact_scalar(g * ROWS + i, x(j));
+                    // SAFETY: as above.
+                    unsafe { *at(j).add(i) = v };
+                }
+            }
+        });
+    }
+}
+
+impl<F: X8Format> RowKernel for X8Matrix<F> {
+    fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    fn matmul_rows(&self, xs: &[f32], m: usize, out: &mut [f32]) {
+        let (rows, cols) = (self.rows, self.cols);
+        assert_eq!((xs.len(), out.len()), (m * cols, m * rows));
+        let xq: Vec<Q8Row> = xs.chunks_exact(cols).map(quantize_row).collect();
+        self.for_groups(out, |g, at| {
+            let group = self.group(g);
+            #[cfg(target_arch = "x86_64")]
+            if use_avx2() {
+                let mut j = 0;
+                // SAFETY (each call): avx2, fma and f16c are present; the activation rows
+                // have the group's blocks, and `at` gives this group's disjoint 8-value run
+                // of each output row.
+                while j + ROW_GROUP <= m {
+                    let (xk, ok) = (
+                        std::array::from_fn(|k| &xq[j + k]),
+                        std::array::from_fn(|k| at(j + k)),
+                    );
+                    unsafe { dots8_avx2::<F, ROW_GROUP>(group, xk, ok) };
+                    j += ROW_GROUP;
+                }
+                for (j, x) in xq.iter().enumerate().skip(j) {
+                    unsafe { dots8_avx2::<F, 1>(group, [x], [at(j)]) };
+                }
+                return;
+            }
+            for (j, x) in xq.iter().enumerate() {
+                for i in 0..ROWS {
+                    let v = self.dot_scalar(g * ROWS + i, x);
+                    // SAFETY: as above.
+                    unsafe { *at(j).add(i) = v };
+                }
+            }
+        });
+    }
+
+    fn matmul_exact_rows(&self, xs: &[f32], m: usize, out: &mut [f32]) -> bool {
+        self.matmul_exact(xs, m, out);
+        true
+    }
+
+    fn dequantize(&self, device: &Device) -> Result<Tensor> {
+        let (rows, cols) = (self.rows, self.cols);
+        let mut v = vec![0f32; rows * cols];
+        for (r, dst) in v.chunks_exact_mut(cols).enumerate() {
+            for ((d, m, q), dst) in self.row_blocks(r).zip(dst.chunks_exact_mut(BLOCK)) {
+                for (o, &q) in dst.iter_mut().zip(&q) {
+                    *o = d * q as f32 + m;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(v, (rows, cols), device)?)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::quant::q4_1::tests::det_values;
+    use candle_core::quantized::{GgmlDType, QTensor};
+
+    /// `F`'s eight-row matrix of `rows x cols` pseudo-normal weights quantized by candle as
+    /// `dtype`, with the ggml bytes and candle's tensor.
+    pub(crate) fn pair<F: X8Format>(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+    ) -> (X8Matrix<F>, Vec<u8>, QTensor) {
+        let w = Tensor::from_vec(det_values(rows * cols, 3), (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let bytes = q.data().unwrap().to_vec();
+        (X8Matrix::new(rows, cols, &bytes).unwrap(), bytes, q)
+    }
+
+    /// Everything an eight-row format must give: candle's dequantized values exactly; int8
+    /// dots equal to `row_scalar` (the row-layout reference on the ggml bytes of row `r`) and
+    /// to candle within rounding; an exact product equal to the dequantized matmul up to
+    /// summation order, and the same bits for a row at any row count; refused bad shapes.
+    pub(crate) fn x8_format_holds<F: X8Format>(
+        dtype: GgmlDType,
+        row_scalar: impl Fn(&[u8], &Q8Row) -> f32,
+    ) {
+        let (x8, bytes, q) = pair::<F>(dtype, 64, 576);
+        let deq = x8.dequantize(&Device::Cpu).unwrap();
+        let diff = crate::test_util::max_abs_diff;
+        assert_eq!(diff(&deq, &q.dequantize(&Device::Cpu).unwrap()), 0.0);
+        let row_bytes = 576 / BLOCK * F::BLOCK_BYTES;
+        let xq = quantize_row(&det_values(576, 4));
+        for r in 0..64 {
+            let theirs = row_scalar(&bytes[r * row_bytes..(r + 1) * row_bytes], &xq);
+            let ours = x8.dot_scalar(r, &xq);
+            assert!(
+                (ours - theirs).abs() < 1e-4 * theirs.abs().max(1.0),
+                "row {r}"
+            );
+        }
+        crate::quant::tests::int8_kernel_agrees(&x8, q, |r, x| x8.dot_scalar(r, x));
+
+        let (rows, cols) = (64, 576);
+        let xs = det_values(17 * cols, 8);
+        let mut alone = vec![0f32; 17 * rows];
+        for j in 0..17 {
+            let out = &mut alone[j * rows..(j + 1) * rows];
+            assert!(x8.matmul_exact_rows(&xs[j * cols..(j + 1) * cols], 1, out));
+        }
+        // 8-row, 4-row and single-row kernels mixed give each row the bits it gets alone.
+        for m in [2, 4, 5, 8, 9, 12, 17] {
+            let mut out = vec![0f32; m * rows];
+            assert!(x8.matmul_exact_rows(&xs[..m * cols], m, &mut out));
+            assert_eq!(out, alone[..m * rows], "m = {m}");
+        }
+        let x = Tensor::from_vec(xs, (17, cols), &Device::Cpu).unwrap();
+        let exact = x.matmul(&deq.t().unwrap()).unwrap();
+        // Only f32 summation order separates them: ~1e-5 on sums of 576 products of ~3.
+        assert!(diff(&x8.forward_exact(&x).unwrap().unwrap(), &exact) < 1e-3);
+        let xr = x.get(3).unwrap().to_vec1::<f32>().unwrap();
+        for r in 0..rows {
+            assert!((x8.dot_exact_scalar(r, &xr) - alone[3 * rows + r]).abs() < 1e-3);
+        }
+
+        assert!(X8Matrix::<F>::new(1, 64, &bytes[..2 * F::BLOCK_BYTES]).is_err());
+        assert!(X8Matrix::<F>::new(8, 60, &bytes[..8 * 2 * F::BLOCK_BYTES]).is_err());
+        assert!(X8Matrix::<F>::new(8, 64, &bytes[..8 * 2 * F::BLOCK_BYTES - 1]).is_err());
+    }
+}
