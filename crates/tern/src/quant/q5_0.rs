@@ -40,7 +40,8 @@ fn values(qh: u32, qs: &[u8]) -> [u8; BLOCK] {
     })
 }
 
-fn dot_scalar(row: &[u8], x: &Q8Row) -> f32 {
+/// Portable reference of one row's int8 dot product.
+pub(crate) fn dot_scalar(row: &[u8], x: &Q8Row) -> f32 {
     let mut acc = 0f32;
     for (b, blk) in row.chunks_exact(BLOCK_BYTES).enumerate() {
         let (d, qh, qs) = parts(blk);
