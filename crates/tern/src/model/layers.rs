@@ -11,8 +11,8 @@ use candle_core::{DType, Module, Tensor};
 use std::sync::Arc;
 
 /// Rows at or above which a quantized matmul multiplies exactly: with f32 activations, through
-/// the kernel's own exact product where it has one (repacked Q4_1), else by dequantizing the
-/// weight for an f32 GEMM.
+/// the kernel's own exact product where it has one (Q4_1, Q5_0 and Q8_0 in eight-row groups),
+/// else by dequantizing the weight for an f32 GEMM.
 ///
 /// Quantized matmul rounds activations to 8 bits; over many layers the rounding turns
 /// float-order noise into logit noise of ~0.5 on small models, enough to flip near-tied first
