@@ -60,16 +60,7 @@ impl X8Format for Q4_1x8 {
                 let packed = _mm256_loadu_si256(p.add(32 + 32 * c) as *const __m256i);
                 let lo = _mm256_and_si256(packed, low);
                 let hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-                for k in 0..N {
-                    let xq = x[k].q.as_ptr().add(b * BLOCK);
-                    let xl = _mm256_set1_epi32((xq.add(4 * c) as *const i32).read_unaligned());
-                    let xh = _mm256_set1_epi32((xq.add(16 + 4 * c) as *const i32).read_unaligned());
-                    let pair = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(lo, xl),
-                        _mm256_maddubs_epi16(hi, xh),
-                    );
-                    s16[k] = _mm256_add_epi16(s16[k], pair);
-                }
+                super::x8::add_nibble_chunk(lo, hi, &x, b, c, &mut s16);
             }
             let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
             let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
@@ -80,9 +71,7 @@ impl X8Format for Q4_1x8 {
                 acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[k].s[b]), acc[k]);
             }
         }
-        for k in 0..N {
-            _mm256_storeu_ps(out[k], acc[k]);
-        }
+        super::x8::store_rows(&acc, out);
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -107,16 +96,11 @@ impl X8Format for Q4_1x8 {
                     // d * q is exact in f32, so this rounds once, as `d * q + m` does.
                     let w = _mm256_fmadd_ps(d, q, m);
                     let e = b * BLOCK + if j % 2 == 0 { 4 * c } else { 16 + 4 * c } + j / 2;
-                    for k in 0..N {
-                        let xv = _mm256_set1_ps(*x[k].get_unchecked(e));
-                        acc[k] = _mm256_fmadd_ps(w, xv, acc[k]);
-                    }
+                    super::x8::add_column(w, &x, e, &mut acc);
                 }
             }
         }
-        for k in 0..N {
-            _mm256_storeu_ps(out[k], acc[k]);
-        }
+        super::x8::store_rows(&acc, out);
     }
 }
 

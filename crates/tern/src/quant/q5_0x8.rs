@@ -90,17 +90,7 @@ impl X8Format for Q5_0x8 {
                         _mm256_and_si256(hb, bit4),
                     );
                     hb = _mm256_srli_epi32::<1>(hb);
-                    for k in 0..N {
-                        let xq = x[k].q.as_ptr().add(b * BLOCK);
-                        let xl = _mm256_set1_epi32((xq.add(4 * c) as *const i32).read_unaligned());
-                        let xh =
-                            _mm256_set1_epi32((xq.add(16 + 4 * c) as *const i32).read_unaligned());
-                        let pair = _mm256_add_epi16(
-                            _mm256_maddubs_epi16(lo, xl),
-                            _mm256_maddubs_epi16(hi, xh),
-                        );
-                        s16[k] = _mm256_add_epi16(s16[k], pair);
-                    }
+                    super::x8::add_nibble_chunk(lo, hi, &x, b, c, &mut s16);
                 }
                 for k in 0..N {
                     s32[k] =
@@ -115,9 +105,7 @@ impl X8Format for Q5_0x8 {
                 acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[k].s[b]), acc[k]);
             }
         }
-        for k in 0..N {
-            _mm256_storeu_ps(out[k], acc[k]);
-        }
+        super::x8::store_rows(&acc, out);
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -150,9 +138,7 @@ impl X8Format for Q5_0x8 {
                 exact_bytes(hi, d, m, &x, at + 16, &mut acc);
             }
         }
-        for k in 0..N {
-            _mm256_storeu_ps(out[k], acc[k]);
-        }
+        super::x8::store_rows(&acc, out);
     }
 }
 
@@ -187,10 +173,7 @@ unsafe fn exact_bytes<const N: usize>(
         let q = _mm256_cvtepi32_ps(_mm256_and_si256(v, byte));
         v = _mm256_srli_epi32::<8>(v);
         let w = _mm256_fmadd_ps(d, q, m);
-        for k in 0..N {
-            let xv = _mm256_set1_ps(*x[k].get_unchecked(at + j));
-            acc[k] = _mm256_fmadd_ps(w, xv, acc[k]);
-        }
+        super::x8::add_column(w, x, at + j, acc);
     }
 }
 

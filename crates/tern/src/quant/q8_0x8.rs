@@ -62,9 +62,7 @@ impl X8Format for Q8_0x8 {
                 acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[k]), scale, acc[k]);
             }
         }
-        for k in 0..N {
-            _mm256_storeu_ps(out[k], acc[k]);
-        }
+        super::x8::store_rows(&acc, out);
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -84,16 +82,11 @@ impl X8Format for Q8_0x8 {
                     // d * q is exact in f32: the stored weight, as dequantizing gives it.
                     let w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(q));
                     let e = b * BLOCK + 4 * c + j;
-                    for k in 0..N {
-                        let xv = _mm256_set1_ps(*x[k].get_unchecked(e));
-                        acc[k] = _mm256_fmadd_ps(w, xv, acc[k]);
-                    }
+                    super::x8::add_column(w, &x, e, &mut acc);
                 }
             }
         }
-        for k in 0..N {
-            _mm256_storeu_ps(out[k], acc[k]);
-        }
+        super::x8::store_rows(&acc, out);
     }
 }
 

@@ -78,6 +78,55 @@ unsafe fn exact8_avx2<F: X8Format, const N: usize>(
     F::exact8::<N>(group, x, out)
 }
 
+/// Adds `w` (the eight rows' weights at column `e`) times each activation row's value there.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn add_column<const N: usize>(
+    w: std::arch::x86_64::__m256,
+    x: &[&[f32]; N],
+    e: usize,
+    acc: &mut [std::arch::x86_64::__m256; N],
+) {
+    use std::arch::x86_64::*;
+    for k in 0..N {
+        acc[k] = _mm256_fmadd_ps(w, _mm256_set1_ps(*x[k].get_unchecked(e)), acc[k]);
+    }
+}
+
+/// Adds a chunk of unsigned values (byte `j` of lane `r`: row `r`'s value at column `4c + j`
+/// in `lo`, `16 + 4c + j` in `hi`) times each activation row's int8 values to its 16-bit sums.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn add_nibble_chunk<const N: usize>(
+    lo: std::arch::x86_64::__m256i,
+    hi: std::arch::x86_64::__m256i,
+    x: &[&Q8Row; N],
+    b: usize,
+    c: usize,
+    s16: &mut [std::arch::x86_64::__m256i; N],
+) {
+    use std::arch::x86_64::*;
+    for k in 0..N {
+        let xq = x[k].q.as_ptr().add(b * BLOCK);
+        let xl = _mm256_set1_epi32((xq.add(4 * c) as *const i32).read_unaligned());
+        let xh = _mm256_set1_epi32((xq.add(16 + 4 * c) as *const i32).read_unaligned());
+        let pair = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+        s16[k] = _mm256_add_epi16(s16[k], pair);
+    }
+}
+
+/// Stores each activation row's eight sums.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn store_rows<const N: usize>(
+    acc: &[std::arch::x86_64::__m256; N],
+    out: [*mut f32; N],
+) {
+    for k in 0..N {
+        std::arch::x86_64::_mm256_storeu_ps(out[k], acc[k]);
+    }
+}
+
 /// A `[rows, cols]` matrix of `F` blocks with its rows interleaved eight at a time.
 #[derive(Debug, Clone)]
 pub struct X8Matrix<F> {
