@@ -205,14 +205,14 @@ impl Linear {
 
     /// As [`Linear::forward`]; `dense` forces the dequantized GEMM for quantized weights
     /// (training needs it: the int8 kernels pass no gradient to `x`).
-    fn forward_dense_if(&self, x: &Tensor, dense: bool) -> Result<Tensor> {
+    fn forward_dense_if(&self, x: &Tensor, force_dense: bool) -> Result<Tensor> {
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
         let positions = match x.dims() {
             [.., s, _] if x.rank() >= 3 => *s,
             _ => 1,
         };
-        let forced = dense;
-        let prefill = dense || positions >= DEQUANT_MIN_ROWS || rows >= DEQUANT_MIN_DECODE_ROWS;
+        let prefill =
+            force_dense || positions >= DEQUANT_MIN_ROWS || rows >= DEQUANT_MIN_DECODE_ROWS;
         // Dequantized weight times x in x's dtype (the exact, compute-bound prefill path).
         let dense =
             |w: Tensor| -> Result<Tensor> { Ok(x.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)?) };
@@ -223,7 +223,7 @@ impl Linear {
         let y = match &self.w {
             // The kernel's own exact product where it has one: no dequantized copy of the
             // matrix (for a short prompt, writing that copy cost more than the product).
-            LinearWeight::Kernel(m) if prefill && !forced && x.device().is_cpu() => {
+            LinearWeight::Kernel(m) if prefill && !force_dense && x.device().is_cpu() => {
                 match m.forward_exact(&x.to_dtype(DType::F32)?)? {
                     Some(y) => y.to_dtype(x.dtype())?,
                     None => dense(m.dequantize(x.device())?)?,

@@ -90,29 +90,37 @@ pub trait RowKernel: std::fmt::Debug + Send + Sync {
     /// `x W^T` for `x` `[.., cols]` in f32 through [`RowKernel::matmul_exact_rows`]; `None`
     /// if the kernel has no exact product.
     fn forward_exact(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let (rows, cols) = self.dims();
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let m = xs.len() / cols;
-        let mut out = vec![0f32; m * rows];
-        if !self.matmul_exact_rows(&xs, m, &mut out) {
-            return Ok(None);
-        }
-        let mut dims = x.dims().to_vec();
-        *dims.last_mut().expect("rank >= 1") = rows;
-        Ok(Some(Tensor::from_vec(out, dims, x.device())?))
+        apply_rows(self.dims(), x, |xs, m, out| {
+            self.matmul_exact_rows(xs, m, out)
+        })
     }
 
     /// `x W^T` for `x` `[.., cols]` in f32.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (rows, cols) = self.dims();
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let m = xs.len() / cols;
-        let mut out = vec![0f32; m * rows];
-        self.matmul_rows(&xs, m, &mut out);
-        let mut dims = x.dims().to_vec();
-        *dims.last_mut().expect("rank >= 1") = rows;
-        Ok(Tensor::from_vec(out, dims, x.device())?)
+        let y = apply_rows(self.dims(), x, |xs, m, out| {
+            self.matmul_rows(xs, m, out);
+            true
+        })?;
+        Ok(y.expect("matmul_rows always fills its output"))
     }
+}
+
+/// Runs `f(xs, m, out)` over `x` `[.., cols]` flattened to `m` rows and shapes `out` as
+/// `[.., rows]`; `None` when `f` declines.
+fn apply_rows(
+    (rows, cols): (usize, usize),
+    x: &Tensor,
+    f: impl FnOnce(&[f32], usize, &mut [f32]) -> bool,
+) -> Result<Option<Tensor>> {
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let m = xs.len() / cols;
+    let mut out = vec![0f32; m * rows];
+    if !f(&xs, m, &mut out) {
+        return Ok(None);
+    }
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = rows;
+    Ok(Some(Tensor::from_vec(out, dims, x.device())?))
 }
 
 /// tern's kernel for a decoder layer's quantized CPU weight, where it has one (Q4_1, Q5_0 and

@@ -227,49 +227,6 @@ impl<F: X8Format> X8Matrix<F> {
             },
         );
     }
-
-    /// `out[j * rows + r] = W[r] · xs[j]` in f32, exact to the stored weights.
-    fn matmul_exact(&self, xs: &[f32], m: usize, out: &mut [f32]) {
-        let (rows, cols) = (self.rows, self.cols);
-        assert_eq!((xs.len(), out.len()), (m * cols, m * rows));
-        let x = |j: usize| &xs[j * cols..(j + 1) * cols];
-        self.for_groups(out, |g, at| {
-            let group = self.group(g);
-            #[cfg(target_arch = "x86_64")]
-            if use_avx2() {
-                let mut j = 0;
-                // SAFETY (each call): avx2, fma and f16c are present; every x row has `cols`
-                // values, and `at` gives this group's disjoint 8-value run of each output row.
-                while j + ROWS <= m {
-                    let (xk, ok) = (
-                        std::array::from_fn(|k| x(j + k)),
-                        std::array::from_fn(|k| at(j + k)),
-                    );
-                    unsafe { exact8_avx2::<F, ROWS>(group, xk, ok) };
-                    j += ROWS;
-                }
-                while j + ROW_GROUP <= m {
-                    let (xk, ok) = (
-                        std::array::from_fn(|k| x(j + k)),
-                        std::array::from_fn(|k| at(j + k)),
-                    );
-                    unsafe { exact8_avx2::<F, ROW_GROUP>(group, xk, ok) };
-                    j += ROW_GROUP;
-                }
-                for j in j..m {
-                    unsafe { exact8_avx2::<F, 1>(group, [x(j)], [at(j)]) };
-                }
-                return;
-            }
-            for j in 0..m {
-                for i in 0..ROWS {
-                    let v = self.dot_exact_scalar(g * ROWS + i, x(j));
-                    // SAFETY: as above.
-                    unsafe { *at(j).add(i) = v };
-                }
-            }
-        });
-    }
 }
 
 impl<F: X8Format> RowKernel for X8Matrix<F> {
@@ -312,8 +269,47 @@ impl<F: X8Format> RowKernel for X8Matrix<F> {
         });
     }
 
+    /// `out[j * rows + r] = W[r] · xs[j]` in f32, exact to the stored weights.
     fn matmul_exact_rows(&self, xs: &[f32], m: usize, out: &mut [f32]) -> bool {
-        self.matmul_exact(xs, m, out);
+        let (rows, cols) = (self.rows, self.cols);
+        assert_eq!((xs.len(), out.len()), (m * cols, m * rows));
+        let x = |j: usize| &xs[j * cols..(j + 1) * cols];
+        self.for_groups(out, |g, at| {
+            let group = self.group(g);
+            #[cfg(target_arch = "x86_64")]
+            if use_avx2() {
+                let mut j = 0;
+                // SAFETY (each call): avx2, fma and f16c are present; every x row has `cols`
+                // values, and `at` gives this group's disjoint 8-value run of each output row.
+                while j + ROWS <= m {
+                    let (xk, ok) = (
+                        std::array::from_fn(|k| x(j + k)),
+                        std::array::from_fn(|k| at(j + k)),
+                    );
+                    unsafe { exact8_avx2::<F, ROWS>(group, xk, ok) };
+                    j += ROWS;
+                }
+                while j + ROW_GROUP <= m {
+                    let (xk, ok) = (
+                        std::array::from_fn(|k| x(j + k)),
+                        std::array::from_fn(|k| at(j + k)),
+                    );
+                    unsafe { exact8_avx2::<F, ROW_GROUP>(group, xk, ok) };
+                    j += ROW_GROUP;
+                }
+                for j in j..m {
+                    unsafe { exact8_avx2::<F, 1>(group, [x(j)], [at(j)]) };
+                }
+                return;
+            }
+            for j in 0..m {
+                for i in 0..ROWS {
+                    let v = self.dot_exact_scalar(g * ROWS + i, x(j));
+                    // SAFETY: as above.
+                    unsafe { *at(j).add(i) = v };
+                }
+            }
+        });
         true
     }
 
