@@ -1,7 +1,7 @@
 //! The LoRA forward: `y = x W^T + scale * (x A^T) B^T` for one adapter over the whole batch
 //! or a different adapter (or none) per batch row, without ever forming `B A`.
 
-use super::adapter::LoraAdapter;
+use super::adapter::{LoraAdapter, LoraPair};
 use super::kernel::{apply_runs, RowRun, View};
 use crate::error::Result;
 use candle_core::{DType, Device, Tensor};
@@ -9,16 +9,20 @@ use std::sync::Arc;
 
 /// A keep-mask scaled by 1/(1-p), seeded by the step's seed and the layer.
 fn dropout_mask(dims: &[usize], p: f32, seed: u64, slot: usize, dev: &Device) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    Ok(Tensor::from_vec(dropout_keep(n, p, seed, slot), dims, dev)?)
+}
+
+/// The values of [`dropout_mask`], row-major.
+pub(crate) fn dropout_keep(n: usize, p: f32, seed: u64, slot: usize) -> Vec<f32> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(
         seed ^ (slot as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
     );
-    let n: usize = dims.iter().product();
     let keep = 1.0 / (1.0 - p);
-    let m: Vec<f32> = (0..n)
+    (0..n)
         .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
-        .collect();
-    Ok(Tensor::from_vec(m, dims, dev)?)
+        .collect()
 }
 
 /// Below this many activation rows the fused CPU kernel runs; above it (prefill) the two thin
@@ -190,6 +194,31 @@ impl BatchAdapters {
     /// Whether this pass must be differentiable.
     pub fn is_training(&self) -> bool {
         self.train
+    }
+
+    /// For a training step's fused linear at `slot`: `Some(None)` when no row has a pair
+    /// there, `Some(Some((pair, dropout)))` when one adapter covers every row, `None` when
+    /// rows differ (the candle-op path handles those).
+    pub(crate) fn whole_batch_pair(
+        &self,
+        slot: Option<usize>,
+    ) -> Option<Option<(&LoraPair, Option<(f32, u64)>)>> {
+        let Some(slot) = slot else {
+            return Some(None);
+        };
+        let with: Vec<&Group> = self
+            .groups
+            .iter()
+            .filter(|g| g.adapter.pair(slot).is_some())
+            .collect();
+        match with.as_slice() {
+            [] => Some(None),
+            [g] if g.index.is_none() && !self.tokens => g
+                .adapter
+                .pair(slot)
+                .map(|p| Some((p, self.dropout.filter(|_| self.train)))),
+            _ => None,
+        }
     }
 
     /// Whether no row has an adapter.

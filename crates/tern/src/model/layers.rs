@@ -161,8 +161,57 @@ impl Linear {
         self.add_bias(y.reshape(dims)?)
     }
 
+    /// A training step's layer as one op with its own backward (f32 on the CPU, one adapter
+    /// for the whole batch); `None` where the candle-op path must run.
+    fn forward_train(&self, x: &Tensor, adapters: &BatchAdapters) -> Result<Option<Tensor>> {
+        use super::train_ops::linear::{Frozen, Lora, WeightFn};
+        let Some(pair) = adapters.whole_batch_pair(self.slot) else {
+            return Ok(None);
+        };
+        if pair.is_some_and(|(p, _)| p.a.dtype() != DType::F32 || p.bt.dtype() != DType::F32) {
+            return Ok(None);
+        }
+        let in_dim = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / in_dim.max(1);
+        let x2 = x.reshape((rows, in_dim))?.contiguous()?;
+        let w = self.w.clone();
+        let w: WeightFn = Arc::new(move || w.float(DType::F32, &candle_core::Device::Cpu));
+        let y = match pair {
+            None => x2.apply_op1(Frozen { w })?,
+            Some((p, dropout)) => {
+                let mask = dropout.map(|(rate, seed)| {
+                    crate::lora::apply::dropout_keep(
+                        rows * in_dim,
+                        rate,
+                        seed,
+                        self.slot.unwrap_or(0),
+                    )
+                });
+                let (a, bt) = (p.a.contiguous()?, p.bt.contiguous()?);
+                x2.apply_op3(
+                    &a,
+                    &bt,
+                    Lora {
+                        w,
+                        scale: p.scale as f32,
+                        mask,
+                    },
+                )?
+            }
+        };
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = y.dim(1)?;
+        Ok(Some(self.add_bias(y.reshape(dims)?)?))
+    }
+
     /// The base layer plus each row's LoRA delta.
     pub fn forward_with(&self, x: &Tensor, adapters: &BatchAdapters) -> Result<Tensor> {
+        let fused = adapters.is_training() && x.device().is_cpu() && x.dtype() == DType::F32;
+        if fused {
+            if let Some(y) = self.forward_train(x, adapters)? {
+                return Ok(y);
+            }
+        }
         let y = if adapters.is_training() && x.device().is_cpu() {
             self.forward_frozen(x)?
         } else {

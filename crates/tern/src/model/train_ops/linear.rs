@@ -1,0 +1,305 @@
+//! A frozen linear layer with its LoRA pair, as one op: `y = x W^T + s (x∘m) A^T B^T`.
+//!
+//! Backward gives `dx`, `dA` and `dB^T` only (the base weight is frozen, so `x^T dy`, a
+//! weight-sized product, is never formed). The op holds the layer's stored weight and
+//! dequantizes it again in backward when it is quantized (QLoRA): no float copy lives from
+//! forward to backward. Nothing but the output is kept; `x A^T` (rank columns) is recomputed.
+
+use super::{cpu_f32, f32_of, gemm, like, Mat};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+use std::sync::Arc;
+
+/// Where the op finds the frozen weight as f32 `[out, in]` (dequantizing when stored
+/// quantized).
+pub(crate) type WeightFn = Arc<dyn Fn() -> candle_core::Result<Tensor> + Send + Sync>;
+
+/// `x W^T` with a frozen `W`: backward gives `dx` only.
+pub(crate) struct Frozen {
+    /// The weight, `[out, in]`.
+    pub(crate) w: WeightFn,
+}
+
+/// `x W^T + scale (x∘mask) A^T B^T`, with arguments `(x, A, B^T)`.
+pub(crate) struct Lora {
+    /// The frozen weight, `[out, in]`.
+    pub(crate) w: WeightFn,
+    /// LoRA scale.
+    pub(crate) scale: f32,
+    /// Dropout keep-mask on the adapter's input (scaled by 1/(1-p)), one value per element of
+    /// `x`.
+    pub(crate) mask: Option<Vec<f32>>,
+}
+
+/// `(rows, in)` of a 2-d layout.
+fn dims2(l: &Layout) -> candle_core::Result<(usize, usize)> {
+    l.shape().dims2()
+}
+
+/// `x∘mask`, or `x` itself.
+fn masked<'a>(x: &'a [f32], mask: &Option<Vec<f32>>, buf: &'a mut Vec<f32>) -> &'a [f32] {
+    match mask {
+        Some(m) => {
+            *buf = x.iter().zip(m).map(|(a, b)| a * b).collect();
+            buf
+        }
+        None => x,
+    }
+}
+
+/// `x W^T` as a new `[rows, out]` buffer.
+fn base(x: &[f32], rows: usize, w: &Tensor) -> candle_core::Result<(Vec<f32>, usize)> {
+    let (out, inp) = w.dims2()?;
+    f32_of!(wv = w);
+    let mut y = vec![0f32; rows * out];
+    gemm(
+        &mut y,
+        Mat::new(x, rows, inp),
+        Mat::new(wv, out, inp).t(),
+        1.0,
+        false,
+    );
+    Ok((y, out))
+}
+
+/// `dy W` as a new `[rows, in]` buffer.
+fn base_grad(g: &[f32], rows: usize, w: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let (out, inp) = w.dims2()?;
+    f32_of!(wv = w);
+    let mut dx = vec![0f32; rows * inp];
+    gemm(
+        &mut dx,
+        Mat::new(g, rows, out),
+        Mat::new(wv, out, inp),
+        1.0,
+        false,
+    );
+    Ok(dx)
+}
+
+impl CustomOp1 for Frozen {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s, l)?;
+        let (rows, _) = dims2(l)?;
+        let (y, out) = base(x, rows, &(self.w)()?)?;
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let rows = x.dim(0)?;
+        f32_of!(g = grad);
+        Ok(Some(like(x, base_grad(g, rows, &(self.w)()?)?)?))
+    }
+}
+
+impl CustomOp3 for Lora {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        a_s: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, a, bt) = (cpu_f32(xs, xl)?, cpu_f32(a_s, al)?, cpu_f32(bs, bl)?);
+        let (rows, inp) = dims2(xl)?;
+        let (r, out) = dims2(bl)?;
+        let (mut y, wout) = base(x, rows, &(self.w)()?)?;
+        if wout != out || dims2(al)? != (r, inp) {
+            candle_core::bail!(
+                "lora-linear: A {:?} / B^T {:?} do not fit the layer",
+                al.dims(),
+                bl.dims()
+            )
+        }
+        let mut buf = Vec::new();
+        let xm = masked(x, &self.mask, &mut buf);
+        let mut t = vec![0f32; rows * r];
+        gemm(
+            &mut t,
+            Mat::new(xm, rows, inp),
+            Mat::new(a, r, inp).t(),
+            self.scale,
+            false,
+        );
+        gemm(
+            &mut y,
+            Mat::new(&t, rows, r),
+            Mat::new(bt, r, out),
+            1.0,
+            true,
+        );
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        bt: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, inp) = x.dims2()?;
+        let (r, out) = bt.dims2()?;
+        f32_of!(g = grad);
+        f32_of!(xv = x);
+        f32_of!(av = a);
+        f32_of!(bv = bt);
+        let mut dx = base_grad(g, rows, &(self.w)()?)?;
+        // u = scale dy B: the gradient at the rank-r bottleneck.
+        let mut u = vec![0f32; rows * r];
+        gemm(
+            &mut u,
+            Mat::new(g, rows, out),
+            Mat::new(bv, r, out).t(),
+            self.scale,
+            false,
+        );
+        match &self.mask {
+            Some(m) => {
+                let mut ua = vec![0f32; rows * inp];
+                gemm(
+                    &mut ua,
+                    Mat::new(&u, rows, r),
+                    Mat::new(av, r, inp),
+                    1.0,
+                    false,
+                );
+                for ((d, p), k) in dx.iter_mut().zip(&ua).zip(m) {
+                    *d += p * k;
+                }
+            }
+            None => gemm(
+                &mut dx,
+                Mat::new(&u, rows, r),
+                Mat::new(av, r, inp),
+                1.0,
+                true,
+            ),
+        }
+        let mut buf = Vec::new();
+        let xm = masked(xv, &self.mask, &mut buf);
+        let mut da = vec![0f32; r * inp];
+        gemm(
+            &mut da,
+            Mat::new(&u, rows, r).t(),
+            Mat::new(xm, rows, inp),
+            1.0,
+            false,
+        );
+        let mut t = vec![0f32; rows * r];
+        gemm(
+            &mut t,
+            Mat::new(xm, rows, inp),
+            Mat::new(av, r, inp).t(),
+            self.scale,
+            false,
+        );
+        let mut dbt = vec![0f32; r * out];
+        gemm(
+            &mut dbt,
+            Mat::new(&t, rows, r).t(),
+            Mat::new(g, rows, out),
+            1.0,
+            false,
+        );
+        Ok((Some(like(x, dx)?), Some(like(a, da)?), Some(like(bt, dbt)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{grads, rand, rel_err};
+    use super::*;
+
+    fn weight(w: &Tensor) -> WeightFn {
+        let w = w.clone();
+        Arc::new(move || Ok(w.clone()))
+    }
+
+    /// The composed candle ops the op replaces.
+    fn reference(
+        x: &Tensor,
+        w: &Tensor,
+        a: &Tensor,
+        bt: &Tensor,
+        s: f64,
+        m: Option<&Tensor>,
+    ) -> Tensor {
+        let xm = match m {
+            Some(m) => (x * m).unwrap(),
+            None => x.clone(),
+        };
+        let base = x.matmul(&w.t().unwrap()).unwrap();
+        let lora = (xm.matmul(&a.t().unwrap()).unwrap() * s)
+            .unwrap()
+            .matmul(bt)
+            .unwrap();
+        (base + lora).unwrap()
+    }
+
+    #[test]
+    fn lora_linear_matches_candle_ops_forward_and_backward() {
+        let (rows, inp, out, r) = (13, 24, 20, 4);
+        let w = rand(&[out, inp], 1);
+        let x = rand(&[rows, inp], 2);
+        let a = rand(&[r, inp], 3);
+        let bt = rand(&[r, out], 4);
+        let keep = rand(&[rows, inp], 5);
+        let mask_t = keep
+            .ge(-0.6)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            * 1.25;
+        let mask_t = mask_t.unwrap();
+        for mask in [None, Some(&mask_t)] {
+            let (want_y, want_g) = grads(
+                |t| reference(&t[0], &w, &t[1], &t[2], 0.5, mask),
+                &[x.clone(), a.clone(), bt.clone()],
+                9,
+            );
+            let op = || Lora {
+                w: weight(&w),
+                scale: 0.5,
+                mask: mask.map(|m| m.flatten_all().unwrap().to_vec1().unwrap()),
+            };
+            let (y, g) = grads(
+                |t| t[0].apply_op3(&t[1], &t[2], op()).unwrap(),
+                &[x.clone(), a.clone(), bt.clone()],
+                9,
+            );
+            assert!(rel_err(&y, &want_y) < 1e-6);
+            for (i, (g, w)) in g.iter().zip(&want_g).enumerate() {
+                assert!(
+                    rel_err(g, w) < 1e-5,
+                    "gradient {i}, mask {}",
+                    mask.is_some()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn frozen_linear_passes_only_the_input_gradient() {
+        let w = rand(&[6, 10], 1);
+        let x = rand(&[5, 10], 2);
+        let (want_y, want_g) = grads(|t| t[0].matmul(&w.t().unwrap()).unwrap(), &[x.clone()], 3);
+        let (y, g) = grads(
+            |t| t[0].apply_op1(Frozen { w: weight(&w) }).unwrap(),
+            &[x.clone()],
+            3,
+        );
+        assert!(rel_err(&y, &want_y) < 1e-6);
+        assert!(rel_err(&g[0], &want_g[0]) < 1e-6);
+    }
+}

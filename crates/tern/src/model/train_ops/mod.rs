@@ -1,0 +1,219 @@
+//! Training-step ops with hand-written backward passes (CPU, f32).
+//!
+//! Through candle's autograd a decoder layer is ~60 small ops forward and more backward, each
+//! writing a fresh activation-sized tensor (and candle's gradient store adds a zeroed tensor
+//! and a sum for every gradient it records). On a 2-core machine those passes and their
+//! page faults cost as much as the matrix products. Each op here does one layer-level job
+//! (a LoRA linear, RMSNorm, rope, causal attention, the gated MLP's activation) in one pass,
+//! keeps only what its backward needs, and computes that backward directly.
+
+pub(crate) mod linear;
+
+use candle_core::{CpuStorage, Layout, Tensor};
+
+/// A strided f32 matrix: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major `[rows, cols]` matrix.
+    pub(crate) fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose (no copy).
+    pub(crate) fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    fn covers(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst = (accumulate ? dst : 0) + scale * a b`, `dst` row-major `[a.rows, b.cols]`, on
+/// candle's GEMM (the gemm crate) with candle's thread count.
+pub(crate) fn gemm(dst: &mut [f32], a: Mat, b: Mat, scale: f32, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(b.rows == k && dst.len() == m * n && a.covers() && b.covers());
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every index the strides reach inside the slices, and
+    // `dst` is exclusively borrowed.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// The f32 values of a contiguous CPU storage.
+pub(crate) fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("training ops take f32 tensors")
+    };
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("training op: input not contiguous".into()))?;
+    Ok(&v[a..b])
+}
+
+/// The f32 values of a contiguous tensor's storage (`t.storage_and_layout()`), on the CPU.
+pub(crate) fn storage_f32<'a>(
+    st: &'a candle_core::Storage,
+    l: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(s) = st else {
+        candle_core::bail!("training ops run on the CPU")
+    };
+    cpu_f32(s, l)
+}
+
+/// Binds `$v` to the f32 values of tensor `$t` (made contiguous) for the rest of the scope.
+macro_rules! f32_of {
+    ($v:ident = $t:expr) => {
+        let __t = $t.contiguous()?;
+        let __g = __t.storage_and_layout();
+        let $v = $crate::model::train_ops::storage_f32(&__g.0, __g.1)?;
+    };
+}
+pub(crate) use f32_of;
+
+/// A tensor of `t`'s shape on `t`'s device from values.
+pub(crate) fn like(t: &Tensor, v: Vec<f32>) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(v, t.shape(), t.device())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    /// Random f32 values in [-1, 1) from a fixed seed.
+    pub(crate) fn rand(dims: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| r.random::<f32>() * 2.0 - 1.0).collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    /// Largest |a - b| relative to the largest |b|.
+    pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+        a.iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale
+    }
+
+    /// Output and input gradients of `f` under the loss `sum(y * probe)` (a probe makes every
+    /// output element's gradient different, so a transposed or misplaced term shows).
+    pub(crate) fn grads(
+        f: impl Fn(&[Tensor]) -> Tensor,
+        inputs: &[Tensor],
+        seed: u64,
+    ) -> (Tensor, Vec<Tensor>) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts);
+        let probe = rand(y.dims(), seed);
+        let g = (&y * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gs = ts
+            .iter()
+            .map(|t| g.get(t).expect("gradient reaches every input").clone())
+            .collect();
+        (y.detach(), gs)
+    }
+
+    #[test]
+    fn gemm_matches_candle_for_every_transpose() -> candle_core::Result<()> {
+        use super::{f32_of, gemm, Mat};
+        let a = rand(&[7, 5], 1);
+        let b = rand(&[5, 9], 2);
+        let want = a.matmul(&b).unwrap();
+        let at = a.t().unwrap().contiguous().unwrap();
+        let bt = b.t().unwrap().contiguous().unwrap();
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let mut out = vec![1f32; 63];
+            f32_of!(av = if ta { &at } else { &a });
+            f32_of!(bv = if tb { &bt } else { &b });
+            let am = if ta {
+                Mat::new(av, 5, 7).t()
+            } else {
+                Mat::new(av, 7, 5)
+            };
+            let bm = if tb {
+                Mat::new(bv, 9, 5).t()
+            } else {
+                Mat::new(bv, 5, 9)
+            };
+            gemm(&mut out, am, bm, 2.0, true);
+            let got = Tensor::from_vec(out, (7, 9), &Device::Cpu)?;
+            let want = ((&want * 2.0)? + 1.0)?;
+            assert!(rel_err(&got, &want) < 1e-6, "transposes {ta} {tb}");
+        }
+        Ok(())
+    }
+}
