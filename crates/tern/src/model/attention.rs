@@ -220,6 +220,14 @@ impl Attention {
             cache.append(&k, v)?
         };
         let t = k.dim(2)?;
+        if train && offset == 0 && t == s && q.device().is_cpu() && q.dtype() == DType::F32 {
+            return Ok(super::train_ops::attention::causal_attention(
+                &q,
+                &k,
+                &v,
+                self.window,
+            )?);
+        }
         if s == 1 && !train && t == offset + 1 {
             if let Some(y) = super::decode_attention::decode_attention(&q, &k, &v, self.window)? {
                 return Ok(y);

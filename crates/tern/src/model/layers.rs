@@ -387,6 +387,13 @@ impl RmsNorm {
     /// kernel has no backward).
     pub fn forward_with(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         if differentiable {
+            if super::train_ops::fits(x) && self.w.dtype() == DType::F32 {
+                let op = super::train_ops::pointwise::RmsNormOp {
+                    w: self.w.clone(),
+                    eps: self.eps,
+                };
+                return Ok(x.contiguous()?.apply_op1(op)?);
+            }
             return Ok(candle_nn::ops::rms_norm_slow(x, &self.w, self.eps)?);
         }
         self.forward(x)
@@ -423,9 +430,15 @@ impl Mlp {
 
     /// Applies the MLP with each row's adapter.
     pub fn forward(&self, x: &Tensor, ad: &BatchAdapters) -> Result<Tensor> {
-        let g = self.gate.forward_with(x, ad)?.silu()?;
-        self.down
-            .forward_with(&(g * self.up.forward_with(x, ad)?)?, ad)
+        let g = self.gate.forward_with(x, ad)?;
+        let u = self.up.forward_with(x, ad)?;
+        let h = if ad.is_training() && super::train_ops::fits(&g) {
+            g.contiguous()?
+                .apply_op2(&u.contiguous()?, super::train_ops::pointwise::SwiGlu)?
+        } else {
+            (g.silu()? * u)?
+        };
+        self.down.forward_with(&h, ad)
     }
 
     /// Whether any of its layers keeps quantized weights.

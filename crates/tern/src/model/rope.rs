@@ -108,6 +108,13 @@ impl Rope {
         let cos = self.cos.narrow(0, offset, seq)?;
         let sin = self.sin.narrow(0, offset, seq)?;
         if differentiable {
+            if super::train_ops::fits(x) && cos.dtype() == candle_core::DType::F32 {
+                let op = super::train_ops::pointwise::RopeOp {
+                    cos: cos.contiguous()?,
+                    sin: sin.contiguous()?,
+                };
+                return Ok(x.contiguous()?.apply_op1(op)?);
+            }
             return Ok(candle_nn::rotary_emb::rope_slow(x, &cos, &sin)?);
         }
         Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)

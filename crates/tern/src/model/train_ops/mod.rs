@@ -7,9 +7,16 @@
 //! (a LoRA linear, RMSNorm, rope, causal attention, the gated MLP's activation) in one pass,
 //! keeps only what its backward needs, and computes that backward directly.
 
+pub(crate) mod attention;
 pub(crate) mod linear;
+pub(crate) mod pointwise;
 
 use candle_core::{CpuStorage, Layout, Tensor};
+
+/// Whether `x` can take these ops: f32 on the CPU.
+pub(crate) fn fits(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
 
 /// A strided f32 matrix: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -54,6 +61,28 @@ impl<'a> Mat<'a> {
 /// `dst = (accumulate ? dst : 0) + scale * a b`, `dst` row-major `[a.rows, b.cols]`, on
 /// candle's GEMM (the gemm crate) with candle's thread count.
 pub(crate) fn gemm(dst: &mut [f32], a: Mat, b: Mat, scale: f32, accumulate: bool) {
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm_with(dst, a, b, scale, accumulate, par)
+}
+
+/// As [`gemm`] on the calling thread (for small products inside pool tasks).
+pub(crate) fn gemm1(dst: &mut [f32], a: Mat, b: Mat, scale: f32, accumulate: bool) {
+    gemm_with(dst, a, b, scale, accumulate, gemm::Parallelism::None)
+}
+
+fn gemm_with(
+    dst: &mut [f32],
+    a: Mat,
+    b: Mat,
+    scale: f32,
+    accumulate: bool,
+    par: gemm::Parallelism,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(b.rows == k && dst.len() == m * n && a.covers() && b.covers());
     if m == 0 || n == 0 {
@@ -65,12 +94,6 @@ pub(crate) fn gemm(dst: &mut [f32], a: Mat, b: Mat, scale: f32, accumulate: bool
         }
         return;
     }
-    let threads = candle_core::utils::get_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: the asserts above keep every index the strides reach inside the slices, and
     // `dst` is exclusively borrowed.
     unsafe {
@@ -133,6 +156,35 @@ pub(crate) use f32_of;
 /// A tensor of `t`'s shape on `t`'s device from values.
 pub(crate) fn like(t: &Tensor, v: Vec<f32>) -> candle_core::Result<Tensor> {
     Tensor::from_vec(v, t.shape(), t.device())
+}
+
+/// Runs `f(i)` for `i in 0..n` on candle's CPU pool.
+pub(crate) fn par_for(n: usize, f: impl Fn(usize) + Sync) {
+    candle_core::utils::barrier_pool().execute_chunked(n, |r| r.for_each(&f));
+}
+
+/// Shared mutable access to disjoint parts of one buffer from pool tasks.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(*mut f32);
+
+// SAFETY: only used to hand disjoint ranges of one buffer to pool tasks (`par_for`).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// Points at `v`.
+    pub(crate) fn new(v: &mut [f32]) -> Self {
+        Self(v.as_mut_ptr())
+    }
+
+    /// `len` values from `start`.
+    ///
+    /// # Safety
+    /// The range must lie inside the buffer, and no other live slice may overlap it.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
 }
 
 #[cfg(test)]

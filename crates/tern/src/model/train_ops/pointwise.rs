@@ -1,0 +1,265 @@
+//! The row-wise and element-wise ops of a training step: RMSNorm with a frozen weight, rope,
+//! and the gated MLP's `silu(g) * u`. Each is one pass forward and one backward (candle's
+//! differentiable forms are 5-8 ops each way).
+
+use super::{cpu_f32, f32_of, like, par_for, SyncPtr};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+
+/// Splits `n` items into pool tasks of `chunk` and runs `f(range)` on each.
+fn par_chunks(n: usize, chunk: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    par_for(
+        n.div_ceil(chunk),
+        |c| f(c * chunk..((c + 1) * chunk).min(n)),
+    );
+}
+
+/// Elements per pool task for element-wise work.
+const CHUNK: usize = 16 * 1024;
+
+/// `x / rms(x) * w` over the last dimension; `w` is frozen (no gradient).
+pub(crate) struct RmsNormOp {
+    /// `[dim]`.
+    pub(crate) w: Tensor,
+    /// Added to the mean square.
+    pub(crate) eps: f32,
+}
+
+/// `1 / sqrt(mean(x^2) + eps)` of one row.
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ss: f32 = x.iter().map(|v| v * v).sum();
+    1.0 / (ss / x.len() as f32 + eps).sqrt()
+}
+
+impl CustomOp1 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s, l)?;
+        f32_of!(w = self.w);
+        let d = w.len();
+        if d == 0 || x.len() % d != 0 || l.dims().last() != Some(&d) {
+            candle_core::bail!("rms-norm: input {:?} over a weight of {d}", l.dims())
+        }
+        let mut y = vec![0f32; x.len()];
+        let yp = SyncPtr::new(&mut y);
+        par_chunks(x.len() / d, 64, |rows| {
+            for r in rows {
+                let xr = &x[r * d..][..d];
+                let inv = inv_rms(xr, self.eps);
+                // SAFETY: row r is this task's.
+                let yr = unsafe { yp.slice(r * d, d) };
+                for ((o, a), b) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = a * inv * b;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        f32_of!(xv = x);
+        f32_of!(g = grad);
+        f32_of!(w = self.w);
+        let d = w.len();
+        let mut dx = vec![0f32; xv.len()];
+        let dp = SyncPtr::new(&mut dx);
+        par_chunks(xv.len() / d, 64, |rows| {
+            for r in rows {
+                let (xr, gr) = (&xv[r * d..][..d], &g[r * d..][..d]);
+                let inv = inv_rms(xr, self.eps);
+                // d/dx of x_i * inv: inv * (gw_i - x_i * inv^2 * mean(gw * x)).
+                let dot: f32 = gr.iter().zip(w).zip(xr).map(|((g, w), x)| g * w * x).sum();
+                let c = inv * inv * dot / d as f32;
+                // SAFETY: row r is this task's.
+                let dr = unsafe { dp.slice(r * d, d) };
+                for (((o, g), w), x) in dr.iter_mut().zip(gr).zip(w).zip(xr) {
+                    *o = inv * (g * w - x * c);
+                }
+            }
+        });
+        Ok(Some(like(x, dx)?))
+    }
+}
+
+/// Rope on `[b, heads, s, hd]` (the halves rotated, as `rope_slow`), `cos`/`sin` `[s, hd/2]`.
+pub(crate) struct RopeOp {
+    /// `[s, hd / 2]`.
+    pub(crate) cos: Tensor,
+    /// `[s, hd / 2]`.
+    pub(crate) sin: Tensor,
+}
+
+impl RopeOp {
+    /// Rotates every `[hd]` row of `x` by its position's angles; `sign` -1 rotates back
+    /// (the backward of a rotation is its inverse).
+    fn rotate(&self, x: &[f32], dims: &[usize], sign: f32) -> candle_core::Result<Vec<f32>> {
+        let &[_, _, s, hd] = dims else {
+            candle_core::bail!("rope: input {dims:?} is not [b, heads, s, hd]")
+        };
+        f32_of!(cos = self.cos);
+        f32_of!(sin = self.sin);
+        let half = hd / 2;
+        if hd % 2 != 0 || cos.len() != s * half || sin.len() != s * half {
+            candle_core::bail!("rope: tables of {} for {s} positions of {hd}", cos.len())
+        }
+        let mut y = vec![0f32; x.len()];
+        let yp = SyncPtr::new(&mut y);
+        par_chunks(x.len() / hd, 64, |rows| {
+            for r in rows {
+                let p = r % s;
+                let (c, sn) = (&cos[p * half..][..half], &sin[p * half..][..half]);
+                let (x1, x2) = x[r * hd..][..hd].split_at(half);
+                // SAFETY: row r is this task's.
+                let (y1, y2) = unsafe { yp.slice(r * hd, hd) }.split_at_mut(half);
+                for i in 0..half {
+                    let sv = sign * sn[i];
+                    y1[i] = x1[i] * c[i] - x2[i] * sv;
+                    y2[i] = x2[i] * c[i] + x1[i] * sv;
+                }
+            }
+        });
+        Ok(y)
+    }
+}
+
+impl CustomOp1 for RopeOp {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = self.rotate(cpu_f32(s, l)?, l.dims(), 1.0)?;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        f32_of!(g = grad);
+        Ok(Some(like(x, self.rotate(g, x.dims(), -1.0)?)?))
+    }
+}
+
+/// `silu(g) * u`, the gated MLP's activation, with arguments `(g, u)`.
+pub(crate) struct SwiGlu;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, u) = (cpu_f32(gs, gl)?, cpu_f32(us, ul)?);
+        if gl.dims() != ul.dims() {
+            candle_core::bail!("swiglu: gate {:?} and up {:?} differ", gl.dims(), ul.dims())
+        }
+        let mut y = vec![0f32; g.len()];
+        let yp = SyncPtr::new(&mut y);
+        par_chunks(g.len(), CHUNK, |r| {
+            // SAFETY: the range is this task's.
+            let yr = unsafe { yp.slice(r.start, r.len()) };
+            for ((o, &a), &b) in yr.iter_mut().zip(&g[r.clone()]).zip(&u[r]) {
+                *o = a * sigmoid(a) * b;
+            }
+        });
+        Ok((CpuStorage::F32(y), gl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        f32_of!(gv = g);
+        f32_of!(uv = u);
+        f32_of!(dy = grad);
+        let n = gv.len();
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        let (gp, up) = (SyncPtr::new(&mut dg), SyncPtr::new(&mut du));
+        par_chunks(n, CHUNK, |r| {
+            // SAFETY: the range is this task's.
+            let (dgr, dur) = unsafe { (gp.slice(r.start, r.len()), up.slice(r.start, r.len())) };
+            for (i, j) in r.enumerate() {
+                let (a, b, d) = (gv[j], uv[j], dy[j]);
+                let sg = sigmoid(a);
+                dur[i] = d * a * sg;
+                dgr[i] = d * b * sg * (1.0 + a * (1.0 - sg));
+            }
+        });
+        Ok((Some(like(g, dg)?), Some(like(u, du)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{grads, rand, rel_err};
+    use super::*;
+
+    #[test]
+    fn rms_norm_matches_candle_forward_and_backward() {
+        let x = rand(&[3, 5, 16], 1);
+        let w = rand(&[16], 2);
+        let (want_y, want_g) = grads(
+            |t| candle_nn::ops::rms_norm_slow(&t[0], &w, 1e-5).unwrap(),
+            &[x.clone()],
+            3,
+        );
+        let op = || RmsNormOp {
+            w: w.clone(),
+            eps: 1e-5,
+        };
+        let (y, g) = grads(|t| t[0].apply_op1(op()).unwrap(), &[x.clone()], 3);
+        assert!(rel_err(&y, &want_y) < 1e-5);
+        assert!(rel_err(&g[0], &want_g[0]) < 1e-5);
+    }
+
+    #[test]
+    fn rope_matches_candle_forward_and_backward() {
+        let x = rand(&[2, 3, 7, 8], 1);
+        let cos = rand(&[7, 4], 2);
+        let sin = rand(&[7, 4], 3);
+        let (want_y, want_g) = grads(
+            |t| candle_nn::rotary_emb::rope_slow(&t[0], &cos, &sin).unwrap(),
+            &[x.clone()],
+            4,
+        );
+        let op = || RopeOp {
+            cos: cos.clone(),
+            sin: sin.clone(),
+        };
+        let (y, g) = grads(|t| t[0].apply_op1(op()).unwrap(), &[x.clone()], 4);
+        assert!(rel_err(&y, &want_y) < 1e-6);
+        assert!(rel_err(&g[0], &want_g[0]) < 1e-6);
+    }
+
+    #[test]
+    fn swiglu_matches_candle_forward_and_backward() {
+        let g = (rand(&[40_000], 1) * 6.0).unwrap();
+        let u = rand(&[40_000], 2);
+        let (want_y, want_g) = grads(
+            |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+            &[g.clone(), u.clone()],
+            3,
+        );
+        let (y, gr) = grads(
+            |t| t[0].apply_op2(&t[1], SwiGlu).unwrap(),
+            &[g.clone(), u.clone()],
+            3,
+        );
+        assert!(rel_err(&y, &want_y) < 1e-6);
+        assert!(rel_err(&gr[0], &want_g[0]) < 1e-5);
+        assert!(rel_err(&gr[1], &want_g[1]) < 1e-6);
+    }
+}
