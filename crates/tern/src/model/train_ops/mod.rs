@@ -51,6 +51,26 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// Columns `c0..c0 + w`.
+    fn cols(self, c0: usize, w: usize) -> Self {
+        assert!(c0 + w <= self.cols);
+        Self {
+            data: &self.data[(c0 * self.cs).min(self.data.len())..],
+            cols: w,
+            ..self
+        }
+    }
+
+    /// Rows `r0..r0 + h`.
+    fn rows(self, r0: usize, h: usize) -> Self {
+        assert!(r0 + h <= self.rows);
+        Self {
+            data: &self.data[(r0 * self.rs).min(self.data.len())..],
+            rows: h,
+            ..self
+        }
+    }
+
     fn covers(&self) -> bool {
         self.rows == 0
             || self.cols == 0
@@ -58,67 +78,91 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// `dst = (accumulate ? dst : 0) + scale * a b`, `dst` row-major `[a.rows, b.cols]`, on
-/// candle's GEMM (the gemm crate) with candle's thread count.
+/// `dst = (accumulate ? dst : 0) + scale * a b`, `dst` row-major `[a.rows, b.cols]`, split
+/// over candle's worker pool.
+///
+/// The gemm crate's own threading runs on rayon's pool, and candle's element-wise ops on
+/// candle's barrier pool, whose workers spin for a while after each op: a product started
+/// right after one ran three busy threads on two cores. Here each pool task runs the
+/// single-threaded GEMM on its own columns (or rows, for thin products) instead.
 pub(crate) fn gemm(dst: &mut [f32], a: Mat, b: Mat, scale: f32, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    check(dst, a, b);
     let threads = candle_core::utils::get_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
+    if threads <= 1 || m * n * k < 1 << 20 {
+        return gemm1(dst, a, b, scale, accumulate);
+    }
+    let p = SyncPtr::new(dst);
+    if n >= 64 * threads {
+        let chunk = n.div_ceil(threads).next_multiple_of(16);
+        par_for(n.div_ceil(chunk), |t| {
+            let (c0, w) = (t * chunk, chunk.min(n - t * chunk));
+            // SAFETY: columns c0..c0+w of every row are this task's; `check` bounds them.
+            unsafe { raw_gemm(p.at(c0), n, a, b.cols(c0, w), scale, accumulate) }
+        });
+    } else if m >= 16 * threads {
+        let chunk = m.div_ceil(threads);
+        par_for(m.div_ceil(chunk), |t| {
+            let (r0, h) = (t * chunk, chunk.min(m - t * chunk));
+            // SAFETY: rows r0..r0+h are this task's; `check` bounds them.
+            unsafe { raw_gemm(p.at(r0 * n), n, a.rows(r0, h), b, scale, accumulate) }
+        });
     } else {
-        gemm::Parallelism::None
-    };
-    gemm_with(dst, a, b, scale, accumulate, par)
+        gemm1(dst, a, b, scale, accumulate)
+    }
 }
 
 /// As [`gemm`] on the calling thread (for small products inside pool tasks).
 pub(crate) fn gemm1(dst: &mut [f32], a: Mat, b: Mat, scale: f32, accumulate: bool) {
-    gemm_with(dst, a, b, scale, accumulate, gemm::Parallelism::None)
+    check(dst, a, b);
+    // SAFETY: `check` bounds every index; `dst` is exclusively borrowed.
+    unsafe { raw_gemm(dst.as_mut_ptr(), b.cols, a, b, scale, accumulate) }
 }
 
-fn gemm_with(
-    dst: &mut [f32],
-    a: Mat,
-    b: Mat,
-    scale: f32,
-    accumulate: bool,
-    par: gemm::Parallelism,
-) {
+/// Panics unless `a b` fits `dst` and both views lie inside their slices.
+fn check(dst: &[f32], a: Mat, b: Mat) {
+    assert!(b.rows == a.cols && dst.len() == a.rows * b.cols && a.covers() && b.covers());
+}
+
+/// The single-threaded GEMM into `dst` with row stride `dst_rs`.
+///
+/// # Safety
+/// `dst` must be valid for writes at `i * dst_rs + j` for every `(i, j)` of the product, and
+/// nothing else may access those elements meanwhile; `a` and `b` must cover their views.
+unsafe fn raw_gemm(dst: *mut f32, dst_rs: usize, a: Mat, b: Mat, scale: f32, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert!(b.rows == k && dst.len() == m * n && a.covers() && b.covers());
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            dst.fill(0.0);
+            for i in 0..m {
+                std::slice::from_raw_parts_mut(dst.add(i * dst_rs), n).fill(0.0);
+            }
         }
         return;
     }
-    // SAFETY: the asserts above keep every index the strides reach inside the slices, and
-    // `dst` is exclusively borrowed.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        a.data.as_ptr(),
+        a.cs as isize,
+        a.rs as isize,
+        b.data.as_ptr(),
+        b.cs as isize,
+        b.rs as isize,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
 }
 
 /// The f32 values of a contiguous CPU storage.
@@ -175,6 +219,11 @@ impl SyncPtr {
     /// Points at `v`.
     pub(crate) fn new(v: &mut [f32]) -> Self {
         Self(v.as_mut_ptr())
+    }
+
+    /// The element at `i` (for unsafe callers that stride it themselves).
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
     }
 
     /// `len` values from `start`.
