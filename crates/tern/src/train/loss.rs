@@ -12,18 +12,21 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 pub fn nll_rows(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     Ok(logits.contiguous()?.apply_op1(CrossEntropy {
         targets: targets.to_vec(),
+        lse: Default::default(),
     })?)
 }
 
 struct CrossEntropy {
     targets: Vec<u32>,
+    /// Each row's `log Σ exp(x)` from forward, for backward (one vocabulary pass fewer).
+    lse: std::sync::Mutex<Vec<f32>>,
 }
 
-/// `(max, log Σ exp(x - max))` of one row.
-fn lse(row: &[f32]) -> (f32, f32) {
+/// `log Σ exp(x)` of one row (shifted by its max; f32 exponentials, summed in f64).
+fn lse(row: &[f32]) -> f32 {
     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s: f64 = row.iter().map(|&x| ((x - m) as f64).exp()).sum();
-    (m, s.ln() as f32)
+    let s: f64 = row.iter().map(|&x| (x - m).exp() as f64).sum();
+    m + s.ln() as f32
 }
 
 fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], usize)> {
@@ -57,14 +60,19 @@ impl CustomOp1 for CrossEntropy {
             );
         }
         let mut out = vec![0f32; n];
-        let ptr = out.as_mut_ptr() as usize;
+        let mut lses = vec![0f32; n];
+        let (ptr, lp) = (out.as_mut_ptr() as usize, lses.as_mut_ptr() as usize);
         par_rows(n, |i| {
             let row = &x[i * vocab..(i + 1) * vocab];
-            let (m, ls) = lse(row);
+            let l = lse(row);
             let t = (self.targets[i] as usize).min(vocab - 1);
-            // SAFETY: each row index is written by exactly one task; `out` outlives the call.
-            unsafe { *(ptr as *mut f32).add(i) = m + ls - row[t] };
+            // SAFETY: each row index is written by exactly one task; both outlive the call.
+            unsafe {
+                *(ptr as *mut f32).add(i) = l - row[t];
+                *(lp as *mut f32).add(i) = l;
+            }
         });
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lses;
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
@@ -81,16 +89,20 @@ impl CustomOp1 for CrossEntropy {
         };
         let (x, vocab) = rows(s, l)?;
         let n = self.targets.len();
+        let lses = std::mem::take(&mut *self.lse.lock().unwrap_or_else(|e| e.into_inner()));
+        if lses.len() != n {
+            candle_core::bail!("cross-entropy: backward without its forward")
+        }
         let mut out = vec![0f32; n * vocab];
         let ptr = out.as_mut_ptr() as usize;
         par_rows(n, |i| {
             let row = &x[i * vocab..(i + 1) * vocab];
-            let (m, ls) = lse(row);
+            let l = lses[i];
             // SAFETY: row i's slice of `out` is written by this task only.
             let o =
                 unsafe { std::slice::from_raw_parts_mut((ptr as *mut f32).add(i * vocab), vocab) };
             for (oj, &xj) in o.iter_mut().zip(row) {
-                *oj = g[i] * (xj - m - ls).exp();
+                *oj = g[i] * (xj - l).exp();
             }
             o[(self.targets[i] as usize).min(vocab - 1)] -= g[i];
         });
