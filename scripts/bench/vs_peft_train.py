@@ -4,7 +4,11 @@ SmolLM2-135M-Instruct in f32 (the Q4_1 GGUF dequantized, as in vs_transformers.p
 on every linear layer, batch 4 x 128 tokens, AdamW, full-sequence loss; both sides train the
 same synthetic text. Prints tokens/s and peak RSS of each side and the ratios.
 
-    python scripts/bench/vs_peft_train.py [--threads 2] [--steps 3]
+    python scripts/bench/vs_peft_train.py [--threads 2] [--steps 3] [--rounds 3]
+
+Each round runs PEFT and then tern, each in a fresh process; rounds interleave so that a
+shared machine's drift hits both sides alike. The ratio is taken per round and the median
+reported, with the range.
 
 Needs torch, transformers, peft and gguf (pip, in a venv outside the repo) and a release
 build of tern (`cargo build --release`). PEFT runs in a child process so its peak RSS is its
@@ -53,6 +57,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tern", default=str(ROOT / "target/release/tern"))
     ap.add_argument("--peft-child", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -61,19 +66,29 @@ def main():
         print(json.dumps(peft_side(a.peft_child, a.threads, a.steps, rank, batch, seq)))
         return 0
     hf_dir = ensure_hf_dir()
-    peft = json.loads(subprocess.check_output(
-        [sys.executable, __file__, "--peft-child", str(hf_dir), "--threads", str(a.threads),
-         "--steps", str(a.steps)], text=True, stderr=subprocess.DEVNULL).strip().splitlines()[-1])
-    out = subprocess.check_output(
-        [a.tern, "bench", "train", "--model", str(hf_dir), "--rank", str(rank), "--batch", str(batch),
-         "--seq-len", str(seq), "--steps", str(a.steps)],
-        text=True, env={**os.environ, "RAYON_NUM_THREADS": str(a.threads)}, stderr=subprocess.DEVNULL)
-    tern = json.loads(out.strip().splitlines()[-1])
-    print(f"peft {__import__('peft').__version__}: {peft['tokens_per_s']:.1f} tok/s, peak RSS {peft['peak_rss_mb']:.0f} MB")
-    print(f"tern: {tern['tokens_per_s']:.1f} tok/s, peak RSS {tern['peak_rss_mb']:.0f} MB")
-    print(json.dumps({"peft": peft, "tern": tern,
-                      "ratio_tokens_per_s": tern["tokens_per_s"] / peft["tokens_per_s"],
-                      "ratio_peak_rss": tern["peak_rss_mb"] / peft["peak_rss_mb"]}))
+    rows = []
+    for r in range(a.rounds):
+        peft = json.loads(subprocess.check_output(
+            [sys.executable, __file__, "--peft-child", str(hf_dir), "--threads", str(a.threads),
+             "--steps", str(a.steps)], text=True, stderr=subprocess.DEVNULL).strip().splitlines()[-1])
+        out = subprocess.check_output(
+            [a.tern, "bench", "train", "--model", str(hf_dir), "--rank", str(rank), "--batch",
+             str(batch), "--seq-len", str(seq), "--steps", str(a.steps)],
+            text=True, env={**os.environ, "RAYON_NUM_THREADS": str(a.threads)},
+            stderr=subprocess.DEVNULL)
+        tern = json.loads(out.strip().splitlines()[-1])
+        rows.append({"peft": peft, "tern": tern,
+                     "ratio_tokens_per_s": tern["tokens_per_s"] / peft["tokens_per_s"],
+                     "ratio_peak_rss": tern["peak_rss_mb"] / peft["peak_rss_mb"]})
+        print(f"round {r + 1}: peft {peft['tokens_per_s']:.1f} tok/s, {peft['peak_rss_mb']:.0f} MB; "
+              f"tern {tern['tokens_per_s']:.1f} tok/s, {tern['peak_rss_mb']:.0f} MB; "
+              f"ratio {rows[-1]['ratio_tokens_per_s']:.2f}x", flush=True)
+    ratios = sorted(x["ratio_tokens_per_s"] for x in rows)
+    rss = sorted(x["ratio_peak_rss"] for x in rows)
+    print(f"peft {__import__('peft').__version__} vs tern: tokens/s ratio {ratios[len(ratios) // 2]:.2f}x "
+          f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}), peak RSS ratio {rss[len(rss) // 2]:.2f}")
+    print(json.dumps({"rounds": rows, "ratio_tokens_per_s": ratios[len(ratios) // 2],
+                      "ratio_peak_rss": rss[len(rss) // 2]}))
     return 0
 
 

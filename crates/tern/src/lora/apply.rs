@@ -25,6 +25,9 @@ pub(crate) fn dropout_keep(n: usize, p: f32, seed: u64, slot: usize) -> Vec<f32>
         .collect()
 }
 
+/// A layer's LoRA pair for a training step and the dropout `(rate, seed)` on its input.
+pub(crate) type TrainPair<'a> = (&'a LoraPair, Option<(f32, u64)>);
+
 /// Below this many activation rows the fused CPU kernel runs; above it (prefill) the two thin
 /// matmuls per adapter go through candle's GEMM, which wins once there is real arithmetic.
 const KERNEL_MAX_ROWS: usize = 32;
@@ -199,10 +202,7 @@ impl BatchAdapters {
     /// For a training step's fused linear at `slot`: `Some(None)` when no row has a pair
     /// there, `Some(Some((pair, dropout)))` when one adapter covers every row, `None` when
     /// rows differ (the candle-op path handles those).
-    pub(crate) fn whole_batch_pair(
-        &self,
-        slot: Option<usize>,
-    ) -> Option<Option<(&LoraPair, Option<(f32, u64)>)>> {
+    pub(crate) fn whole_batch_pair(&self, slot: Option<usize>) -> Option<Option<TrainPair<'_>>> {
         let Some(slot) = slot else {
             return Some(None);
         };

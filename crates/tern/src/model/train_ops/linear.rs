@@ -293,10 +293,14 @@ mod tests {
     fn frozen_linear_passes_only_the_input_gradient() {
         let w = rand(&[6, 10], 1);
         let x = rand(&[5, 10], 2);
-        let (want_y, want_g) = grads(|t| t[0].matmul(&w.t().unwrap()).unwrap(), &[x.clone()], 3);
+        let (want_y, want_g) = grads(
+            |t| t[0].matmul(&w.t().unwrap()).unwrap(),
+            std::slice::from_ref(&x),
+            3,
+        );
         let (y, g) = grads(
             |t| t[0].apply_op1(Frozen { w: weight(&w) }).unwrap(),
-            &[x.clone()],
+            std::slice::from_ref(&x),
             3,
         );
         assert!(rel_err(&y, &want_y) < 1e-6);

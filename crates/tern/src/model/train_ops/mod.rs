@@ -290,7 +290,7 @@ pub(crate) mod tests {
 
     #[test]
     fn gemm_matches_candle_for_every_transpose() -> candle_core::Result<()> {
-        use super::{f32_of, gemm, Mat};
+        use super::{gemm, Mat};
         let a = rand(&[7, 5], 1);
         let b = rand(&[5, 9], 2);
         let want = a.matmul(&b).unwrap();

@@ -213,14 +213,18 @@ mod tests {
         let w = rand(&[16], 2);
         let (want_y, want_g) = grads(
             |t| candle_nn::ops::rms_norm_slow(&t[0], &w, 1e-5).unwrap(),
-            &[x.clone()],
+            std::slice::from_ref(&x),
             3,
         );
         let op = || RmsNormOp {
             w: w.clone(),
             eps: 1e-5,
         };
-        let (y, g) = grads(|t| t[0].apply_op1(op()).unwrap(), &[x.clone()], 3);
+        let (y, g) = grads(
+            |t| t[0].apply_op1(op()).unwrap(),
+            std::slice::from_ref(&x),
+            3,
+        );
         assert!(rel_err(&y, &want_y) < 1e-5);
         assert!(rel_err(&g[0], &want_g[0]) < 1e-5);
     }
@@ -232,14 +236,18 @@ mod tests {
         let sin = rand(&[7, 4], 3);
         let (want_y, want_g) = grads(
             |t| candle_nn::rotary_emb::rope_slow(&t[0], &cos, &sin).unwrap(),
-            &[x.clone()],
+            std::slice::from_ref(&x),
             4,
         );
         let op = || RopeOp {
             cos: cos.clone(),
             sin: sin.clone(),
         };
-        let (y, g) = grads(|t| t[0].apply_op1(op()).unwrap(), &[x.clone()], 4);
+        let (y, g) = grads(
+            |t| t[0].apply_op1(op()).unwrap(),
+            std::slice::from_ref(&x),
+            4,
+        );
         assert!(rel_err(&y, &want_y) < 1e-6);
         assert!(rel_err(&g[0], &want_g[0]) < 1e-6);
     }
