@@ -5,7 +5,7 @@
 //! dequantizes it again in backward when it is quantized (QLoRA): no float copy lives from
 //! forward to backward. Nothing but the output is kept; `x A^T` (rank columns) is recomputed.
 
-use super::{cpu_f32, f32_of, gemm, like, Mat};
+use super::{cpu_f32, f32_of, gemm, like, product, Mat};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use std::sync::Arc;
 
@@ -46,18 +46,17 @@ fn masked<'a>(x: &'a [f32], mask: &Option<Vec<f32>>, buf: &'a mut Vec<f32>) -> &
     }
 }
 
+/// `scale (x∘m) A^T`, `[rows, r]`: the adapter's rank-r bottleneck.
+fn bottleneck(xm: &[f32], a: &[f32], rows: usize, r: usize, scale: f32) -> Vec<f32> {
+    let inp = a.len() / r.max(1);
+    product(Mat::new(xm, rows, inp), Mat::new(a, r, inp).t(), scale)
+}
+
 /// `x W^T` as a new `[rows, out]` buffer.
 fn base(x: &[f32], rows: usize, w: &Tensor) -> candle_core::Result<(Vec<f32>, usize)> {
     let (out, inp) = w.dims2()?;
     f32_of!(wv = w);
-    let mut y = vec![0f32; rows * out];
-    gemm(
-        &mut y,
-        Mat::new(x, rows, inp),
-        Mat::new(wv, out, inp).t(),
-        1.0,
-        false,
-    );
+    let y = product(Mat::new(x, rows, inp), Mat::new(wv, out, inp).t(), 1.0);
     Ok((y, out))
 }
 
@@ -65,15 +64,7 @@ fn base(x: &[f32], rows: usize, w: &Tensor) -> candle_core::Result<(Vec<f32>, us
 fn base_grad(g: &[f32], rows: usize, w: &Tensor) -> candle_core::Result<Vec<f32>> {
     let (out, inp) = w.dims2()?;
     f32_of!(wv = w);
-    let mut dx = vec![0f32; rows * inp];
-    gemm(
-        &mut dx,
-        Mat::new(g, rows, out),
-        Mat::new(wv, out, inp),
-        1.0,
-        false,
-    );
-    Ok(dx)
+    Ok(product(Mat::new(g, rows, out), Mat::new(wv, out, inp), 1.0))
 }
 
 impl CustomOp1 for Frozen {
@@ -122,14 +113,7 @@ impl CustomOp3 for Lora {
         }
         let mut buf = Vec::new();
         let xm = masked(x, &self.mask, &mut buf);
-        let mut t = vec![0f32; rows * r];
-        gemm(
-            &mut t,
-            Mat::new(xm, rows, inp),
-            Mat::new(a, r, inp).t(),
-            self.scale,
-            false,
-        );
+        let t = bottleneck(xm, a, rows, r, self.scale);
         gemm(
             &mut y,
             Mat::new(&t, rows, r),
@@ -156,24 +140,10 @@ impl CustomOp3 for Lora {
         f32_of!(bv = bt);
         let mut dx = base_grad(g, rows, &(self.w)()?)?;
         // u = scale dy B: the gradient at the rank-r bottleneck.
-        let mut u = vec![0f32; rows * r];
-        gemm(
-            &mut u,
-            Mat::new(g, rows, out),
-            Mat::new(bv, r, out).t(),
-            self.scale,
-            false,
-        );
+        let u = product(Mat::new(g, rows, out), Mat::new(bv, r, out).t(), self.scale);
         match &self.mask {
             Some(m) => {
-                let mut ua = vec![0f32; rows * inp];
-                gemm(
-                    &mut ua,
-                    Mat::new(&u, rows, r),
-                    Mat::new(av, r, inp),
-                    1.0,
-                    false,
-                );
+                let ua = product(Mat::new(&u, rows, r), Mat::new(av, r, inp), 1.0);
                 for ((d, p), k) in dx.iter_mut().zip(&ua).zip(m) {
                     *d += p * k;
                 }
@@ -188,30 +158,9 @@ impl CustomOp3 for Lora {
         }
         let mut buf = Vec::new();
         let xm = masked(xv, &self.mask, &mut buf);
-        let mut da = vec![0f32; r * inp];
-        gemm(
-            &mut da,
-            Mat::new(&u, rows, r).t(),
-            Mat::new(xm, rows, inp),
-            1.0,
-            false,
-        );
-        let mut t = vec![0f32; rows * r];
-        gemm(
-            &mut t,
-            Mat::new(xm, rows, inp),
-            Mat::new(av, r, inp).t(),
-            self.scale,
-            false,
-        );
-        let mut dbt = vec![0f32; r * out];
-        gemm(
-            &mut dbt,
-            Mat::new(&t, rows, r).t(),
-            Mat::new(g, rows, out),
-            1.0,
-            false,
-        );
+        let da = product(Mat::new(&u, rows, r).t(), Mat::new(xm, rows, inp), 1.0);
+        let t = bottleneck(xm, av, rows, r, self.scale);
+        let dbt = product(Mat::new(&t, rows, r).t(), Mat::new(g, rows, out), 1.0);
         Ok((Some(like(x, dx)?), Some(like(a, da)?), Some(like(bt, dbt)?)))
     }
 }

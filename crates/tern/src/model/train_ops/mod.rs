@@ -112,6 +112,13 @@ pub(crate) fn gemm(dst: &mut [f32], a: Mat, b: Mat, scale: f32, accumulate: bool
     }
 }
 
+/// `scale * a b` as a new row-major buffer (see [`gemm`]).
+pub(crate) fn product(a: Mat, b: Mat, scale: f32) -> Vec<f32> {
+    let mut dst = vec![0f32; a.rows * b.cols];
+    gemm(&mut dst, a, b, scale, false);
+    dst
+}
+
 /// As [`gemm`] on the calling thread (for small products inside pool tasks).
 pub(crate) fn gemm1(dst: &mut [f32], a: Mat, b: Mat, scale: f32, accumulate: bool) {
     check(dst, a, b);

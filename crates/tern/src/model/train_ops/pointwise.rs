@@ -207,49 +207,39 @@ mod tests {
     use super::super::tests::{grads, rand, rel_err};
     use super::*;
 
+    /// `op` and `reference` agree on `x`, forward and backward, within `tol` (relative).
+    fn same_as(
+        op: impl Fn(&Tensor) -> Tensor,
+        reference: impl Fn(&Tensor) -> Tensor,
+        x: &Tensor,
+        tol: f32,
+    ) {
+        let (want_y, want_g) = grads(|t| reference(&t[0]), std::slice::from_ref(x), 3);
+        let (y, g) = grads(|t| op(&t[0]), std::slice::from_ref(x), 3);
+        assert!(rel_err(&y, &want_y) < tol, "forward");
+        assert!(rel_err(&g[0], &want_g[0]) < tol, "backward");
+    }
+
     #[test]
     fn rms_norm_matches_candle_forward_and_backward() {
-        let x = rand(&[3, 5, 16], 1);
         let w = rand(&[16], 2);
-        let (want_y, want_g) = grads(
-            |t| candle_nn::ops::rms_norm_slow(&t[0], &w, 1e-5).unwrap(),
-            std::slice::from_ref(&x),
-            3,
-        );
-        let op = || RmsNormOp {
-            w: w.clone(),
-            eps: 1e-5,
+        let op = |x: &Tensor| {
+            let w = w.clone();
+            x.apply_op1(RmsNormOp { w, eps: 1e-5 }).unwrap()
         };
-        let (y, g) = grads(
-            |t| t[0].apply_op1(op()).unwrap(),
-            std::slice::from_ref(&x),
-            3,
-        );
-        assert!(rel_err(&y, &want_y) < 1e-5);
-        assert!(rel_err(&g[0], &want_g[0]) < 1e-5);
+        let reference = |x: &Tensor| candle_nn::ops::rms_norm_slow(x, &w, 1e-5).unwrap();
+        same_as(op, reference, &rand(&[3, 5, 16], 1), 1e-5);
     }
 
     #[test]
     fn rope_matches_candle_forward_and_backward() {
-        let x = rand(&[2, 3, 7, 8], 1);
-        let cos = rand(&[7, 4], 2);
-        let sin = rand(&[7, 4], 3);
-        let (want_y, want_g) = grads(
-            |t| candle_nn::rotary_emb::rope_slow(&t[0], &cos, &sin).unwrap(),
-            std::slice::from_ref(&x),
-            4,
-        );
-        let op = || RopeOp {
-            cos: cos.clone(),
-            sin: sin.clone(),
+        let (cos, sin) = (rand(&[7, 4], 2), rand(&[7, 4], 3));
+        let op = |x: &Tensor| {
+            let (cos, sin) = (cos.clone(), sin.clone());
+            x.apply_op1(RopeOp { cos, sin }).unwrap()
         };
-        let (y, g) = grads(
-            |t| t[0].apply_op1(op()).unwrap(),
-            std::slice::from_ref(&x),
-            4,
-        );
-        assert!(rel_err(&y, &want_y) < 1e-6);
-        assert!(rel_err(&g[0], &want_g[0]) < 1e-6);
+        let reference = |x: &Tensor| candle_nn::rotary_emb::rope_slow(x, &cos, &sin).unwrap();
+        same_as(op, reference, &rand(&[2, 3, 7, 8], 1), 1e-6);
     }
 
     #[test]
