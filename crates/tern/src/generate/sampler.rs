@@ -2,6 +2,7 @@
 //! min-p and a repetition penalty, from a seeded RNG so runs repeat exactly.
 
 use crate::error::{Result, TernError};
+use crate::quant::vexp::sum_exp;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -84,72 +85,8 @@ pub(crate) fn log_softmax(logits: &[f32]) -> Vec<f32> {
     logits.iter().map(|&l| (l - max) - lse).collect()
 }
 
-/// `Σ exp(l - max)` over a row whose largest value is `max`.
-///
-/// Every decoded token pays this over the whole vocabulary for its log-probability; in f64
-/// through libm it was ~3% of a SmolLM2 decode step on the critical thread. The AVX2 form
-/// computes each exp in f32 to about 2 ulp and adds eight lanes at a time, blockwise into f64.
-fn sum_exp(logits: &[f32], max: f32) -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    if crate::quant::use_avx2() {
-        // SAFETY: the CPU reports avx2 and fma.
-        return unsafe { sum_exp_avx2(logits, max) };
-    }
-    logits.iter().map(|&l| ((l - max) as f64).exp()).sum()
-}
-
-/// [`sum_exp`] with Cephes' single-precision exp: `2^n * p(r)` for `x = n ln2 + r`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn sum_exp_avx2(logits: &[f32], max: f32) -> f64 {
-    use std::arch::x86_64::*;
-    let exp = |x: __m256| {
-        // Below -87.3 the result is under f32's normal range; it adds nothing to the sum.
-        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
-        let n = _mm256_round_ps(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-        );
-        // ln 2 split in two so n * hi is exact.
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-        }
-        let y = _mm256_fmadd_ps(
-            _mm256_mul_ps(p, r),
-            r,
-            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-        );
-        let pow2 = _mm256_slli_epi32(
-            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-            23,
-        );
-        _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
-    };
-    let m = _mm256_set1_ps(max);
-    let mut total = 0f64;
-    // f32 lanes over 1024 values at most (each term <= 1), then into f64.
-    for block in logits.chunks(1024) {
-        let mut acc = _mm256_setzero_ps();
-        let chunks = block.chunks_exact(8);
-        let tail = chunks.remainder();
-        for c in chunks {
-            acc = _mm256_add_ps(acc, exp(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m)));
-        }
-        total += crate::quant::hsum(acc) as f64;
-        total += tail.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>();
-    }
-    total
-}
-
+/// Every decoded token pays this, a sum over the whole vocabulary (vectorised: through libm
+/// it was ~3% of a SmolLM2 decode step on the critical thread).
 fn log_softmax_at(logits: &[f32], id: usize) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     (logits[id] - max) - sum_exp(logits, max).ln() as f32
@@ -268,26 +205,6 @@ mod tests {
         SamplingParams {
             temperature: t,
             ..Default::default()
-        }
-    }
-
-    /// The vectorised sum of exponentials against f64 libm, over a vocabulary-sized row with
-    /// a tail that is not a multiple of the lane count and values far below the maximum.
-    #[test]
-    fn sum_exp_matches_f64() {
-        let row: Vec<f32> = (0..49_157)
-            .map(|i| ((i as u64 * 2_654_435_761) % 20_000) as f32 / 100.0 - 180.0)
-            .collect();
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let exact: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
-        let ours = sum_exp(&row, max);
-        assert!(((ours - exact) / exact).abs() < 1e-6, "{ours} vs {exact}");
-        // Each term on its own, across the range the polynomial covers.
-        for x in [-87.0f32, -30.5, -10.25, -1.0, -0.3, 0.0] {
-            let one = [x; 9];
-            let e = 9.0 * (x as f64).exp();
-            let got = sum_exp(&one, 0.0);
-            assert!(((got - e) / e).abs() < 1e-6, "exp({x}): {got} vs {e}");
         }
     }
 

@@ -12,6 +12,7 @@ pub mod q6_k;
 pub mod q8_0;
 pub mod q8_0x8;
 pub mod scheme;
+pub(crate) mod vexp;
 pub mod x8;
 
 pub use scheme::QuantType;

@@ -22,11 +22,11 @@ struct CrossEntropy {
     lse: std::sync::Mutex<Vec<f32>>,
 }
 
-/// `log Σ exp(x)` of one row (shifted by its max; f32 exponentials, summed in f64).
+/// `log Σ exp(x)` of one row (shifted by its max; vectorised f32 exponentials, summed in
+/// f64).
 fn lse(row: &[f32]) -> f32 {
     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s: f64 = row.iter().map(|&x| (x - m).exp() as f64).sum();
-    m + s.ln() as f32
+    m + crate::quant::vexp::sum_exp(row, m).ln() as f32
 }
 
 fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], usize)> {
@@ -101,9 +101,7 @@ impl CustomOp1 for CrossEntropy {
             // SAFETY: row i's slice of `out` is written by this task only.
             let o =
                 unsafe { std::slice::from_raw_parts_mut((ptr as *mut f32).add(i * vocab), vocab) };
-            for (oj, &xj) in o.iter_mut().zip(row) {
-                *oj = g[i] * (xj - l).exp();
-            }
+            crate::quant::vexp::exp_affine(o, row, 1.0, -l, g[i]);
             o[(self.targets[i] as usize).min(vocab - 1)] -= g[i];
         });
         Ok(Some(Tensor::from_vec(out, arg.shape(), arg.device())?))

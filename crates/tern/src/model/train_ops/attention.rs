@@ -8,6 +8,7 @@
 //! whole kv group per task so a group's `dK`/`dV` sums need no locks.
 
 use super::{cpu_f32, f32_of, gemm1, par_for, Mat, SyncPtr};
+use crate::quant::vexp::softmax_exp;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use std::sync::Mutex;
 
@@ -98,12 +99,7 @@ impl CustomOp3 for CausalAttention {
                     .iter()
                     .copied()
                     .fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for x in &mut row[lo..=i] {
-                    *x = (*x - m).exp();
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
+                let inv = 1.0 / softmax_exp(&mut row[lo..=i], m);
                 row[lo..=i].iter_mut().for_each(|x| *x *= inv);
                 row[..lo].fill(0.0);
                 row[i + 1..].fill(0.0);

@@ -143,8 +143,10 @@ impl CustomOp1 for RopeOp {
 /// `silu(g) * u`, the gated MLP's activation, with arguments `(g, u)`.
 pub(crate) struct SwiGlu;
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+/// `out = 1 / (1 + exp(-x))`, vectorised.
+fn sigmoid(out: &mut [f32], x: &[f32]) {
+    crate::quant::vexp::exp_affine(out, x, -1.0, 0.0, 1.0);
+    out.iter_mut().for_each(|e| *e = 1.0 / (1.0 + *e));
 }
 
 impl CustomOp2 for SwiGlu {
@@ -168,8 +170,9 @@ impl CustomOp2 for SwiGlu {
         par_chunks(g.len(), CHUNK, |r| {
             // SAFETY: the range is this task's.
             let yr = unsafe { yp.slice(r.start, r.len()) };
+            sigmoid(yr, &g[r.clone()]);
             for ((o, &a), &b) in yr.iter_mut().zip(&g[r.clone()]).zip(&u[r]) {
-                *o = a * sigmoid(a) * b;
+                *o *= a * b;
             }
         });
         Ok((CpuStorage::F32(y), gl.shape().clone()))
@@ -191,9 +194,9 @@ impl CustomOp2 for SwiGlu {
         par_chunks(n, CHUNK, |r| {
             // SAFETY: the range is this task's.
             let (dgr, dur) = unsafe { (gp.slice(r.start, r.len()), up.slice(r.start, r.len())) };
+            sigmoid(dgr, &gv[r.clone()]);
             for (i, j) in r.enumerate() {
-                let (a, b, d) = (gv[j], uv[j], dy[j]);
-                let sg = sigmoid(a);
+                let (a, b, d, sg) = (gv[j], uv[j], dy[j], dgr[i]);
                 dur[i] = d * a * sg;
                 dgr[i] = d * b * sg * (1.0 + a * (1.0 - sg));
             }
