@@ -80,6 +80,9 @@ impl CustomOp1 for Frozen {
     }
 
     fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if !x.track_op() {
+            return Ok(None); // the first layer's input: nothing upstream wants it
+        }
         let rows = x.dim(0)?;
         f32_of!(g = grad);
         Ok(Some(like(x, base_grad(g, rows, &(self.w)()?)?)?))
@@ -138,30 +141,37 @@ impl CustomOp3 for Lora {
         f32_of!(xv = x);
         f32_of!(av = a);
         f32_of!(bv = bt);
-        let mut dx = base_grad(g, rows, &(self.w)()?)?;
         // u = scale dy B: the gradient at the rank-r bottleneck.
         let u = product(Mat::new(g, rows, out), Mat::new(bv, r, out).t(), self.scale);
-        match &self.mask {
-            Some(m) => {
-                let ua = product(Mat::new(&u, rows, r), Mat::new(av, r, inp), 1.0);
-                for ((d, p), k) in dx.iter_mut().zip(&ua).zip(m) {
-                    *d += p * k;
+        // The first layer's input (the frozen embedding's rows) needs no gradient: skip the
+        // weight-sized product.
+        let dx = if x.track_op() {
+            let mut dx = base_grad(g, rows, &(self.w)()?)?;
+            match &self.mask {
+                Some(m) => {
+                    let ua = product(Mat::new(&u, rows, r), Mat::new(av, r, inp), 1.0);
+                    for ((d, p), k) in dx.iter_mut().zip(&ua).zip(m) {
+                        *d += p * k;
+                    }
                 }
+                None => gemm(
+                    &mut dx,
+                    Mat::new(&u, rows, r),
+                    Mat::new(av, r, inp),
+                    1.0,
+                    true,
+                ),
             }
-            None => gemm(
-                &mut dx,
-                Mat::new(&u, rows, r),
-                Mat::new(av, r, inp),
-                1.0,
-                true,
-            ),
-        }
+            Some(like(x, dx)?)
+        } else {
+            None
+        };
         let mut buf = Vec::new();
         let xm = masked(xv, &self.mask, &mut buf);
         let da = product(Mat::new(&u, rows, r).t(), Mat::new(xm, rows, inp), 1.0);
         let t = bottleneck(xm, av, rows, r, self.scale);
         let dbt = product(Mat::new(&t, rows, r).t(), Mat::new(g, rows, out), 1.0);
-        Ok((Some(like(x, dx)?), Some(like(a, da)?), Some(like(bt, dbt)?)))
+        Ok((dx, Some(like(a, da)?), Some(like(bt, dbt)?)))
     }
 }
 
@@ -169,6 +179,7 @@ impl CustomOp3 for Lora {
 mod tests {
     use super::super::tests::{grads, rand, rel_err};
     use super::*;
+    use candle_core::Var;
 
     fn weight(w: &Tensor) -> WeightFn {
         let w = w.clone();
@@ -236,6 +247,40 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The first layer's input is not tracked: the op skips its gradient, and the pair's
+    /// gradients are unchanged.
+    #[test]
+    fn an_untracked_input_gets_no_gradient_and_the_pair_the_same() {
+        let (w, x) = (rand(&[6, 10], 1), rand(&[5, 10], 2));
+        let (a, bt) = (rand(&[3, 10], 3), rand(&[3, 6], 4));
+        let probe = rand(&[5, 6], 5);
+        let run = |fused: bool| {
+            let (av, bv) = (
+                Var::from_tensor(&a).unwrap(),
+                Var::from_tensor(&bt).unwrap(),
+            );
+            let y = if fused {
+                let op = Lora {
+                    w: weight(&w),
+                    scale: 2.0,
+                    mask: None,
+                };
+                x.apply_op3(av.as_tensor(), bv.as_tensor(), op).unwrap()
+            } else {
+                reference(&x, &w, av.as_tensor(), bv.as_tensor(), 2.0, None)
+            };
+            let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            // (candle's own matmul backward computes one anyway)
+            assert!(!fused || g.get(&x).is_none());
+            (
+                g.get(av.as_tensor()).unwrap().clone(),
+                g.get(bv.as_tensor()).unwrap().clone(),
+            )
+        };
+        let ((da, db), (wa, wb)) = (run(true), run(false));
+        assert!(rel_err(&da, &wa) < 1e-5 && rel_err(&db, &wb) < 1e-5);
     }
 
     #[test]
