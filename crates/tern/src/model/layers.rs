@@ -383,8 +383,8 @@ impl RmsNorm {
         })
     }
 
-    /// Normalises over the last dimension; `differentiable` uses plain ops (candle's fused
-    /// kernel has no backward).
+    /// Normalises over the last dimension; `differentiable` uses an op with a backward
+    /// (tern's on the CPU in f32, else candle's plain ops: candle's fused kernel has none).
     pub fn forward_with(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         if differentiable {
             if super::train_ops::fits(x) && self.w.dtype() == DType::F32 {
