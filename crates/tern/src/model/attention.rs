@@ -220,7 +220,7 @@ impl Attention {
             cache.append(&k, v)?
         };
         let t = k.dim(2)?;
-        if train && offset == 0 && t == s && q.device().is_cpu() && q.dtype() == DType::F32 {
+        if train && offset == 0 && t == s && super::train_ops::fits(&q) {
             return Ok(super::train_ops::attention::causal_attention(
                 &q,
                 &k,

@@ -206,8 +206,7 @@ impl Linear {
 
     /// The base layer plus each row's LoRA delta.
     pub fn forward_with(&self, x: &Tensor, adapters: &BatchAdapters) -> Result<Tensor> {
-        let fused = adapters.is_training() && x.device().is_cpu() && x.dtype() == DType::F32;
-        if fused {
+        if adapters.is_training() && super::train_ops::fits(x) {
             if let Some(y) = self.forward_train(x, adapters)? {
                 return Ok(y);
             }

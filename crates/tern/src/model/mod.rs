@@ -12,7 +12,7 @@ pub mod inspect;
 pub mod layers;
 pub mod load;
 pub mod rope;
-mod train_ops;
+pub(crate) mod train_ops;
 
 pub use config::{Family, ModelConfig, RopeScaling};
 pub use decoder::{Cache, Model};

@@ -13,9 +13,24 @@ pub(crate) mod pointwise;
 
 use candle_core::{CpuStorage, Layout, Tensor};
 
+thread_local! {
+    /// Off only in tests that compare these ops with candle's (graphs are built on the
+    /// calling thread, so the switch reaches exactly that test's step).
+    static ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
 /// Whether `x` can take these ops: f32 on the CPU.
 pub(crate) fn fits(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+    ENABLED.with(|e| e.get()) && x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+/// Runs `f` with these ops off on this thread (candle's differentiable ops instead).
+#[cfg(test)]
+pub(crate) fn without<R>(f: impl FnOnce() -> R) -> R {
+    ENABLED.with(|e| e.set(false));
+    let r = f();
+    ENABLED.with(|e| e.set(true));
+    r
 }
 
 /// A strided f32 matrix: element `(i, j)` is `data[i * rs + j * cs]`.
