@@ -506,10 +506,11 @@ mod tests {
     use crate::model::train_ops;
     use crate::train::data::Batch;
 
-    /// On every fixture architecture (GQA, qkv biases, per-head q/k norms, a sliding window,
-    /// llama3 rope, a tied head), a training step's loss and every LoRA gradient through
-    /// tern's training ops equal those through candle's differentiable ops, after one step so
-    /// that neither half of any pair is zero.
+    /// On every fixture architecture (GQA, qkv biases, per-head q/k norms, llama3 rope, a
+    /// tied head), a training step's loss and every LoRA gradient through tern's training ops
+    /// equal those through candle's differentiable ops, after one step so that neither half
+    /// of any pair is zero. (No fixture slides its attention window; the attention op's own
+    /// test covers a window.)
     #[test]
     fn training_ops_match_candle_ops_on_every_architecture() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
