@@ -101,49 +101,70 @@ impl<'a> Mat<'a> {
 /// right after one ran three busy threads on two cores. Here each pool task runs the
 /// single-threaded GEMM on its own columns (or rows, for thin products) instead.
 pub(crate) fn gemm(dst: &mut [f32], a: Mat, b: Mat, scale: f32, accumulate: bool) {
+    check(dst.len(), a, b);
+    // SAFETY: `check` sized `dst` for the product; it is exclusively borrowed.
+    unsafe { par_gemm(SyncPtr::new(dst), a, b, scale, accumulate) }
+}
+
+/// [`gemm`] into `dst`, which must hold `a.rows * b.cols` values (initialised unless
+/// `accumulate` is false: then every element is written before any is read).
+///
+/// # Safety
+/// `dst` must be valid for writes of the whole product and not accessed elsewhere meanwhile.
+unsafe fn par_gemm(p: SyncPtr, a: Mat, b: Mat, scale: f32, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    check(dst, a, b);
     let threads = candle_core::utils::get_num_threads();
     if threads <= 1 || m * n * k < 1 << 20 {
-        return gemm1(dst, a, b, scale, accumulate);
+        return raw_gemm(p.at(0), n, a, b, scale, accumulate);
     }
-    let p = SyncPtr::new(dst);
     if n >= 64 * threads {
         let chunk = n.div_ceil(threads).next_multiple_of(16);
         par_for(n.div_ceil(chunk), |t| {
             let (c0, w) = (t * chunk, chunk.min(n - t * chunk));
-            // SAFETY: columns c0..c0+w of every row are this task's; `check` bounds them.
+            // SAFETY: columns c0..c0+w of every row are this task's.
             unsafe { raw_gemm(p.at(c0), n, a, b.cols(c0, w), scale, accumulate) }
         });
     } else if m >= 16 * threads {
         let chunk = m.div_ceil(threads);
         par_for(m.div_ceil(chunk), |t| {
             let (r0, h) = (t * chunk, chunk.min(m - t * chunk));
-            // SAFETY: rows r0..r0+h are this task's; `check` bounds them.
+            // SAFETY: rows r0..r0+h are this task's.
             unsafe { raw_gemm(p.at(r0 * n), n, a.rows(r0, h), b, scale, accumulate) }
         });
     } else {
-        gemm1(dst, a, b, scale, accumulate)
+        raw_gemm(p.at(0), n, a, b, scale, accumulate)
     }
 }
 
 /// `scale * a b` as a new row-major buffer (see [`gemm`]).
+///
+/// Not zero-filled first: the gemm crate, told not to read the destination, writes each
+/// element before the next depth block adds to it (zeroing every output was ~2% of a
+/// training step).
 pub(crate) fn product(a: Mat, b: Mat, scale: f32) -> Vec<f32> {
-    let mut dst = vec![0f32; a.rows * b.cols];
-    gemm(&mut dst, a, b, scale, false);
+    let len = a.rows * b.cols;
+    check(len, a, b);
+    let mut dst = Vec::<f32>::with_capacity(len);
+    // SAFETY: the capacity holds the product; `par_gemm` with `accumulate` false writes all
+    // `len` values (zero-filling them itself when the depth is 0) and reads none before.
+    unsafe {
+        par_gemm(SyncPtr(dst.as_mut_ptr()), a, b, scale, false);
+        dst.set_len(len);
+    }
     dst
 }
 
 /// As [`gemm`] on the calling thread (for small products inside pool tasks).
 pub(crate) fn gemm1(dst: &mut [f32], a: Mat, b: Mat, scale: f32, accumulate: bool) {
-    check(dst, a, b);
+    check(dst.len(), a, b);
     // SAFETY: `check` bounds every index; `dst` is exclusively borrowed.
     unsafe { raw_gemm(dst.as_mut_ptr(), b.cols, a, b, scale, accumulate) }
 }
 
-/// Panics unless `a b` fits `dst` and both views lie inside their slices.
-fn check(dst: &[f32], a: Mat, b: Mat) {
-    assert!(b.rows == a.cols && dst.len() == a.rows * b.cols && a.covers() && b.covers());
+/// Panics unless `a b` fits a destination of `len` values and both views lie inside their
+/// slices.
+fn check(len: usize, a: Mat, b: Mat) {
+    assert!(b.rows == a.cols && len == a.rows * b.cols && a.covers() && b.covers());
 }
 
 /// The single-threaded GEMM into `dst` with row stride `dst_rs`.
@@ -159,7 +180,8 @@ unsafe fn raw_gemm(dst: *mut f32, dst_rs: usize, a: Mat, b: Mat, scale: f32, acc
     if k == 0 {
         if !accumulate {
             for i in 0..m {
-                std::slice::from_raw_parts_mut(dst.add(i * dst_rs), n).fill(0.0);
+                // All-zero bytes are 0.0; no reference to possibly uninitialised memory.
+                std::ptr::write_bytes(dst.add(i * dst_rs), 0, n);
             }
         }
         return;
@@ -308,6 +330,32 @@ pub(crate) mod tests {
             .map(|t| g.get(t).expect("gradient reaches every input").clone())
             .collect();
         (y.detach(), gs)
+    }
+
+    /// `product` writes into memory it never zeroed: over freed NaNs (which the allocator
+    /// tends to hand back), across several depth blocks and split over the pool, and with
+    /// no depth at all.
+    #[test]
+    fn product_never_reads_its_fresh_buffer() -> candle_core::Result<()> {
+        use super::{product, Mat};
+        let (m, k, n) = (64, 1100, 300);
+        let a = rand(&[m, k], 1);
+        let b = rand(&[k, n], 2);
+        let want = a.matmul(&b)?;
+        for _ in 0..3 {
+            drop(std::hint::black_box(vec![f32::NAN; m * n]));
+            f32_of!(av = a);
+            f32_of!(bv = b);
+            let got = product(Mat::new(av, m, k), Mat::new(bv, k, n), 1.0);
+            let got = Tensor::from_vec(got, (m, n), &Device::Cpu)?;
+            assert!(rel_err(&got, &want) < 1e-5);
+        }
+        drop(std::hint::black_box(vec![f32::NAN; 12]));
+        assert_eq!(
+            product(Mat::new(&[], 3, 0), Mat::new(&[], 0, 4), 1.0),
+            vec![0f32; 12]
+        );
+        Ok(())
     }
 
     #[test]
