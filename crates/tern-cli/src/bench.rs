@@ -169,6 +169,9 @@ pub struct TrainBenchArgs {
     /// Recompute each layer in backward (less memory, more compute).
     #[arg(long)]
     pub grad_checkpointing: bool,
+    /// The frozen base's products in bf16 (CPUs with AVX512-BF16).
+    #[arg(long)]
+    pub bf16_matmul: bool,
     #[command(flatten)]
     pub load: crate::load_args::LoadArgs,
 }
@@ -384,6 +387,7 @@ fn train(a: TrainBenchArgs) -> Result<()> {
         seq_len: a.seq_len,
         steps: a.steps,
         grad_checkpointing: a.grad_checkpointing,
+        bf16_matmul: a.bf16_matmul,
     };
     let r = tern::bench::train::run(&crate::resolve::model(&a.model)?, &a.load.options()?, &o)
         .with_context(|| format!("benchmarking training on {}", a.model.display()))?;
@@ -393,12 +397,17 @@ fn train(a: TrainBenchArgs) -> Result<()> {
         "adapter", r.rank, r.trainable_params
     );
     println!(
-        "{:<14} {} x {} tokens{}",
+        "{:<14} {} x {} tokens{}{}",
         "batch",
         r.batch,
         r.seq_len,
         if r.grad_checkpointing {
             ", gradient checkpointing"
+        } else {
+            ""
+        },
+        if r.bf16_matmul {
+            ", base products in bf16"
         } else {
             ""
         }

@@ -103,6 +103,9 @@ pub struct TrainArgs {
     /// Recompute activations in backward to save memory.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub grad_checkpointing: Option<bool>,
+    /// The frozen base's products in bf16 (CPUs with AVX512-BF16).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub bf16_matmul: Option<bool>,
     /// Pack short examples together.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub packing: Option<bool>,

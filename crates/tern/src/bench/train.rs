@@ -22,6 +22,8 @@ pub struct TrainBenchOptions {
     pub steps: usize,
     /// Recompute layers in backward.
     pub grad_checkpointing: bool,
+    /// The frozen base's products in bf16.
+    pub bf16_matmul: bool,
 }
 
 impl Default for TrainBenchOptions {
@@ -32,6 +34,7 @@ impl Default for TrainBenchOptions {
             seq_len: 128,
             steps: 3,
             grad_checkpointing: false,
+            bf16_matmul: false,
         }
     }
 }
@@ -51,6 +54,8 @@ pub struct TrainBench {
     pub seq_len: usize,
     /// Whether layers were recomputed in backward.
     pub grad_checkpointing: bool,
+    /// Whether the frozen base's products ran in bf16.
+    pub bf16_matmul: bool,
     /// Training tokens per second (forward, backward and optimizer).
     pub tokens_per_s: f64,
     /// Seconds per optimizer step.
@@ -74,6 +79,7 @@ pub fn run(path: &Path, load: &LoadOptions, o: &TrainBenchOptions) -> Result<Tra
         rank: o.rank,
         alpha: 2.0 * o.rank as f64,
         grad_checkpointing: o.grad_checkpointing,
+        bf16_matmul: o.bf16_matmul,
         ..Default::default()
     };
     let mut t = Trainer::new(&lm, cfg)?;
@@ -90,6 +96,7 @@ pub fn run(path: &Path, load: &LoadOptions, o: &TrainBenchOptions) -> Result<Tra
         batch: o.batch,
         seq_len: batch.len,
         grad_checkpointing: o.grad_checkpointing,
+        bf16_matmul: o.bf16_matmul,
         tokens_per_s: batch.tokens as f64 / step_s,
         step_s,
         peak_rss_mb: crate::bench::peak_rss_bytes().unwrap_or(0) as f64 / 1e6,

@@ -56,6 +56,8 @@ pub struct BatchAdapters {
     /// Rows are the positions of a flattened `[1, tokens, ..]` batch (several sequences'
     /// prompts run as one), not its first dimension.
     tokens: bool,
+    /// A training step's frozen-base products in bf16 (CPUs with AVX512-BF16).
+    bf16_base: bool,
 }
 
 /// Gradients of variables collected outside the main backward pass (by checkpointed layers
@@ -98,6 +100,7 @@ impl BatchAdapters {
             dropout: None,
             checkpoint: None,
             tokens: false,
+            bf16_base: false,
             groups: adapter
                 .into_iter()
                 .map(|adapter| Group {
@@ -134,6 +137,7 @@ impl BatchAdapters {
             dropout: None,
             checkpoint: None,
             tokens: false,
+            bf16_base: false,
         })
     }
 
@@ -160,6 +164,17 @@ impl BatchAdapters {
             self.dropout = Some((p, seed));
         }
         self
+    }
+
+    /// The frozen base's products in bf16 while training (where the CPU has AVX512-BF16).
+    pub fn with_bf16_base(mut self, on: bool) -> Self {
+        self.bf16_base = on;
+        self
+    }
+
+    /// Whether the frozen base's training products run in bf16.
+    pub fn bf16_base(&self) -> bool {
+        self.bf16_base && self.train
     }
 
     /// Recompute each decoder layer in backward instead of keeping its activations; the

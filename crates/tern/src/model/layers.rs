@@ -2,6 +2,8 @@
 //! the gated MLP.
 
 use super::config::ModelConfig;
+use super::train_ops::bf16::PackedB;
+use super::train_ops::linear::Bf16Packs;
 use crate::checkpoint::Weights;
 use crate::error::{Result, TernError};
 use crate::lora::{BatchAdapters, LoraPair};
@@ -66,6 +68,8 @@ pub struct Linear {
     name: String,
     /// Index in the model's slot table, once the model has numbered its layers.
     slot: Option<usize>,
+    /// The weight packed for bf16 training products, made on first use (shared by clones).
+    bf16: Arc<std::sync::OnceLock<Arc<Bf16Packs>>>,
 }
 
 impl Linear {
@@ -95,6 +99,7 @@ impl Linear {
             b: None,
             name: "lm_head".into(),
             slot: None,
+            bf16: Default::default(),
         }
     }
 
@@ -112,6 +117,7 @@ impl Linear {
             b,
             name: String::new(),
             slot: None,
+            bf16: Default::default(),
         }
     }
 
@@ -161,6 +167,21 @@ impl Linear {
         self.add_bias(y.reshape(dims)?)
     }
 
+    /// The weight packed for bf16 products (forward and backward), packed on first use.
+    fn bf16_packs(&self) -> Result<Arc<Bf16Packs>> {
+        if let Some(p) = self.bf16.get() {
+            return Ok(p.clone());
+        }
+        let w = self.w.float(DType::F32, &candle_core::Device::Cpu)?;
+        let (out, inp) = w.dims2()?;
+        let v: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        let packs = Arc::new(Bf16Packs {
+            fwd: PackedB::new(inp, out, |k, j| v[j * inp + k]),
+            bwd: PackedB::new(out, inp, |k, j| v[k * inp + j]),
+        });
+        Ok(self.bf16.get_or_init(|| packs).clone())
+    }
+
     /// A training step's layer as one op with its own backward (f32 on the CPU, one adapter
     /// for the whole batch); `None` where the candle-op path must run.
     fn forward_train(&self, x: &Tensor, adapters: &BatchAdapters) -> Result<Option<Tensor>> {
@@ -176,8 +197,12 @@ impl Linear {
         let x2 = x.reshape((rows, in_dim))?.contiguous()?;
         let w = self.w.clone();
         let w: WeightFn = Arc::new(move || w.float(DType::F32, &candle_core::Device::Cpu));
+        let bf16 = match adapters.bf16_base() && super::train_ops::bf16::available() {
+            true => Some(self.bf16_packs()?),
+            false => None,
+        };
         let y = match pair {
-            None => x2.apply_op1(Frozen { w })?,
+            None => x2.apply_op1(Frozen { w, bf16 })?,
             Some((p, dropout)) => {
                 let mask = dropout.map(|(rate, seed)| {
                     crate::lora::apply::dropout_keep(
@@ -193,6 +218,7 @@ impl Linear {
                     &bt,
                     Lora {
                         w,
+                        bf16,
                         scale: p.scale as f32,
                         mask,
                     },
@@ -235,6 +261,7 @@ impl Linear {
         let delta = (pair.delta_weight()?.to_device(w.device())? * sign)?;
         let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?;
         self.w = LinearWeight::Candle(QMatMul::Tensor(merged));
+        self.bf16 = Default::default(); // packed from the old weight
         Ok(())
     }
 

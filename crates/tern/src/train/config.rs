@@ -89,6 +89,9 @@ pub struct TrainConfig {
     pub quantize: Option<String>,
     /// Recompute each layer's activations in backward to save memory.
     pub grad_checkpointing: bool,
+    /// The frozen base's matrix products in bf16 (f32 sums) on a CPU with AVX512-BF16, as
+    /// torch's bf16 autocast; activations, attention, the loss and the adapter stay f32.
+    pub bf16_matmul: bool,
     /// Pack several short examples into one sequence.
     pub packing: bool,
     /// Loss on every token instead of only completions / assistant turns.
@@ -126,6 +129,7 @@ impl Default for TrainConfig {
             dtype: None,
             quantize: None,
             grad_checkpointing: false,
+            bf16_matmul: false,
             packing: false,
             train_on_prompt: false,
         }

@@ -146,6 +146,26 @@ impl<'a> Trainer<'a> {
         acfg: AdapterConfig,
         pairs: Vec<(String, Tensor, Tensor)>,
     ) -> Result<Self> {
+        if cfg.bf16_matmul {
+            let m = &lm.model;
+            let why = if !m.device().is_cpu() || m.dtype() != DType::F32 {
+                Some(format!(
+                    "runs on the CPU over an f32 base, not {:?}",
+                    m.dtype()
+                ))
+            } else if !crate::model::train_ops::bf16::available() {
+                Some("needs a CPU with AVX512-BF16, which this one lacks".into())
+            } else {
+                None
+            };
+            if let Some(detail) = why {
+                return Err(TernError::Config {
+                    file: "train config".into(),
+                    key: "bf16_matmul".into(),
+                    detail: format!("{detail}; drop --bf16-matmul"),
+                });
+            }
+        }
         let mut vars = Vec::new();
         let mut names = Vec::new();
         let mut modules = Vec::new();
@@ -217,7 +237,8 @@ impl<'a> Trainer<'a> {
         let model = &self.lm.model;
         let dev = model.device();
         let ids = Tensor::from_vec(b.ids.clone(), (b.rows, b.len), dev)?;
-        let mut ad = BatchAdapters::uniform(Some(self.adapter.clone()));
+        let mut ad =
+            BatchAdapters::uniform(Some(self.adapter.clone())).with_bf16_base(self.cfg.bf16_matmul);
         let mut sink = None;
         if train {
             ad = ad
@@ -501,61 +522,4 @@ impl Trainer<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::train_ops;
-    use crate::train::data::Batch;
-
-    /// On every fixture architecture (GQA, qkv biases, per-head q/k norms, llama3 rope, a
-    /// tied head), a training step's loss and every LoRA gradient through tern's training ops
-    /// equal those through candle's differentiable ops, after one step so that neither half
-    /// of any pair is zero. (No fixture slides its attention window; the attention op's own
-    /// test covers a window.)
-    #[test]
-    fn training_ops_match_candle_ops_on_every_architecture() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
-        for arch in ["llama", "llama3", "mistral", "qwen2", "qwen3", "smollm"] {
-            let lm = LoadedModel::load(&root.join(arch), &Default::default()).unwrap();
-            let cfg = TrainConfig {
-                rank: 4,
-                alpha: 8.0,
-                ..Default::default()
-            };
-            let mut t = Trainer::new(&lm, cfg).unwrap();
-            let vocab = lm.model.config().vocab_size as u32;
-            let (rows, len) = (2, 11);
-            let ids: Vec<u32> = (0..rows * len)
-                .map(|i| (i as u32 * 7919 + 3) % vocab)
-                .collect();
-            // The second row ends in two pads, as a padded batch does.
-            let target: Vec<bool> = (0..rows * len).map(|i| i < 2 * len - 2).collect();
-            let batch = Batch {
-                rows,
-                len,
-                ids,
-                target,
-                tokens: 2 * len - 2,
-            };
-            let b = std::slice::from_ref(&batch);
-            t.step(b, 1e-2).unwrap();
-            let (l0, g0) = t.loss_and_grads(b).unwrap();
-            let (l1, g1) = train_ops::without(|| t.loss_and_grads(b)).unwrap();
-            assert!(((l0 - l1) / l1).abs() < 1e-5, "{arch}: loss {l0} vs {l1}");
-            for (n, (a, w)) in t.var_names().iter().zip(g0.iter().zip(&g1)) {
-                let scale = w
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let d = (a - w).unwrap().abs().unwrap().max_all().unwrap();
-                let e = d.to_scalar::<f32>().unwrap() / scale.max(1e-12);
-                assert!(
-                    e < 1e-4,
-                    "{arch}: {n} differs by {e} (relative to its largest)"
-                );
-            }
-        }
-    }
-}
+mod tests;

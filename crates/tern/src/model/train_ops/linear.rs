@@ -5,6 +5,7 @@
 //! dequantizes it again in backward when it is quantized (QLoRA): no float copy lives from
 //! forward to backward. Nothing but the output is kept; `x A^T` (rank columns) is recomputed.
 
+use super::bf16::PackedB;
 use super::{cpu_f32, f32_of, gemm, like, product, Mat};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use std::sync::Arc;
@@ -13,16 +14,29 @@ use std::sync::Arc;
 /// quantized).
 pub(crate) type WeightFn = Arc<dyn Fn() -> candle_core::Result<Tensor> + Send + Sync>;
 
+/// A frozen weight packed for bf16 products: `W^T` for forward, `W` for backward.
+#[derive(Debug)]
+pub(crate) struct Bf16Packs {
+    /// `[in, out]`.
+    pub(crate) fwd: PackedB,
+    /// `[out, in]`.
+    pub(crate) bwd: PackedB,
+}
+
 /// `x W^T` with a frozen `W`: backward gives `dx` only.
 pub(crate) struct Frozen {
     /// The weight, `[out, in]`.
     pub(crate) w: WeightFn,
+    /// Set: the products in bf16 from these packs instead.
+    pub(crate) bf16: Option<Arc<Bf16Packs>>,
 }
 
 /// `x W^T + scale (x∘mask) A^T B^T`, with arguments `(x, A, B^T)`.
 pub(crate) struct Lora {
     /// The frozen weight, `[out, in]`.
     pub(crate) w: WeightFn,
+    /// Set: the frozen weight's products in bf16 from these packs instead.
+    pub(crate) bf16: Option<Arc<Bf16Packs>>,
     /// LoRA scale.
     pub(crate) scale: f32,
     /// Dropout keep-mask on the adapter's input (scaled by 1/(1-p)), one value per element of
@@ -52,16 +66,34 @@ fn bottleneck(xm: &[f32], a: &[f32], rows: usize, r: usize, scale: f32) -> Vec<f
     product(Mat::new(xm, rows, inp), Mat::new(a, r, inp).t(), scale)
 }
 
-/// `x W^T` as a new `[rows, out]` buffer.
-fn base(x: &[f32], rows: usize, w: &Tensor) -> candle_core::Result<(Vec<f32>, usize)> {
+/// `x W^T` as a new `[rows, out]` buffer (in bf16 when packs are given).
+fn base(
+    x: &[f32],
+    rows: usize,
+    w: &WeightFn,
+    bf16: &Option<Arc<Bf16Packs>>,
+) -> candle_core::Result<(Vec<f32>, usize)> {
+    if let Some(p) = bf16 {
+        return Ok((super::bf16::product(x, rows, &p.fwd), p.fwd.dims().1));
+    }
+    let w = w()?;
     let (out, inp) = w.dims2()?;
     f32_of!(wv = w);
     let y = product(Mat::new(x, rows, inp), Mat::new(wv, out, inp).t(), 1.0);
     Ok((y, out))
 }
 
-/// `dy W` as a new `[rows, in]` buffer.
-fn base_grad(g: &[f32], rows: usize, w: &Tensor) -> candle_core::Result<Vec<f32>> {
+/// `dy W` as a new `[rows, in]` buffer (in bf16 when packs are given).
+fn base_grad(
+    g: &[f32],
+    rows: usize,
+    w: &WeightFn,
+    bf16: &Option<Arc<Bf16Packs>>,
+) -> candle_core::Result<Vec<f32>> {
+    if let Some(p) = bf16 {
+        return Ok(super::bf16::product(g, rows, &p.bwd));
+    }
+    let w = w()?;
     let (out, inp) = w.dims2()?;
     f32_of!(wv = w);
     Ok(product(Mat::new(g, rows, out), Mat::new(wv, out, inp), 1.0))
@@ -75,7 +107,7 @@ impl CustomOp1 for Frozen {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s, l)?;
         let (rows, _) = dims2(l)?;
-        let (y, out) = base(x, rows, &(self.w)()?)?;
+        let (y, out) = base(x, rows, &self.w, &self.bf16)?;
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
@@ -85,7 +117,7 @@ impl CustomOp1 for Frozen {
         }
         let rows = x.dim(0)?;
         f32_of!(g = grad);
-        Ok(Some(like(x, base_grad(g, rows, &(self.w)()?)?)?))
+        Ok(Some(like(x, base_grad(g, rows, &self.w, &self.bf16)?)?))
     }
 }
 
@@ -106,7 +138,7 @@ impl CustomOp3 for Lora {
         let (x, a, bt) = (cpu_f32(xs, xl)?, cpu_f32(a_s, al)?, cpu_f32(bs, bl)?);
         let (rows, inp) = dims2(xl)?;
         let (r, out) = dims2(bl)?;
-        let (mut y, wout) = base(x, rows, &(self.w)()?)?;
+        let (mut y, wout) = base(x, rows, &self.w, &self.bf16)?;
         if wout != out || dims2(al)? != (r, inp) {
             candle_core::bail!(
                 "lora-linear: A {:?} / B^T {:?} do not fit the layer",
@@ -146,7 +178,7 @@ impl CustomOp3 for Lora {
         // The first layer's input (the frozen embedding's rows) needs no gradient: skip the
         // weight-sized product.
         let dx = if x.track_op() {
-            let mut dx = base_grad(g, rows, &(self.w)()?)?;
+            let mut dx = base_grad(g, rows, &self.w, &self.bf16)?;
             match &self.mask {
                 Some(m) => {
                     let ua = product(Mat::new(&u, rows, r), Mat::new(av, r, inp), 1.0);
@@ -230,6 +262,7 @@ mod tests {
             );
             let op = || Lora {
                 w: weight(&w),
+                bf16: None,
                 scale: 0.5,
                 mask: mask.map(|m| m.flatten_all().unwrap().to_vec1().unwrap()),
             };
@@ -264,6 +297,7 @@ mod tests {
             let y = if fused {
                 let op = Lora {
                     w: weight(&w),
+                    bf16: None,
                     scale: 2.0,
                     mask: None,
                 };
@@ -283,6 +317,39 @@ mod tests {
         assert!(rel_err(&da, &wa) < 1e-5 && rel_err(&db, &wb) < 1e-5);
     }
 
+    /// bf16 packs give the f32 product and input gradient within bf16 rounding.
+    #[test]
+    fn bf16_packs_track_the_f32_products() {
+        if !crate::model::train_ops::bf16::available() {
+            return;
+        }
+        let (out, inp) = (70, 90);
+        let w = rand(&[out, inp], 1);
+        let v: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        let packs = Arc::new(Bf16Packs {
+            fwd: PackedB::new(inp, out, |k, j| v[j * inp + k]),
+            bwd: PackedB::new(out, inp, |k, j| v[k * inp + j]),
+        });
+        let x = rand(&[33, inp], 2);
+        let (want_y, want_g) = grads(
+            |t| t[0].matmul(&w.t().unwrap()).unwrap(),
+            std::slice::from_ref(&x),
+            3,
+        );
+        let op = || Frozen {
+            w: weight(&w),
+            bf16: Some(packs.clone()),
+        };
+        let (y, g) = grads(
+            |t| t[0].apply_op1(op()).unwrap(),
+            std::slice::from_ref(&x),
+            3,
+        );
+        let (ey, eg) = (rel_err(&y, &want_y), rel_err(&g[0], &want_g[0]));
+        assert!(ey < 1e-2 && eg < 1e-2, "forward {ey}, backward {eg}");
+        assert!(ey > 0.0, "the bf16 products did not run");
+    }
+
     #[test]
     fn frozen_linear_passes_only_the_input_gradient() {
         let w = rand(&[6, 10], 1);
@@ -293,7 +360,13 @@ mod tests {
             3,
         );
         let (y, g) = grads(
-            |t| t[0].apply_op1(Frozen { w: weight(&w) }).unwrap(),
+            |t| {
+                t[0].apply_op1(Frozen {
+                    w: weight(&w),
+                    bf16: None,
+                })
+                .unwrap()
+            },
             std::slice::from_ref(&x),
             3,
         );

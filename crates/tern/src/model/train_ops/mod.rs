@@ -8,6 +8,7 @@
 //! keeps only what its backward needs, and computes that backward directly.
 
 pub(crate) mod attention;
+pub(crate) mod bf16;
 pub(crate) mod linear;
 pub(crate) mod pointwise;
 
@@ -253,20 +254,20 @@ pub(crate) fn par_for(n: usize, f: impl Fn(usize) + Sync) {
 
 /// Shared mutable access to disjoint parts of one buffer from pool tasks.
 #[derive(Clone, Copy)]
-pub(crate) struct SyncPtr(*mut f32);
+pub(crate) struct SyncPtr<T = f32>(*mut T);
 
 // SAFETY: only used to hand disjoint ranges of one buffer to pool tasks (`par_for`).
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
 
-impl SyncPtr {
+impl<T> SyncPtr<T> {
     /// Points at `v`.
-    pub(crate) fn new(v: &mut [f32]) -> Self {
+    pub(crate) fn new(v: &mut [T]) -> Self {
         Self(v.as_mut_ptr())
     }
 
     /// The element at `i` (for unsafe callers that stride it themselves).
-    fn at(&self, i: usize) -> *mut f32 {
+    pub(crate) fn at(&self, i: usize) -> *mut T {
         self.0.wrapping_add(i)
     }
 
@@ -275,7 +276,7 @@ impl SyncPtr {
     /// # Safety
     /// The range must lie inside the buffer, and no other live slice may overlap it.
     #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+    pub(crate) unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
         std::slice::from_raw_parts_mut(self.0.add(start), len)
     }
 }
