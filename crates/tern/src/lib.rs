@@ -40,4 +40,9 @@ pub(crate) mod test_util {
             .to_scalar::<f32>()
             .unwrap()
     }
+
+    /// max |a - b| relative to max |b|.
+    pub fn rel(a: &Tensor, b: &Tensor) -> f32 {
+        max_abs_diff(a, b) / max_abs_diff(b, &b.zeros_like().unwrap()).max(1e-12)
+    }
 }

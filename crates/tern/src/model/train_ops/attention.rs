@@ -198,7 +198,7 @@ impl CustomOp3 for CausalAttention {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{grads, rand, rel_err};
+    use super::super::tests::{grads, rand, rel};
     use super::*;
     use crate::model::attention::attention_mask;
     use candle_core::D;
@@ -244,9 +244,9 @@ mod tests {
                 &inputs,
                 7,
             );
-            assert!(rel_err(&y, &want_y) < 1e-5, "window {window:?}");
+            assert!(rel(&y, &want_y) < 1e-5, "window {window:?}");
             for (i, (g, w)) in g.iter().zip(&want_g).enumerate() {
-                assert!(rel_err(g, w) < 1e-5, "gradient {i}, window {window:?}");
+                assert!(rel(g, w) < 1e-5, "gradient {i}, window {window:?}");
             }
         }
     }

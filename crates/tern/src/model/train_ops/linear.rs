@@ -209,7 +209,7 @@ impl CustomOp3 for Lora {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{grads, rand, rel_err};
+    use super::super::tests::{grads, rand, rel};
     use super::*;
     use candle_core::Var;
 
@@ -271,13 +271,9 @@ mod tests {
                 &[x.clone(), a.clone(), bt.clone()],
                 9,
             );
-            assert!(rel_err(&y, &want_y) < 1e-6);
+            assert!(rel(&y, &want_y) < 1e-6);
             for (i, (g, w)) in g.iter().zip(&want_g).enumerate() {
-                assert!(
-                    rel_err(g, w) < 1e-5,
-                    "gradient {i}, mask {}",
-                    mask.is_some()
-                );
+                assert!(rel(g, w) < 1e-5, "gradient {i}, mask {}", mask.is_some());
             }
         }
     }
@@ -314,7 +310,7 @@ mod tests {
             )
         };
         let ((da, db), (wa, wb)) = (run(true), run(false));
-        assert!(rel_err(&da, &wa) < 1e-5 && rel_err(&db, &wb) < 1e-5);
+        assert!(rel(&da, &wa) < 1e-5 && rel(&db, &wb) < 1e-5);
     }
 
     /// bf16 packs give the f32 product and input gradient within bf16 rounding.
@@ -345,7 +341,7 @@ mod tests {
             std::slice::from_ref(&x),
             3,
         );
-        let (ey, eg) = (rel_err(&y, &want_y), rel_err(&g[0], &want_g[0]));
+        let (ey, eg) = (rel(&y, &want_y), rel(&g[0], &want_g[0]));
         assert!(ey < 1e-2 && eg < 1e-2, "forward {ey}, backward {eg}");
         assert!(ey > 0.0, "the bf16 products did not run");
     }
@@ -370,7 +366,7 @@ mod tests {
             std::slice::from_ref(&x),
             3,
         );
-        assert!(rel_err(&y, &want_y) < 1e-6);
-        assert!(rel_err(&g[0], &want_g[0]) < 1e-6);
+        assert!(rel(&y, &want_y) < 1e-6);
+        assert!(rel(&g[0], &want_g[0]) < 1e-6);
     }
 }

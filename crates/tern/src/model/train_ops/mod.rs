@@ -283,6 +283,7 @@ impl<T> SyncPtr<T> {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    pub(crate) use crate::test_util::rel;
     use candle_core::{Device, Tensor, Var};
 
     /// Random f32 values in [-1, 1) from a fixed seed.
@@ -292,18 +293,6 @@ pub(crate) mod tests {
         let n: usize = dims.iter().product();
         let v: Vec<f32> = (0..n).map(|_| r.random::<f32>() * 2.0 - 1.0).collect();
         Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-    }
-
-    /// Largest |a - b| relative to the largest |b|.
-    pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(a.len(), b.len());
-        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
-        a.iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-            / scale
     }
 
     /// Output and input gradients of `f` under the loss `sum(y * probe)` (a probe makes every
@@ -349,7 +338,7 @@ pub(crate) mod tests {
             f32_of!(bv = b);
             let got = product(Mat::new(av, m, k), Mat::new(bv, k, n), 1.0);
             let got = Tensor::from_vec(got, (m, n), &Device::Cpu)?;
-            assert!(rel_err(&got, &want) < 1e-5);
+            assert!(rel(&got, &want) < 1e-5);
         }
         drop(std::hint::black_box(vec![f32::NAN; 12]));
         assert_eq!(
@@ -384,7 +373,7 @@ pub(crate) mod tests {
             gemm(&mut out, am, bm, 2.0, true);
             let got = Tensor::from_vec(out, (7, 9), &Device::Cpu)?;
             let want = ((&want * 2.0)? + 1.0)?;
-            assert!(rel_err(&got, &want) < 1e-6, "transposes {ta} {tb}");
+            assert!(rel(&got, &want) < 1e-6, "transposes {ta} {tb}");
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::model::train_ops;
+use crate::test_util::rel;
 use crate::train::data::Batch;
 
 /// Two rows of 11 tokens, the second ending in two pads, as a padded batch does.
@@ -20,19 +21,6 @@ fn test_batch(lm: &LoadedModel) -> Batch {
         target,
         tokens: 2 * len - 2,
     }
-}
-
-/// Largest difference relative to the largest magnitude of `want`.
-fn rel(got: &Tensor, want: &Tensor) -> f32 {
-    let scale = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
-    d.to_scalar::<f32>().unwrap() / scale.max(1e-12)
 }
 
 /// bf16 base products keep a step's loss and gradients within bf16 rounding of the f32
@@ -121,15 +109,7 @@ fn training_ops_match_candle_ops_on_every_architecture() {
         let (l1, g1) = train_ops::without(|| t.loss_and_grads(b)).unwrap();
         assert!(((l0 - l1) / l1).abs() < 1e-5, "{arch}: loss {l0} vs {l1}");
         for (n, (a, w)) in t.var_names().iter().zip(g0.iter().zip(&g1)) {
-            let scale = w
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let d = (a - w).unwrap().abs().unwrap().max_all().unwrap();
-            let e = d.to_scalar::<f32>().unwrap() / scale.max(1e-12);
+            let e = rel(a, w);
             assert!(
                 e < 1e-4,
                 "{arch}: {n} differs by {e} (relative to its largest)"
