@@ -197,10 +197,9 @@ impl Linear {
         let x2 = x.reshape((rows, in_dim))?.contiguous()?;
         let w = self.w.clone();
         let w: WeightFn = Arc::new(move || w.float(DType::F32, &candle_core::Device::Cpu));
-        let bf16 = match adapters.bf16_base() && super::train_ops::bf16::available() {
-            true => Some(self.bf16_packs()?),
-            false => None,
-        };
+        let bf16 = (adapters.bf16_base() && super::train_ops::bf16::available())
+            .then(|| self.bf16_packs())
+            .transpose()?;
         let y = match pair {
             None => x2.apply_op1(Frozen { w, bf16 })?,
             Some((p, dropout)) => {
