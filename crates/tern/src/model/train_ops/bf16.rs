@@ -103,8 +103,9 @@ pub(crate) fn product(a: &[f32], m: usize, b: &PackedB) -> Vec<f32> {
             to_bf16_pairs(&a[r * k..][..k], unsafe { pp.slice(r * k2, k2) });
         }
     });
-    let mut c = vec![0f32; m * n];
-    let cp = SyncPtr::new(&mut c);
+    // Not zero-filled: the tiles cover every (row, column) of the product exactly once.
+    let mut c = Vec::<f32>::with_capacity(m * n);
+    let cp = SyncPtr(c.as_mut_ptr());
     let panels = n.div_ceil(NR);
     let tasks = candle_core::utils::get_num_threads().clamp(1, panels.max(1));
     par_for(tasks, |t| {
@@ -130,6 +131,8 @@ pub(crate) fn product(a: &[f32], m: usize, b: &PackedB) -> Vec<f32> {
             }
         }
     });
+    // SAFETY: every element was written above (row blocks x column panels tile the product).
+    unsafe { c.set_len(m * n) };
     c
 }
 
