@@ -136,7 +136,8 @@ impl Default for TrainConfig {
     }
 }
 
-fn bad(key: &str, detail: String) -> TernError {
+/// A bad value for `key` of the train config.
+pub(super) fn bad(key: &str, detail: String) -> TernError {
     TernError::Config {
         file: "train config".into(),
         key: key.into(),

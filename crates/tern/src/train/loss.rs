@@ -6,6 +6,7 @@
 //! logits once forward (one f32 per row out) and writes the gradient once backward.
 
 use crate::error::Result;
+use crate::model::train_ops::{par_for, SyncPtr};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 /// Negative log-likelihood of `targets` `[n]` under `logits` `[n, vocab]` (f32), per row.
@@ -40,11 +41,6 @@ fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], us
     Ok((&v[a..b], vocab))
 }
 
-/// Runs `f(row)` for every row on candle's CPU pool.
-fn par_rows(n: usize, f: impl Fn(usize) + Sync) {
-    candle_core::utils::barrier_pool().execute_chunked(n, |r| r.for_each(&f));
-}
-
 impl CustomOp1 for CrossEntropy {
     fn name(&self) -> &'static str {
         "cross-entropy"
@@ -61,15 +57,15 @@ impl CustomOp1 for CrossEntropy {
         }
         let mut out = vec![0f32; n];
         let mut lses = vec![0f32; n];
-        let (ptr, lp) = (out.as_mut_ptr() as usize, lses.as_mut_ptr() as usize);
-        par_rows(n, |i| {
+        let (op, lp) = (SyncPtr::new(&mut out), SyncPtr::new(&mut lses));
+        par_for(n, |i| {
             let row = &x[i * vocab..(i + 1) * vocab];
             let l = lse(row);
             let t = (self.targets[i] as usize).min(vocab - 1);
-            // SAFETY: each row index is written by exactly one task; both outlive the call.
+            // SAFETY: each row index is written by exactly one task.
             unsafe {
-                *(ptr as *mut f32).add(i) = l - row[t];
-                *(lp as *mut f32).add(i) = l;
+                op.slice(i, 1)[0] = l - row[t];
+                lp.slice(i, 1)[0] = l;
             }
         });
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lses;
@@ -94,13 +90,12 @@ impl CustomOp1 for CrossEntropy {
             candle_core::bail!("cross-entropy: backward without its forward")
         }
         let mut out = vec![0f32; n * vocab];
-        let ptr = out.as_mut_ptr() as usize;
-        par_rows(n, |i| {
+        let op = SyncPtr::new(&mut out);
+        par_for(n, |i| {
             let row = &x[i * vocab..(i + 1) * vocab];
             let l = lses[i];
             // SAFETY: row i's slice of `out` is written by this task only.
-            let o =
-                unsafe { std::slice::from_raw_parts_mut((ptr as *mut f32).add(i * vocab), vocab) };
+            let o = unsafe { op.slice(i * vocab, vocab) };
             crate::quant::vexp::exp_affine(o, row, 1.0, -l, g[i]);
             o[(self.targets[i] as usize).min(vocab - 1)] -= g[i];
         });

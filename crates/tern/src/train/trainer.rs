@@ -159,11 +159,8 @@ impl<'a> Trainer<'a> {
                 None
             };
             if let Some(detail) = why {
-                return Err(TernError::Config {
-                    file: "train config".into(),
-                    key: "bf16_matmul".into(),
-                    detail: format!("{detail}; drop --bf16-matmul"),
-                });
+                let detail = format!("{detail}; drop --bf16-matmul");
+                return Err(super::config::bad("bf16_matmul", detail));
             }
         }
         let mut vars = Vec::new();

@@ -7,7 +7,7 @@
 //! head) pair is a task on candle's pool with single-threaded products; backward takes a
 //! whole kv group per task so a group's `dK`/`dV` sums need no locks.
 
-use super::{cpu_f32, f32_of, gemm1, par_for, Mat, SyncPtr};
+use super::{cpu_f32, f32_of, gemm1, like, par_for, Mat, SyncPtr};
 use crate::quant::vexp::softmax_exp;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use std::sync::Mutex;
@@ -188,11 +188,7 @@ impl CustomOp3 for CausalAttention {
                 );
             }
         });
-        Ok((
-            Some(Tensor::from_vec(dq, q.shape(), q.device())?),
-            Some(Tensor::from_vec(dk, k.shape(), k.device())?),
-            Some(Tensor::from_vec(dv, v.shape(), v.device())?),
-        ))
+        Ok((Some(like(q, dq)?), Some(like(k, dk)?), Some(like(v, dv)?)))
     }
 }
 
