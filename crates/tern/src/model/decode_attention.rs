@@ -27,52 +27,93 @@ pub(crate) fn decode_attention(
     v: &Tensor,
     window: Option<usize>,
 ) -> Result<Option<Tensor>> {
-    if !q.device().is_cpu() || [q, k, v].iter().any(|t| t.dtype() != DType::F32) {
+    let b = q.dim(0)?;
+    if k.dim(0)? != b {
+        return Ok(None);
+    }
+    let rows: Vec<(Tensor, Tensor)> = (0..b)
+        .map(|i| Ok((k.narrow(0, i, 1)?, v.narrow(0, i, 1)?)))
+        .collect::<Result<_>>()?;
+    decode_attention_rows(q, &rows, window)
+}
+
+/// As [`decode_attention`] with each sequence's keys and values in its own tensors
+/// (`rows[i]` is `[1, kv_heads, t_i, hd]`, histories of any lengths): continuous batching's
+/// rows, each with its own cache. Every (sequence, head) pair goes to one pool dispatch.
+pub(crate) fn decode_attention_rows(
+    q: &Tensor,
+    rows: &[(Tensor, Tensor)],
+    window: Option<usize>,
+) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !f32_cpu(q) || rows.iter().any(|(k, v)| !f32_cpu(k) || !f32_cpu(v)) {
         return Ok(None);
     }
     let (b, heads, s, hd) = q.dims4()?;
-    let (kb, kv_heads, t, khd) = k.dims4()?;
-    if s != 1 || kb != b || khd != hd || v.dims() != k.dims() || t == 0 {
+    if s != 1 || rows.len() != b {
         return Ok(None);
     }
+    let Some((_, kv_heads, _, _)) = rows.first().map(|(k, _)| k.dims4()).transpose()? else {
+        return Ok(None);
+    };
     if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         return Ok(None);
     }
+    for (k, v) in rows {
+        let (kb, kvh, t, khd) = k.dims4()?;
+        if kb != 1 || kvh != kv_heads || t == 0 || khd != hd || v.dims() != k.dims() {
+            return Ok(None);
+        }
+    }
     let q = q.contiguous()?;
     let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(qd)), Storage::Cpu(CpuStorage::F32(kd))) = (&*qs, &*ks)
+    let (Storage::Cpu(CpuStorage::F32(qd)), Some((q_start, _))) = (&*qs, ql.contiguous_offsets())
     else {
         return Ok(None);
     };
-    let Storage::Cpu(CpuStorage::F32(vd)) = &*vs else {
-        return Ok(None);
-    };
-    let (Some((q_start, _)), Some(kv), Some(vv)) = (
-        ql.contiguous_offsets(),
-        Strided::of(kl.stride(), kl.start_offset()),
-        Strided::of(vl.stride(), vl.start_offset()),
-    ) else {
-        return Ok(None);
-    };
-    let first = window.map_or(0, |w| t.saturating_sub(w));
+    let qd = &qd[q_start..q_start + b * heads * hd];
+    // The guards keep each cache's storage readable while the pool works on it.
+    let guards: Vec<_> = rows
+        .iter()
+        .map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout()))
+        .collect();
+    let mut seqs = Vec::with_capacity(b);
+    for ((ks, kl), (vs, vl)) in &guards {
+        let (Storage::Cpu(CpuStorage::F32(kd)), Storage::Cpu(CpuStorage::F32(vd))) = (&**ks, &**vs)
+        else {
+            return Ok(None);
+        };
+        let (Some(k), Some(v)) = (
+            Strided::of(kl.stride(), kl.start_offset()),
+            Strided::of(vl.stride(), vl.start_offset()),
+        ) else {
+            return Ok(None);
+        };
+        let t = kl.dims()[2];
+        let first = window.map_or(0, |w| t.saturating_sub(w));
+        seqs.push(Seq {
+            k: (kd, k),
+            v: (vd, v),
+            first,
+            t,
+        });
+    }
     let shape = Shape {
         heads,
         rep: heads / kv_heads,
         hd,
-        first,
     };
-    let qd = &qd[q_start..q_start + b * heads * hd];
     let mut out = vec![0f32; b * heads * hd];
     let n = b * heads;
+    let longest = seqs.iter().map(|s| s.t - s.first).max().unwrap_or(0);
     let run = |range: std::ops::Range<usize>, out: &mut [f32]| {
-        let mut scores = vec![0f32; t - first];
+        let mut scores = vec![0f32; longest];
         for (i, o) in range.zip(out.chunks_exact_mut(hd)) {
-            shape.head(i, qd, (kd, &kv), (vd, &vv), &mut scores, o);
+            shape.head(i, qd, &seqs[i / heads], &mut scores, o);
         }
     };
-    if n * (t - first) * hd < PARALLEL_MIN_WORK || n == 1 {
+    let work: usize = seqs.iter().map(|s| heads * (s.t - s.first) * hd).sum();
+    if work < PARALLEL_MIN_WORK || n == 1 {
         run(0..n, &mut out);
     } else {
         let ptr = out.as_mut_ptr() as usize;
@@ -92,10 +133,9 @@ pub(crate) fn decode_attention(
     Ok(Some(Tensor::from_vec(out, (b, 1, heads * hd), q.device())?))
 }
 
-/// Element offsets of a `[b, kv_heads, t, hd]` view with unit stride along `hd`.
+/// Element offsets of a `[1, kv_heads, t, hd]` view with unit stride along `hd`.
 struct Strided {
     start: usize,
-    batch: usize,
     head: usize,
     pos: usize,
 }
@@ -104,44 +144,42 @@ impl Strided {
     fn of(stride: &[usize], start: usize) -> Option<Self> {
         (stride.len() == 4 && stride[3] == 1).then(|| Self {
             start,
-            batch: stride[0],
             head: stride[1],
             pos: stride[2],
         })
     }
 
-    fn row(&self, b: usize, g: usize, j: usize) -> usize {
-        self.start + b * self.batch + g * self.head + j * self.pos
+    fn row(&self, g: usize, j: usize) -> usize {
+        self.start + g * self.head + j * self.pos
     }
 }
 
-/// What every (sequence, head) pair shares: head counts, head size, first attended position.
+/// One sequence's cached keys and values, and the positions its query attends to.
+struct Seq<'a> {
+    k: (&'a [f32], Strided),
+    v: (&'a [f32], Strided),
+    first: usize,
+    t: usize,
+}
+
+/// What every (sequence, head) pair shares: head counts and head size.
 struct Shape {
     heads: usize,
     rep: usize,
     hd: usize,
-    first: usize,
 }
 
 impl Shape {
-    /// Query head `i` (sequence `i / heads`) into `out` (`hd` values).
-    fn head(
-        &self,
-        i: usize,
-        q: &[f32],
-        (kd, kl): (&[f32], &Strided),
-        (vd, vl): (&[f32], &Strided),
-        scores: &mut [f32],
-        out: &mut [f32],
-    ) {
+    /// Query head `i` (sequence `i / heads`, whose cache is `seq`) into `out` (`hd` values).
+    fn head(&self, i: usize, q: &[f32], seq: &Seq, scores: &mut [f32], out: &mut [f32]) {
         let hd = self.hd;
-        let (b, h) = (i / self.heads, i % self.heads);
         // Heads of one kv group are adjacent, as in the general path.
-        let g = h / self.rep;
+        let g = (i % self.heads) / self.rep;
         let qh = &q[i * hd..(i + 1) * hd];
         let scale = 1.0 / (hd as f32).sqrt();
-        let keys = &kd[kl.row(b, g, self.first)..];
-        scaled_dots(qh, keys, kl.pos, scale, scores);
+        let scores = &mut scores[..seq.t - seq.first];
+        let ((kd, kl), (vd, vl)) = (&seq.k, &seq.v);
+        scaled_dots(qh, &kd[kl.row(g, seq.first)..], kl.pos, scale, scores);
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
         for s in scores.iter_mut() {
@@ -150,7 +188,7 @@ impl Shape {
         }
         let inv = 1.0 / sum;
         scores.iter_mut().for_each(|p| *p *= inv);
-        weighted_sum(scores, &vd[vl.row(b, g, self.first)..], vl.pos, out);
+        weighted_sum(scores, &vd[vl.row(g, seq.first)..], vl.pos, out);
     }
 }
 

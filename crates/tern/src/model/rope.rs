@@ -94,6 +94,29 @@ impl Rope {
         self.max_len
     }
 
+    /// Rotates `x` `[b, heads, 1, head_dim]`, row `i` at position `positions[i]`: one token
+    /// from each of `b` sequences (continuous batching), in one op rather than one per row.
+    pub fn apply_rows(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
+        if let Some(&p) = positions.iter().find(|&&p| p >= self.max_len) {
+            return Err(TernError::InvalidArgument(format!(
+                "sequence of {} tokens exceeds the model's context length {}",
+                p + 1,
+                self.max_len
+            )));
+        }
+        let (b, half) = (positions.len(), self.cos.dim(1)?);
+        let at: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let at = Tensor::new(at.as_slice(), x.device())?;
+        let table =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.index_select(&at, 0)?.reshape((b, 1, half))?) };
+        // A `[b, 1, half]` table gives each row its own position (same arithmetic as `apply`).
+        Ok(candle_nn::rotary_emb::rope(
+            &x.contiguous()?,
+            &table(&self.cos)?,
+            &table(&self.sin)?,
+        )?)
+    }
+
     /// Rotates `x` `[batch, heads, seq, head_dim]` for positions `offset..offset+seq`;
     /// `differentiable` uses plain ops (candle's fused kernel has no backward).
     pub fn apply(&self, x: &Tensor, offset: usize, differentiable: bool) -> Result<Tensor> {
