@@ -9,7 +9,6 @@ use super::rope::Rope;
 use crate::checkpoint::Weights;
 use crate::error::{Result, TernError};
 use crate::lora::{BatchAdapters, LoraAdapter, SlotTable};
-use crate::quant::q8_0::Q8_0Matrix;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
@@ -213,7 +212,7 @@ impl Model {
                     Linear::new(QMatMul::QTensor(q.clone()), None).named("lm_head")
                 } else {
                     // Exact logits from the 8-bit blocks, reading 30% of an f32 copy's bytes.
-                    Linear::exact_q8_0(Q8_0Matrix::new(v, h, q.data()?.to_vec())?)
+                    Linear::exact_q8_0(v, h, q.data()?.to_vec())?
                 };
                 (Embedding::Quant(q), head)
             }
@@ -224,7 +223,7 @@ impl Model {
                     // copy like an untied head would (a quarter of the f32 table's bytes per
                     // token: SmolLM2's f32 head was 30% of its quantized decode time).
                     let q = QTensor::quantize(&t, GgmlDType::Q8_0)?;
-                    Linear::exact_q8_0(Q8_0Matrix::new(v, h, q.data()?.to_vec())?)
+                    Linear::exact_q8_0(v, h, q.data()?.to_vec())?
                 } else if tied {
                     Linear::new(other, None).named("lm_head")
                 } else {

@@ -10,6 +10,7 @@ pub mod q5_0;
 pub mod q5_0x8;
 pub mod q6_k;
 pub mod q8_0;
+pub mod q8_0_head;
 pub mod q8_0x8;
 pub mod scheme;
 pub(crate) mod vexp;
@@ -212,6 +213,24 @@ pub(crate) fn use_avx2() -> bool {
             is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether the eight-row int8 kernels can use AVX512-VNNI (`vpdpbusd` on 256-bit vectors, and
+/// AVX-512's 32 vector registers): on top of [`use_avx2`].
+pub(crate) fn use_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *VNNI.get_or_init(|| {
+            use_avx2()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]

@@ -74,6 +74,45 @@ impl X8Format for Q4_1x8 {
         super::x8::store_rows(&acc, out);
     }
 
+    /// `vpdpbusd` adds each chunk's byte products straight into 32-bit sums (AVX2 needs a
+    /// multiply-add to 16 bits, an add, and a widening per block). Low and high nibbles
+    /// keep separate sums so that the dependent chains are twice as many.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn dots8_vnni<const N: usize>(group: &[u8], x: [&Q8Row; N], out: [*mut f32; N]) {
+        use std::arch::x86_64::*;
+        let low = _mm256_set1_epi8(0x0f);
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (b, gb) in group.chunks_exact(ROWS * Self::BLOCK_BYTES).enumerate() {
+            let p = gb.as_ptr();
+            super::x8::prefetch_ahead::<{ ROWS * Self::BLOCK_BYTES }>(p);
+            let mut sl = [_mm256_setzero_si256(); N];
+            let mut sh = [_mm256_setzero_si256(); N];
+            for c in 0..4 {
+                let packed = _mm256_loadu_si256(p.add(32 + 32 * c) as *const __m256i);
+                let lo = _mm256_and_si256(packed, low);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+                for k in 0..N {
+                    let xq = x[k].q.as_ptr().add(b * BLOCK);
+                    let xl = _mm256_set1_epi32((xq.add(4 * c) as *const i32).read_unaligned());
+                    let xh = _mm256_set1_epi32((xq.add(16 + 4 * c) as *const i32).read_unaligned());
+                    sl[k] = _mm256_dpbusd_epi32(sl[k], lo, xl);
+                    sh[k] = _mm256_dpbusd_epi32(sh[k], hi, xh);
+                }
+            }
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+            let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
+            for k in 0..N {
+                // The same integer sum as the AVX2 kernel's, so the same float steps follow.
+                let sum = _mm256_add_epi32(sl[k], sh[k]);
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(x[k].d[b]));
+                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[k]);
+                acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[k].s[b]), acc[k]);
+            }
+        }
+        super::x8::store_rows(&acc, out);
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn exact8<const N: usize>(group: &[u8], x: [&[f32]; N], out: [*mut f32; N]) {

@@ -12,7 +12,7 @@
 //! the format's own, only reordered.
 
 use super::int8::{quantize_row, Q8Row};
-use super::{use_avx2, RowKernel, BLOCK, ROW_GROUP};
+use super::{use_avx2, use_vnni, RowKernel, BLOCK, ROW_GROUP};
 use crate::error::Result;
 use candle_core::{Device, Tensor};
 use std::marker::PhantomData;
@@ -40,6 +40,17 @@ pub trait X8Format: std::fmt::Debug + Send + Sync + 'static {
     /// Only to be called from [`dots8_avx2`].
     #[cfg(target_arch = "x86_64")]
     unsafe fn dots8<const N: usize>(group: &[u8], x: [&Q8Row; N], out: [*mut f32; N]);
+    /// [`X8Format::dots8`] for CPUs with AVX512-VNNI, inlined into [`dots8_vnni`]: the same
+    /// integer block sums, so the same bits as `dots8`. By default `dots8` itself, which
+    /// still gains AVX-512's 32 registers (eight activation rows in one pass).
+    ///
+    /// # Safety
+    /// Only to be called from [`dots8_vnni`].
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn dots8_vnni<const N: usize>(group: &[u8], x: [&Q8Row; N], out: [*mut f32; N]) {
+        Self::dots8::<N>(group, x, out)
+    }
     /// As [`X8Format::dots8`] with f32 activations, exact to the stored weights (each weight
     /// rebuilt as [`RowKernel::dequantize`] gives it). Inlined into [`exact8_avx2`].
     ///
@@ -62,6 +73,20 @@ unsafe fn dots8_avx2<F: X8Format, const N: usize>(
     out: [*mut f32; N],
 ) {
     F::dots8::<N>(group, x, out)
+}
+
+/// [`X8Format::dots8_vnni`] compiled for AVX512-VNNI.
+///
+/// # Safety
+/// As [`dots8_avx2`], and the CPU must support avx512f, avx512bw, avx512vl and avx512vnni.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn dots8_vnni<F: X8Format, const N: usize>(
+    group: &[u8],
+    x: [&Q8Row; N],
+    out: [*mut f32; N],
+) {
+    F::dots8_vnni::<N>(group, x, out)
 }
 
 /// [`X8Format::exact8`] compiled for AVX2.
@@ -112,6 +137,19 @@ pub(crate) unsafe fn add_nibble_chunk<const N: usize>(
         let xh = _mm256_set1_epi32((xq.add(16 + 4 * c) as *const i32).read_unaligned());
         let pair = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
         s16[k] = _mm256_add_epi16(s16[k], pair);
+    }
+}
+
+/// Asks for the cache lines of the group block `bytes` past `p`: at eight activation rows
+/// the kernels wait on weight loads the hardware prefetcher starts too late (measured +5%
+/// on SmolLM2's batched decode).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn prefetch_ahead<const BYTES: usize>(p: *const u8) {
+    use std::arch::x86_64::*;
+    const AHEAD: usize = 2048;
+    for l in 0..BYTES.div_ceil(64) {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD + 64 * l) as *const i8);
     }
 }
 
@@ -240,6 +278,33 @@ impl<F: X8Format> RowKernel for X8Matrix<F> {
         let xq: Vec<Q8Row> = xs.chunks_exact(cols).map(quantize_row).collect();
         self.for_groups(out, |g, at| {
             let group = self.group(g);
+            #[cfg(target_arch = "x86_64")]
+            if use_vnni() {
+                let mut j = 0;
+                // SAFETY (each call): avx2, fma, f16c and the AVX-512 features are present;
+                // the activation rows have the group's blocks, and `at` gives this group's
+                // disjoint 8-value run of each output row.
+                while j + ROWS <= m {
+                    let (xk, ok) = (
+                        std::array::from_fn(|k| &xq[j + k]),
+                        std::array::from_fn(|k| at(j + k)),
+                    );
+                    unsafe { dots8_vnni::<F, ROWS>(group, xk, ok) };
+                    j += ROWS;
+                }
+                while j + ROW_GROUP <= m {
+                    let (xk, ok) = (
+                        std::array::from_fn(|k| &xq[j + k]),
+                        std::array::from_fn(|k| at(j + k)),
+                    );
+                    unsafe { dots8_vnni::<F, ROW_GROUP>(group, xk, ok) };
+                    j += ROW_GROUP;
+                }
+                for (j, x) in xq.iter().enumerate().skip(j) {
+                    unsafe { dots8_vnni::<F, 1>(group, [x], [at(j)]) };
+                }
+                return;
+            }
             #[cfg(target_arch = "x86_64")]
             if use_avx2() {
                 let mut j = 0;

@@ -7,6 +7,10 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
 /// Splits `n` items into pool tasks of `chunk` and runs `f(range)` on each.
 fn par_chunks(n: usize, chunk: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    if n <= chunk {
+        // One task: waking the pool would cost more than it shares (decode rows).
+        return f(0..n);
+    }
     par_for(
         n.div_ceil(chunk),
         |c| f(c * chunk..((c + 1) * chunk).min(n)),

@@ -1,0 +1,340 @@
+//! GGML `Q8_0` as the output head: exact products (f32 activations) over weight rows
+//! interleaved eight at a time by column.
+//!
+//! The head is multiplied exactly (see `q8_0.rs`), so its cost is f32 multiply-adds: 28M per
+//! activation row on SmolLM2, a quarter of a batched decode step. In the row layout each FMA
+//! also needed the activations loaded again and the sums reduced across lanes per row. Here
+//! byte `8e + r` of a group block is row `r`'s value `e`, so one widening load gives column
+//! `e` of eight rows and one FMA against a broadcast activation serves all eight. With few
+//! activation rows, several groups run together so that enough independent FMA chains are in
+//! flight; every output sees the same operations in the same order however it is grouped, so
+//! a row gives the same bits batched or alone. Bytes are the format's own, only reordered.
+
+use super::{use_avx2, use_vnni, RowKernel, BLOCK};
+use crate::error::{Result, TernError};
+use candle_core::{Device, Tensor};
+use half::f16;
+use std::ops::Range;
+
+/// Weight rows interleaved together.
+const ROWS: usize = 8;
+/// Bytes of one group block: eight f16 scales, then 32 columns of eight int8 values.
+const GROUP_BLOCK: usize = 2 * ROWS + BLOCK * ROWS;
+/// Groups per pool task (128 rows).
+const GROUPS_PER_TASK: usize = 16;
+/// How far ahead of the block being read the weights are prefetched, in bytes.
+const PREFETCH: usize = 2048;
+
+/// A `[rows, cols]` Q8_0 matrix laid out for exact products (the output head).
+#[derive(Debug, Clone)]
+pub struct Q8_0Head {
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl Q8_0Head {
+    /// Repacks ggml Q8_0 bytes of a `[rows, cols]` matrix; `rows` must be a multiple of 8.
+    pub fn new(rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
+        let bb = super::q8_0::BLOCK_BYTES;
+        let nb = cols / BLOCK;
+        if !rows.is_multiple_of(ROWS) || !cols.is_multiple_of(BLOCK) || data.len() != rows * nb * bb
+        {
+            return Err(TernError::InvalidArgument(format!(
+                "Q8_0 head [{rows}, {cols}] needs rows % {ROWS} == 0, cols % {BLOCK} == 0 and {} \
+                 bytes, got {}",
+                rows * nb * bb,
+                data.len()
+            )));
+        }
+        let mut out = vec![0u8; data.len()];
+        for (g, dst) in out.chunks_exact_mut(nb * GROUP_BLOCK).enumerate() {
+            for (b, gb) in dst.chunks_exact_mut(GROUP_BLOCK).enumerate() {
+                for r in 0..ROWS {
+                    let src = &data[((g * ROWS + r) * nb + b) * bb..][..bb];
+                    gb[2 * r..2 * r + 2].copy_from_slice(&src[..2]);
+                    for e in 0..BLOCK {
+                        gb[2 * ROWS + ROWS * e + r] = src[2 + e];
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            rows,
+            cols,
+            data: out,
+        })
+    }
+
+    /// The bytes of group `g` (rows `8g..8g+8`), block after block.
+    fn group(&self, g: usize) -> &[u8] {
+        let n = self.cols / BLOCK * GROUP_BLOCK;
+        &self.data[g * n..(g + 1) * n]
+    }
+
+    /// Row `r`'s value at column `c`, as the block stores it: `(scale, q)`.
+    fn value(&self, r: usize, c: usize) -> (f32, i8) {
+        let gb = &self.group(r / ROWS)[c / BLOCK * GROUP_BLOCK..][..GROUP_BLOCK];
+        let i = r % ROWS;
+        let d = f16::from_le_bytes([gb[2 * i], gb[2 * i + 1]]).to_f32();
+        (d, gb[2 * ROWS + ROWS * (c % BLOCK) + i] as i8)
+    }
+
+    /// Portable form of the kernel's arithmetic for row `r`.
+    fn dot_scalar(&self, r: usize, x: &[f32]) -> f32 {
+        let mut acc = 0f32;
+        for b in 0..self.cols / BLOCK {
+            let mut s = 0f32;
+            for e in 0..BLOCK {
+                let c = b * BLOCK + e;
+                s = (self.value(r, c).1 as f32).mul_add(x[c], s);
+            }
+            acc = s.mul_add(self.value(r, b * BLOCK).0, acc);
+        }
+        acc
+    }
+
+    /// Groups `gs` times activation rows `x`, `G` groups per kernel call; `at(k, g)` points at
+    /// row `k`'s eight results for group `g`.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn sweep<const G: usize, const N: usize>(
+        &self,
+        gs: Range<usize>,
+        x: [&[f32]; N],
+        at: &dyn Fn(usize, usize) -> *mut f32,
+        wide: bool,
+    ) {
+        let mut g = gs.start;
+        while g + G <= gs.end {
+            let groups = std::array::from_fn(|i| self.group(g + i));
+            let out = std::array::from_fn(|i| std::array::from_fn(|k| at(k, g + i)));
+            if wide {
+                cols_avx512::<G, N>(groups, x, out)
+            } else {
+                cols_avx2::<G, N>(groups, x, out)
+            }
+            g += G;
+        }
+        for g in g..gs.end {
+            let out = [std::array::from_fn(|k| at(k, g))];
+            if wide {
+                cols_avx512::<1, N>([self.group(g)], x, out)
+            } else {
+                cols_avx2::<1, N>([self.group(g)], x, out)
+            }
+        }
+    }
+}
+
+/// Eight weight rows of each of `G` groups times `N` activation rows:
+/// `out[i][k]` receives group `i`'s eight results for row `k`.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be present (the callers enable them); the groups have equally many
+/// blocks, each `x[k]` that many columns, and each `out[i][k]` room for eight values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn cols<const G: usize, const N: usize>(
+    groups: [&[u8]; G],
+    x: [&[f32]; N],
+    out: [[*mut f32; N]; G],
+) {
+    use std::arch::x86_64::*;
+    let nb = groups[0].len() / GROUP_BLOCK;
+    let mut acc = [[_mm256_setzero_ps(); N]; G];
+    for b in 0..nb {
+        let p: [*const u8; G] = std::array::from_fn(|i| groups[i].as_ptr().add(b * GROUP_BLOCK));
+        for pi in p {
+            for l in 0..GROUP_BLOCK.div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(pi.wrapping_add(PREFETCH + 64 * l) as *const i8);
+            }
+        }
+        let mut s = [[_mm256_setzero_ps(); N]; G];
+        for e in 0..BLOCK {
+            let w: [__m256; G] = std::array::from_fn(|i| {
+                let q = _mm_loadl_epi64(p[i].add(2 * ROWS + ROWS * e) as *const __m128i);
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))
+            });
+            for k in 0..N {
+                let xv = _mm256_set1_ps(*x[k].get_unchecked(b * BLOCK + e));
+                for i in 0..G {
+                    s[i][k] = _mm256_fmadd_ps(w[i], xv, s[i][k]);
+                }
+            }
+        }
+        for i in 0..G {
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(p[i] as *const __m128i));
+            for k in 0..N {
+                acc[i][k] = _mm256_fmadd_ps(s[i][k], d, acc[i][k]);
+            }
+        }
+    }
+    for i in 0..G {
+        for k in 0..N {
+            _mm256_storeu_ps(out[i][k], acc[i][k]);
+        }
+    }
+}
+
+/// [`cols`] compiled for AVX2 (16 vector registers: at most 4 rows x groups).
+///
+/// # Safety
+/// As [`cols`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn cols_avx2<const G: usize, const N: usize>(
+    groups: [&[u8]; G],
+    x: [&[f32]; N],
+    out: [[*mut f32; N]; G],
+) {
+    cols::<G, N>(groups, x, out)
+}
+
+/// [`cols`] with AVX-512's 32 vector registers (8 rows x groups); the same operations.
+///
+/// # Safety
+/// As [`cols`], and the CPU must support avx512f and avx512vl.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+unsafe fn cols_avx512<const G: usize, const N: usize>(
+    groups: [&[u8]; G],
+    x: [&[f32]; N],
+    out: [[*mut f32; N]; G],
+) {
+    cols::<G, N>(groups, x, out)
+}
+
+impl RowKernel for Q8_0Head {
+    fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    fn matmul_rows(&self, xs: &[f32], m: usize, out: &mut [f32]) {
+        let (rows, cols) = (self.rows, self.cols);
+        assert_eq!((xs.len(), out.len()), (m * cols, m * rows));
+        let x = |j: usize| &xs[j * cols..(j + 1) * cols];
+        let groups = rows / ROWS;
+        let out_ptr = out.as_mut_ptr() as usize;
+        candle_core::utils::barrier_pool().execute_chunked(
+            groups.div_ceil(GROUPS_PER_TASK),
+            |tasks| {
+                let gs = tasks.start * GROUPS_PER_TASK..(tasks.end * GROUPS_PER_TASK).min(groups);
+                #[cfg(target_arch = "x86_64")]
+                if use_avx2() {
+                    let wide = use_vnni();
+                    let mut j = 0;
+                    // Tasks cover disjoint groups, so each 8-value run has one writer; `out`
+                    // outlives the call, which returns only when every task is done.
+                    let at = |j: usize| {
+                        move |k: usize, g: usize| {
+                            (out_ptr as *mut f32).wrapping_add((j + k) * rows + g * ROWS)
+                        }
+                    };
+                    // SAFETY (each sweep): AVX2, FMA and F16C are present (and AVX-512 where
+                    // `wide`); rows and groups are in bounds, outputs as above.
+                    unsafe {
+                        if wide {
+                            while j + 8 <= m {
+                                self.sweep::<1, 8>(
+                                    gs.clone(),
+                                    std::array::from_fn(|k| x(j + k)),
+                                    &at(j),
+                                    wide,
+                                );
+                                j += 8;
+                            }
+                        }
+                        while j + 4 <= m {
+                            let xk = std::array::from_fn(|k| x(j + k));
+                            if wide {
+                                self.sweep::<2, 4>(gs.clone(), xk, &at(j), wide);
+                            } else {
+                                self.sweep::<1, 4>(gs.clone(), xk, &at(j), wide);
+                            }
+                            j += 4;
+                        }
+                        for j in j..m {
+                            if wide {
+                                self.sweep::<8, 1>(gs.clone(), [x(j)], &at(j), wide);
+                            } else {
+                                self.sweep::<4, 1>(gs.clone(), [x(j)], &at(j), wide);
+                            }
+                        }
+                    }
+                    return;
+                }
+                for g in gs {
+                    for j in 0..m {
+                        for i in 0..ROWS {
+                            let v = self.dot_scalar(g * ROWS + i, x(j));
+                            // SAFETY: as above.
+                            unsafe { *(out_ptr as *mut f32).add(j * rows + g * ROWS + i) = v };
+                        }
+                    }
+                }
+            },
+        );
+    }
+
+    /// The head's product is exact already.
+    fn matmul_exact_rows(&self, xs: &[f32], m: usize, out: &mut [f32]) -> bool {
+        self.matmul_rows(xs, m, out);
+        true
+    }
+
+    fn dequantize(&self, device: &Device) -> Result<Tensor> {
+        let (rows, cols) = (self.rows, self.cols);
+        let mut v = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            v.extend((0..cols).map(|c| {
+                let (d, q) = self.value(r, c);
+                d * q as f32
+            }));
+        }
+        Ok(Tensor::from_vec(v, (rows, cols), device)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::q8_0::Q8_0Matrix;
+    use candle_core::quantized::{GgmlDType, QTensor};
+
+    /// The repacked head holds candle's values exactly, its products equal the exact product
+    /// up to f32 summation order and its own scalar form closely, and every row gets the same
+    /// bits at any row count (all the kernel's groupings).
+    #[test]
+    fn exact_products_and_the_same_bits_at_any_row_count() {
+        let det = crate::quant::q4_1::tests::det_values;
+        let (rows, cols) = (8 * 37, 576);
+        let w = Tensor::from_vec(det(rows * cols, 9), (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let bytes = q.data().unwrap().to_vec();
+        let head = Q8_0Head::new(rows, cols, &bytes).unwrap();
+        let deq = q.dequantize(&Device::Cpu).unwrap();
+        let diff = crate::test_util::max_abs_diff;
+        assert_eq!(diff(&head.dequantize(&Device::Cpu).unwrap(), &deq), 0.0);
+
+        let xs = det(13 * cols, 10);
+        let x = Tensor::from_vec(xs.clone(), (13, cols), &Device::Cpu).unwrap();
+        let exact = x.matmul(&deq.t().unwrap()).unwrap();
+        // Only f32 summation order separates them: ~1e-5 on sums of 576 products of ~3.
+        assert!(diff(&head.forward(&x).unwrap(), &exact) < 1e-3);
+        let old = Q8_0Matrix::new(rows, cols, bytes).unwrap();
+        assert!(diff(&head.forward(&x).unwrap(), &old.forward(&x).unwrap()) < 1e-3);
+        let mut one = vec![0f32; rows];
+        head.matvec(&xs[..cols], &mut one);
+        for (r, o) in one.iter().enumerate() {
+            assert!(
+                (head.dot_scalar(r, &xs[..cols]) - o).abs() < 1e-3,
+                "row {r}"
+            );
+        }
+        crate::quant::tests::batch_equals_single_rows(&head);
+        assert!(Q8_0Head::new(4, 32, &[0; 4 * 34]).is_err());
+        assert!(Q8_0Head::new(8, 30, &[0; 8 * 34]).is_err());
+        assert!(Q8_0Head::new(8, 32, &[0; 8 * 34 - 1]).is_err());
+    }
+}
