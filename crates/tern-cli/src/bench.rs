@@ -144,6 +144,10 @@ fn batch(a: BatchBenchArgs) -> Result<()> {
     println!("batch of {:<5} {:.1} tok/s", r.batch, r.batched_tok_s);
     println!("speedup        {:.2}x", r.speedup);
     println!("same tokens    {}", r.same_tokens);
+    println!(
+        "decode steps   1 row {:.2} ms, {} rows {:.2} ms: {:.2}x",
+        r.decode_one_ms, r.batch, r.decode_batch_ms, r.decode_speedup
+    );
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

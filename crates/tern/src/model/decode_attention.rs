@@ -181,12 +181,7 @@ impl Shape {
         let ((kd, kl), (vd, vl)) = (&seq.k, &seq.v);
         scaled_dots(qh, &kd[kl.row(g, seq.first)..], kl.pos, scale, scores);
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
+        let inv = 1.0 / crate::quant::vexp::softmax_exp(scores, max);
         scores.iter_mut().for_each(|p| *p *= inv);
         weighted_sum(scores, &vd[vl.row(g, seq.first)..], vl.pos, out);
     }
