@@ -346,6 +346,44 @@ mod tests {
         }
     }
 
+    /// Rows with caches of their own and different lengths (continuous batching), long
+    /// enough together to take the pool: each row gets the bits it gets alone.
+    #[test]
+    fn rows_with_their_own_caches_equal_each_row_alone() {
+        let dev = Device::Cpu;
+        let (heads, kvh, hd) = (9, 3, 64);
+        let lens = [1, 5, 40, 130, 7];
+        let b = lens.len();
+        let q = Tensor::from_vec(values(b * heads * hd, 4), (b, heads, 1, hd), &dev).unwrap();
+        let cache = |t: usize, seed| {
+            Tensor::from_vec(values(kvh * (t + 3) * hd, seed), (1, kvh, t + 3, hd), &dev)
+                .unwrap()
+                .narrow(2, 0, t)
+                .unwrap()
+        };
+        let rows: Vec<(Tensor, Tensor)> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| (cache(t, 10 + i as u32), cache(t, 20 + i as u32)))
+            .collect();
+        for window in [None, Some(16)] {
+            let all = decode_attention_rows(&q, &rows, window).unwrap().unwrap();
+            for (i, (k, v)) in rows.iter().enumerate() {
+                let qi = q.narrow(0, i, 1).unwrap();
+                let alone = decode_attention(&qi, k, v, window).unwrap().unwrap();
+                let got = all.narrow(0, i, 1).unwrap().flatten_all().unwrap();
+                let want = alone.flatten_all().unwrap();
+                assert_eq!(
+                    got.to_vec1::<f32>().unwrap(),
+                    want.to_vec1::<f32>().unwrap(),
+                    "row {i}"
+                );
+                let d = crate::test_util::max_abs_diff(&alone, &reference(&qi, k, v, window));
+                assert!(d < 1e-5, "row {i} window {window:?}: {d}");
+            }
+        }
+    }
+
     #[test]
     fn other_dtypes_and_shapes_are_left_to_the_general_path() {
         let dev = Device::Cpu;

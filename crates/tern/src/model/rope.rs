@@ -143,3 +143,37 @@ impl Rope {
         Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A position per row (decode rows of different sequences) rotates each row as `apply`
+    /// does at that row's offset, to the bit, and positions past the tables are refused.
+    #[test]
+    fn rows_at_their_own_positions_equal_apply_per_row() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/models/llama3/config.json");
+        let cfg = ModelConfig::from_hf_file(&dir).unwrap();
+        let dev = Device::Cpu;
+        let rope = Rope::new(&cfg, None, 64, DType::F32, &dev).unwrap();
+        let (heads, hd) = (3, cfg.head_dim);
+        let positions = [0, 7, 63, 20];
+        let n = positions.len() * heads * hd;
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        let x = Tensor::from_vec(v, (positions.len(), heads, 1, hd), &dev).unwrap();
+        let all = rope.apply_rows(&x, &positions).unwrap();
+        for (i, &p) in positions.iter().enumerate() {
+            let one = rope.apply(&x.narrow(0, i, 1).unwrap(), p, false).unwrap();
+            let row = all.narrow(0, i, 1).unwrap();
+            assert_eq!(
+                row.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                one.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "row {i} at {p}"
+            );
+        }
+        assert!(rope.apply_rows(&x, &[0, 1, 64, 2]).is_err());
+    }
+}
