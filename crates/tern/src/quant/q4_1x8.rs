@@ -62,14 +62,8 @@ impl X8Format for Q4_1x8 {
                 let hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
                 super::x8::add_nibble_chunk(lo, hi, &x, b, c, &mut s16);
             }
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-            let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
-            for k in 0..N {
-                let sum = _mm256_madd_epi16(s16[k], _mm256_set1_epi16(1));
-                let scale = _mm256_mul_ps(d, _mm256_set1_ps(x[k].d[b]));
-                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[k]);
-                acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[k].s[b]), acc[k]);
-            }
+            let sums = s16.map(|s| _mm256_madd_epi16(s, _mm256_set1_epi16(1)));
+            add_block(p, sums, &x, b, &mut acc);
         }
         super::x8::store_rows(&acc, out);
     }
@@ -100,15 +94,9 @@ impl X8Format for Q4_1x8 {
                     sh[k] = _mm256_dpbusd_epi32(sh[k], hi, xh);
                 }
             }
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-            let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
-            for k in 0..N {
-                // The same integer sum as the AVX2 kernel's, so the same float steps follow.
-                let sum = _mm256_add_epi32(sl[k], sh[k]);
-                let scale = _mm256_mul_ps(d, _mm256_set1_ps(x[k].d[b]));
-                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, acc[k]);
-                acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[k].s[b]), acc[k]);
-            }
+            // The same integer sums as the AVX2 body's, so the same float steps follow.
+            let sums = std::array::from_fn(|k| _mm256_add_epi32(sl[k], sh[k]));
+            add_block(p, sums, &x, b, &mut acc);
         }
         super::x8::store_rows(&acc, out);
     }
@@ -140,6 +128,28 @@ impl X8Format for Q4_1x8 {
             }
         }
         super::x8::store_rows(&acc, out);
+    }
+}
+
+/// Adds block `b` of the group block at `p` to each activation row's sums: the integer dots
+/// `sums[k]` times the eight rows' scales and row `k`'s, plus the rows' mins times row `k`'s
+/// block sum.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn add_block<const N: usize>(
+    p: *const u8,
+    sums: [std::arch::x86_64::__m256i; N],
+    x: &[&Q8Row; N],
+    b: usize,
+    acc: &mut [std::arch::x86_64::__m256; N],
+) {
+    use std::arch::x86_64::*;
+    let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+    let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
+    for k in 0..N {
+        let scale = _mm256_mul_ps(d, _mm256_set1_ps(x[k].d[b]));
+        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[k]), scale, acc[k]);
+        acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[k].s[b]), acc[k]);
     }
 }
 

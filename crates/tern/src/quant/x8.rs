@@ -89,6 +89,31 @@ unsafe fn dots8_vnni<F: X8Format, const N: usize>(
     F::dots8_vnni::<N>(group, x, out)
 }
 
+/// Activation rows `x[..N]` (rows `j..j + N` of the call) times `group` through
+/// [`dots8_vnni`] or [`dots8_avx2`]; `at(j)` points at row `j`'s results for the group.
+///
+/// # Safety
+/// As [`dots8_vnni`] when `vnni`, else as [`dots8_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dots8_on<F: X8Format, const N: usize>(
+    vnni: bool,
+    group: &[u8],
+    x: &[Q8Row],
+    j: usize,
+    at: &dyn Fn(usize) -> *mut f32,
+) {
+    let (xk, ok) = (
+        std::array::from_fn(|k| &x[k]),
+        std::array::from_fn(|k| at(j + k)),
+    );
+    if vnni {
+        dots8_vnni::<F, N>(group, xk, ok)
+    } else {
+        dots8_avx2::<F, N>(group, xk, ok)
+    }
+}
+
 /// [`X8Format::exact8`] compiled for AVX2.
 ///
 /// # Safety
@@ -279,49 +304,32 @@ impl<F: X8Format> RowKernel for X8Matrix<F> {
         self.for_groups(out, |g, at| {
             let group = self.group(g);
             #[cfg(target_arch = "x86_64")]
-            if use_vnni() {
+            if use_avx2() {
+                let vnni = use_vnni();
+                // `N` activation rows from `j` through the widest kernel the CPU has.
+                let run = |j: usize, n: usize| {
+                    // SAFETY (each call): avx2, fma and f16c are present, and the AVX-512
+                    // features where `vnni`; the activation rows have the group's blocks, and
+                    // `at` gives this group's disjoint 8-value run of each output row.
+                    unsafe {
+                        match n {
+                            ROWS => dots8_on::<F, ROWS>(vnni, group, &xq[j..], j, at),
+                            ROW_GROUP => dots8_on::<F, ROW_GROUP>(vnni, group, &xq[j..], j, at),
+                            _ => dots8_on::<F, 1>(vnni, group, &xq[j..], j, at),
+                        }
+                    }
+                };
                 let mut j = 0;
-                // SAFETY (each call): avx2, fma, f16c and the AVX-512 features are present;
-                // the activation rows have the group's blocks, and `at` gives this group's
-                // disjoint 8-value run of each output row.
-                while j + ROWS <= m {
-                    let (xk, ok) = (
-                        std::array::from_fn(|k| &xq[j + k]),
-                        std::array::from_fn(|k| at(j + k)),
-                    );
-                    unsafe { dots8_vnni::<F, ROWS>(group, xk, ok) };
+                // Eight rows in one pass need AVX-512's 32 registers.
+                while vnni && j + ROWS <= m {
+                    run(j, ROWS);
                     j += ROWS;
                 }
                 while j + ROW_GROUP <= m {
-                    let (xk, ok) = (
-                        std::array::from_fn(|k| &xq[j + k]),
-                        std::array::from_fn(|k| at(j + k)),
-                    );
-                    unsafe { dots8_vnni::<F, ROW_GROUP>(group, xk, ok) };
+                    run(j, ROW_GROUP);
                     j += ROW_GROUP;
                 }
-                for (j, x) in xq.iter().enumerate().skip(j) {
-                    unsafe { dots8_vnni::<F, 1>(group, [x], [at(j)]) };
-                }
-                return;
-            }
-            #[cfg(target_arch = "x86_64")]
-            if use_avx2() {
-                let mut j = 0;
-                // SAFETY (each call): avx2, fma and f16c are present; the activation rows
-                // have the group's blocks, and `at` gives this group's disjoint 8-value run
-                // of each output row.
-                while j + ROW_GROUP <= m {
-                    let (xk, ok) = (
-                        std::array::from_fn(|k| &xq[j + k]),
-                        std::array::from_fn(|k| at(j + k)),
-                    );
-                    unsafe { dots8_avx2::<F, ROW_GROUP>(group, xk, ok) };
-                    j += ROW_GROUP;
-                }
-                for (j, x) in xq.iter().enumerate().skip(j) {
-                    unsafe { dots8_avx2::<F, 1>(group, [x], [at(j)]) };
-                }
+                (j..m).for_each(|j| run(j, 1));
                 return;
             }
             for (j, x) in xq.iter().enumerate() {
@@ -434,6 +442,23 @@ pub(crate) mod tests {
             );
         }
         crate::quant::tests::int8_kernel_agrees(&x8, q, |r, x| x8.dot_scalar(r, x));
+        #[cfg(target_arch = "x86_64")]
+        if crate::quant::use_vnni() {
+            // The VNNI body's integer sums equal the AVX2 body's: the same bits.
+            let xs: Vec<Q8Row> = (0..4)
+                .map(|k| quantize_row(&det_values(576, 30 + k)))
+                .collect();
+            for g in 0..64 / ROWS {
+                let (mut a, mut v) = ([[0f32; ROWS]; 4], [[0f32; ROWS]; 4]);
+                // SAFETY: the CPU has the features; each output has room for eight values.
+                unsafe {
+                    let xk = std::array::from_fn(|k| &xs[k]);
+                    dots8_avx2::<F, 4>(x8.group(g), xk, a.each_mut().map(|o| o.as_mut_ptr()));
+                    dots8_vnni::<F, 4>(x8.group(g), xk, v.each_mut().map(|o| o.as_mut_ptr()));
+                }
+                assert_eq!(a, v, "group {g}");
+            }
+        }
 
         let (rows, cols) = (64, 576);
         let xs = det_values(17 * cols, 8);
