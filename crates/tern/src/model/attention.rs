@@ -115,8 +115,8 @@ impl Attention {
             return self.o.forward_with(&Tensor::cat(&ys, 0)?, ad);
         }
         // One rope op and one attention dispatch for all rows; only the cache appends are
-        // per row (each row has its own cache). Per-row ops had cost ~0.1 ms a row per
-        // layer-step on SmolLM2, more than the row's share of the projections.
+        // per row (each row has its own cache). Per row, rope, append and attention had been
+        // about a dozen candle ops per layer (3-5% of an 8-row SmolLM2 step).
         let q = rope.apply_rows(&q, offsets)?;
         let k = rope.apply_rows(&k, offsets)?;
         let mut seen = Vec::with_capacity(b);
