@@ -44,6 +44,10 @@ pub struct QualityBenchArgs {
     /// Compute dtype.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Also score each quantized variant with its prompts through the int8 kernels (what
+    /// `--int8-prompts` costs).
+    #[arg(long)]
+    pub int8_prompts: bool,
 }
 
 fn quality(a: QualityBenchArgs) -> Result<()> {
@@ -58,11 +62,15 @@ fn quality(a: QualityBenchArgs) -> Result<()> {
                 .unwrap_or_default(),
             path: g.clone(),
             quantize: None,
+            int8_prompts: false,
         });
+    }
+    if a.int8_prompts {
+        variants = tern::bench::quality::with_int8_prompts(variants);
     }
     let load = crate::load_args::LoadArgs {
         dtype: a.dtype,
-        quantize: None,
+        ..Default::default()
     };
     let r = tern::bench::quality::run(&variants, &load.options()?, a.ctx)
         .with_context(|| format!("scoring {}", a.model.display()))?;
@@ -70,9 +78,16 @@ fn quality(a: QualityBenchArgs) -> Result<()> {
         "text           {} tokens, windows of {} (bench/data/perplexity.txt)",
         r.tokens, r.ctx
     );
+    let w = r
+        .rows
+        .iter()
+        .map(|row| row.label.len())
+        .max()
+        .unwrap_or(0)
+        .max(14);
     for row in &r.rows {
         println!(
-            "{:<14} perplexity {:>9.4}  {:>+7.2} %  ({:.1} s)",
+            "{:<w$} perplexity {:>9.4}  {:>+7.2} %  ({:.1} s)",
             row.label, row.perplexity, row.delta_pct, row.seconds
         );
     }
@@ -124,6 +139,10 @@ pub struct BatchBenchArgs {
     /// Tokens per row.
     #[arg(long, default_value_t = 32)]
     pub max_tokens: usize,
+    /// Rounds of both ways, interleaved; the best of each is kept (a shared machine's speed
+    /// drifts between back-to-back runs).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
     #[command(flatten)]
     pub load: crate::load_args::LoadArgs,
 }
@@ -136,10 +155,17 @@ fn batch(a: BatchBenchArgs) -> Result<()> {
             rows: a.rows,
             batch: a.batch,
             max_tokens: a.max_tokens,
+            rounds: a.rounds as usize,
         },
     )
     .with_context(|| format!("benchmarking {}", a.model.display()))?;
-    println!("rows           {} x {} tokens", r.rows, a.max_tokens);
+    println!(
+        "rows           {} x {} tokens, best of {} rounds{}",
+        r.rows,
+        a.max_tokens,
+        r.rounds,
+        if r.int8_prompts { ", int8 prompts" } else { "" }
+    );
     println!("sequential     {:.1} tok/s", r.sequential_tok_s);
     println!("batch of {:<5} {:.1} tok/s", r.batch, r.batched_tok_s);
     println!("speedup        {:.2}x", r.speedup);

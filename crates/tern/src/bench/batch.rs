@@ -18,6 +18,8 @@ pub struct BatchBenchOptions {
     pub batch: usize,
     /// Tokens generated per row (EOS ignored, so every row generates them all).
     pub max_tokens: usize,
+    /// Rounds of both ways, interleaved; each way's best round is reported.
+    pub rounds: usize,
 }
 
 /// What it measured.
@@ -29,11 +31,15 @@ pub struct BatchBench {
     pub rows: usize,
     /// Rows decoded together.
     pub batch: usize,
+    /// Rounds run of each way.
+    pub rounds: usize,
+    /// Whether prompts ran through the int8 kernels ([`LoadOptions::int8_prompts`]).
+    pub int8_prompts: bool,
     /// Tokens generated in all (each way).
     pub tokens: usize,
-    /// One row at a time, tok/s.
+    /// One row at a time, tok/s (best round).
     pub sequential_tok_s: f64,
-    /// Through the engine, tok/s.
+    /// Through the engine, tok/s (best round).
     pub batched_tok_s: f64,
     /// `batched / sequential`.
     pub speedup: f64,
@@ -58,26 +64,59 @@ pub fn run(path: &Path, load: &LoadOptions, o: &BatchBenchOptions) -> Result<Bat
             Ok(r)
         })
         .collect::<Result<_>>()?;
-    let t = Instant::now();
-    let mut seq_ids = Vec::new();
-    for r in &reqs {
-        seq_ids.push(lm.generate_collect(r.clone())?.ids());
-    }
-    let seq_s = t.elapsed().as_secs_f64();
     let engine = Engine::start(
         lm.clone(),
         EngineConfig {
             max_batch: o.batch.max(1),
             max_queue: reqs.len(),
+            // Every round must run every prompt in full.
+            prefix_cache_bytes: 0,
             ..Default::default()
         },
     )?;
-    let t = Instant::now();
+    let (mut seq_s, mut batch_s) = (f64::INFINITY, f64::INFINITY);
+    let (mut tokens, mut same_tokens) = (0, true);
+    for _ in 0..o.rounds.max(1) {
+        let t = Instant::now();
+        let seq_ids: Vec<Vec<u32>> = reqs
+            .iter()
+            .map(|r| Ok(lm.generate_collect(r.clone())?.ids()))
+            .collect::<Result<Vec<_>>>()?;
+        seq_s = seq_s.min(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let batch_ids = run_engine(&engine, &reqs)?;
+        batch_s = batch_s.min(t.elapsed().as_secs_f64());
+        tokens = seq_ids.iter().map(Vec::len).sum();
+        same_tokens &= seq_ids == batch_ids;
+    }
+    let b = o.batch.max(1).min(reqs.len());
+    let one = decode_ms(&lm, &reqs[..1], o.max_tokens)?;
+    let many = decode_ms(&lm, &reqs[..b], o.max_tokens)?;
+    let (seq, bat) = (tokens as f64 / seq_s, tokens as f64 / batch_s);
+    Ok(BatchBench {
+        model: path.display().to_string(),
+        rows: o.rows,
+        batch: o.batch,
+        rounds: o.rounds.max(1),
+        int8_prompts: load.int8_prompts,
+        tokens,
+        sequential_tok_s: seq,
+        batched_tok_s: bat,
+        speedup: bat / seq,
+        same_tokens,
+        decode_one_ms: one,
+        decode_batch_ms: many,
+        decode_speedup: b as f64 * one / many,
+    })
+}
+
+/// Submits every request at once and collects each one's tokens, in request order.
+fn run_engine(engine: &Engine, reqs: &[GenerateRequest]) -> Result<Vec<Vec<u32>>> {
     let rxs = reqs
         .iter()
         .map(|r| engine.submit_channel(r.clone()))
         .collect::<Result<Vec<_>>>()?;
-    let mut batch_ids = Vec::new();
+    let mut out = Vec::with_capacity(rxs.len());
     for rx in rxs {
         let mut ids = Vec::new();
         for ev in rx {
@@ -87,27 +126,9 @@ pub fn run(path: &Path, load: &LoadOptions, o: &BatchBenchOptions) -> Result<Bat
                 EngineEvent::Failed(e) => return Err(e),
             }
         }
-        batch_ids.push(ids);
+        out.push(ids);
     }
-    let batch_s = t.elapsed().as_secs_f64();
-    let b = o.batch.max(1).min(reqs.len());
-    let one = decode_ms(&lm, &reqs[..1], o.max_tokens)?;
-    let many = decode_ms(&lm, &reqs[..b], o.max_tokens)?;
-    let tokens: usize = seq_ids.iter().map(Vec::len).sum();
-    let (seq, bat) = (tokens as f64 / seq_s, tokens as f64 / batch_s);
-    Ok(BatchBench {
-        model: path.display().to_string(),
-        rows: o.rows,
-        batch: o.batch,
-        tokens,
-        sequential_tok_s: seq,
-        batched_tok_s: bat,
-        speedup: bat / seq,
-        same_tokens: seq_ids == batch_ids,
-        decode_one_ms: one,
-        decode_batch_ms: many,
-        decode_speedup: b as f64 * one / many,
-    })
+    Ok(out)
 }
 
 /// Milliseconds per decode step of `reqs` run together after their prompts: the best of

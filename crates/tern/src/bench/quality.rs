@@ -5,7 +5,8 @@
 //! once, with at least half a window of context before it (except in the first window), as
 //! Hugging Face's perplexity guide does. Logits come from the prompt path, which multiplies
 //! by the stored weights exactly (quantized ones dequantized), so the figure measures the
-//! weights, not the decode kernels' activation rounding.
+//! weights, not the decode kernels' activation rounding; rows marked "int8 prompts" measure
+//! that rounding as well.
 
 use crate::error::{Result, TernError};
 use crate::lora::BatchAdapters;
@@ -28,6 +29,9 @@ pub struct QualityVariant {
     pub path: PathBuf,
     /// Quantization at load, if any.
     pub quantize: Option<QuantType>,
+    /// Score through the int8 prompt products ([`LoadOptions::int8_prompts`]) instead of
+    /// the exact ones: what that option costs.
+    pub int8_prompts: bool,
 }
 
 /// One row of the result.
@@ -104,6 +108,7 @@ pub fn run(variants: &[QualityVariant], load: &LoadOptions, ctx: usize) -> Resul
             &v.path,
             &LoadOptions {
                 quantize: v.quantize,
+                int8_prompts: v.int8_prompts,
                 ..load.clone()
             },
         )?;
@@ -129,12 +134,34 @@ pub fn variants(path: &Path, types: &[QuantType]) -> Vec<QualityVariant> {
         label: "as stored".into(),
         path: path.to_path_buf(),
         quantize: None,
+        int8_prompts: false,
     };
     std::iter::once(stored)
         .chain(types.iter().map(|&q| QualityVariant {
             label: q.to_string(),
             path: path.to_path_buf(),
             quantize: Some(q),
+            int8_prompts: false,
         }))
         .collect()
+}
+
+/// `variants` with each quantized one (a GGUF file or a quantize-at-load type) followed by
+/// itself scored through the int8 prompt products.
+pub fn with_int8_prompts(variants: Vec<QualityVariant>) -> Vec<QualityVariant> {
+    let mut out = Vec::with_capacity(variants.len() * 2);
+    for v in variants {
+        let quantized = v.quantize.is_some()
+            || v.path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        let int8 = quantized.then(|| QualityVariant {
+            label: format!("{}, int8 prompts", v.label),
+            int8_prompts: true,
+            ..v.clone()
+        });
+        out.push(v);
+        out.extend(int8);
+    }
+    out
 }

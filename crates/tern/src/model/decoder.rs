@@ -299,6 +299,16 @@ impl Model {
         v
     }
 
+    /// Runs prompts through the int8 kernels as decode does (see
+    /// [`Linear::set_int8_prompts`]); the output head keeps its own setting.
+    pub fn set_int8_prompts(&mut self, on: bool) {
+        for (l, is_head) in self.linears_mut() {
+            if !is_head {
+                l.set_int8_prompts(on);
+            }
+        }
+    }
+
     /// Whether any linear layer keeps quantized weights.
     pub fn is_quantized(&self) -> bool {
         self.blocks

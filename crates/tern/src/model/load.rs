@@ -24,6 +24,10 @@ pub struct LoadOptions {
     /// For GGUF models with tied embeddings: compute logits through candle's quantized matmul
     /// (int8-rounded activations, as llama.cpp) instead of exactly from the stored blocks.
     pub quantized_head: bool,
+    /// Run prompts through the int8 kernels too, rounding activations to 8 bits as decode
+    /// (and llama.cpp) does: about half the prompt time on Q4_1, Q5_0 and Q8_0 weights, with
+    /// logits no longer exact to the stored weights. Off: prompts multiply exactly.
+    pub int8_prompts: bool,
     /// Storage dtype of LoRA adapters; `None` = the compute dtype, except f16 over a quantized
     /// base on the CPU (decode there is bound by bytes read, and f16 halves the adapter's;
     /// its rounding is far below the base's own).
@@ -138,7 +142,8 @@ impl LoadedModel {
                 cfg.vocab_size
             );
         }
-        let model = Model::with_head(&cfg, &weights, opts.quantized_head)?;
+        let mut model = Model::with_head(&cfg, &weights, opts.quantized_head)?;
+        model.set_int8_prompts(opts.int8_prompts);
         // generation_config.json is what transformers stops on; without it, fall back to the
         // model config and the tokenizer's EOS token.
         let mut eos_ids = gen_eos;
