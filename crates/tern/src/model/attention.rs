@@ -82,10 +82,13 @@ impl Attention {
             };
             Ok(t.transpose(1, 2)?.contiguous()?)
         };
+        let [q, k, v]: [Tensor; 3] = Linear::forward_many(&[&self.q, &self.k, &self.v], x, ad)?
+            .try_into()
+            .expect("one output per layer");
         Ok((
-            split(self.q.forward_with(x, ad)?, self.heads, &self.q_norm)?,
-            split(self.k.forward_with(x, ad)?, self.kv_heads, &self.k_norm)?,
-            split(self.v.forward_with(x, ad)?, self.kv_heads, &None)?,
+            split(q, self.heads, &self.q_norm)?,
+            split(k, self.kv_heads, &self.k_norm)?,
+            split(v, self.kv_heads, &None)?,
         ))
     }
 

@@ -264,6 +264,80 @@ impl Linear {
         }
     }
 
+    /// [`Linear::forward_with`] for several layers that read the same `x` (q/k/v, gate/up).
+    /// At inference on the CPU, when every layer runs `x` through an eight-row int8 kernel,
+    /// `x` is rounded once and all their weights go through one pass of the worker pool:
+    /// fewer serial steps between the pool's passes at the same values. Otherwise, one
+    /// `forward_with` per layer.
+    pub fn forward_many(
+        layers: &[&Linear],
+        x: &Tensor,
+        adapters: &BatchAdapters,
+    ) -> Result<Vec<Tensor>> {
+        let kernels: Option<Vec<&dyn RowKernel>> = layers
+            .iter()
+            .map(|l| match &l.w {
+                LinearWeight::Kernel(k) if l.int8_for(x) && k.shared_groups() > 0 => {
+                    Some(k.as_ref())
+                }
+                _ => None,
+            })
+            .collect();
+        let shared = match kernels {
+            Some(ks) if !adapters.is_training() && x.dtype() == DType::F32 => {
+                Self::shared_products(&ks, x)?
+            }
+            _ => None,
+        };
+        let Some(ys) = shared else {
+            return layers.iter().map(|l| l.forward_with(x, adapters)).collect();
+        };
+        layers
+            .iter()
+            .zip(ys)
+            .map(|(l, y)| {
+                let y = l.add_bias(y)?;
+                match l.slot {
+                    Some(slot) if !adapters.is_empty() => adapters.apply(slot, x, y),
+                    _ => Ok(y),
+                }
+            })
+            .collect()
+    }
+
+    /// Whether [`Linear::forward_dense_if`] would run `x` through the kernel's int8 product.
+    fn int8_for(&self, x: &Tensor) -> bool {
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1).unwrap_or(1).max(1);
+        let positions = match x.dims() {
+            [.., s, _] if x.rank() >= 3 => *s,
+            _ => 1,
+        };
+        let prefill = positions >= DEQUANT_MIN_ROWS || rows >= DEQUANT_MIN_DECODE_ROWS;
+        x.device().is_cpu() && (!prefill || self.int8_prompts)
+    }
+
+    /// `x W_i^T` for each kernel through [`crate::quant::x8::matmul_rows_shared`]; `None` if
+    /// it declines.
+    fn shared_products(ks: &[&dyn RowKernel], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
+        let cols = x.dim(candle_core::D::Minus1)?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let m = xs.len() / cols.max(1);
+        let mut outs: Vec<Vec<f32>> = ks.iter().map(|k| vec![0f32; m * k.dims().0]).collect();
+        let mut views: Vec<&mut [f32]> = outs.iter_mut().map(Vec::as_mut_slice).collect();
+        if !crate::quant::x8::matmul_rows_shared(ks, &xs, m, &mut views) {
+            return Ok(None);
+        }
+        ks.iter()
+            .zip(outs)
+            .map(|(k, out)| {
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().expect("rank >= 1") = k.dims().0;
+                Ok(Tensor::from_vec(out, dims, x.device())?)
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
     /// `W += sign * scale * B A` (sign 1 merges, -1 unmerges), in f32, stored back in
     /// `dtype`. A quantized weight becomes a float one: the sum is not on the quantization
     /// grid.
@@ -475,8 +549,9 @@ impl Mlp {
 
     /// Applies the MLP with each row's adapter.
     pub fn forward(&self, x: &Tensor, ad: &BatchAdapters) -> Result<Tensor> {
-        let g = self.gate.forward_with(x, ad)?;
-        let u = self.up.forward_with(x, ad)?;
+        let [g, u]: [Tensor; 2] = Linear::forward_many(&[&self.gate, &self.up], x, ad)?
+            .try_into()
+            .expect("one output per layer");
         // The fused op in inference too: candle's `silu` then `*` were two passes, two
         // tensors and libm's exp, ~4% of a batched decode step.
         let h = if super::train_ops::fits(&g) {

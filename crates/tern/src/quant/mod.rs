@@ -84,6 +84,19 @@ pub trait RowKernel: std::fmt::Debug + Send + Sync {
         false
     }
 
+    /// Eight-row groups this kernel can run from activations rounded elsewhere
+    /// ([`x8::matmul_rows_shared`]); 0 if it has no such path.
+    fn shared_groups(&self) -> usize {
+        0
+    }
+
+    /// Group `g` (weight rows `8g..8g + 8`) times the int8 rows `xq`; `at(j)` points at
+    /// activation row `j`'s eight results. Only called when [`RowKernel::shared_groups`] is
+    /// above `g`.
+    fn group_dots(&self, _g: usize, _xq: &[int8::Q8Row], _at: &dyn Fn(usize) -> *mut f32) {
+        unreachable!("group_dots on a kernel without shared groups")
+    }
+
     /// `out[r] = W[r] · x` for one activation row.
     fn matvec(&self, x: &[f32], out: &mut [f32]) {
         self.matmul_rows(x, 1, out)

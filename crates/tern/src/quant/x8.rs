@@ -190,6 +190,59 @@ pub(crate) unsafe fn store_rows<const N: usize>(
     }
 }
 
+/// `outs[i] = xs W_i^T` (`[m, rows_i]`) for several matrices that read the same activation
+/// rows (q/k/v, gate/up): the rows are rounded to int8 once and every matrix's groups go
+/// through one pass of the worker pool, instead of one rounding and one pool dispatch per
+/// matrix. Each output gets exactly what [`RowKernel::matmul_rows`] gives it. `false` (and
+/// nothing written) unless every matrix has shared groups and `cols` columns.
+pub(crate) fn matmul_rows_shared(
+    mats: &[&dyn RowKernel],
+    xs: &[f32],
+    m: usize,
+    outs: &mut [&mut [f32]],
+) -> bool {
+    let Some(cols) = mats.first().map(|k| k.dims().1) else {
+        return false;
+    };
+    if mats.len() != outs.len()
+        || xs.len() != m * cols
+        || mats.iter().zip(outs.iter()).any(|(k, o)| {
+            let (rows, c) = k.dims();
+            c != cols || k.shared_groups() * ROWS != rows || o.len() != m * rows
+        })
+    {
+        return false;
+    }
+    let xq: Vec<Q8Row> = xs.chunks_exact(cols).map(quantize_row).collect();
+    // (matrix, group) units in order; tasks take GROUPS_PER_TASK consecutive units.
+    let units: Vec<(usize, usize)> = mats
+        .iter()
+        .enumerate()
+        .flat_map(|(i, k)| (0..k.shared_groups()).map(move |g| (i, g)))
+        .collect();
+    let ptrs: Vec<(usize, usize)> = mats
+        .iter()
+        .zip(outs.iter_mut())
+        .map(|(k, o)| (o.as_mut_ptr() as usize, k.dims().0))
+        .collect();
+    candle_core::utils::barrier_pool().execute_chunked(
+        units.len().div_ceil(GROUPS_PER_TASK),
+        |range| {
+            let task =
+                range.start * GROUPS_PER_TASK..(range.end * GROUPS_PER_TASK).min(units.len());
+            for &(i, g) in &units[task] {
+                let (ptr, rows) = ptrs[i];
+                // Units are distinct (matrix, group) pairs, so each 8-value run has one
+                // writer; the outputs outlive the call, which returns when every task is done.
+                mats[i].group_dots(g, &xq, &|j| {
+                    (ptr as *mut f32).wrapping_add(j * rows + g * ROWS)
+                });
+            }
+        },
+    );
+    true
+}
+
 /// A `[rows, cols]` matrix of `F` blocks with its rows interleaved eight at a time.
 #[derive(Debug, Clone)]
 pub struct X8Matrix<F> {
@@ -301,45 +354,52 @@ impl<F: X8Format> RowKernel for X8Matrix<F> {
         let (rows, cols) = (self.rows, self.cols);
         assert_eq!((xs.len(), out.len()), (m * cols, m * rows));
         let xq: Vec<Q8Row> = xs.chunks_exact(cols).map(quantize_row).collect();
-        self.for_groups(out, |g, at| {
-            let group = self.group(g);
-            #[cfg(target_arch = "x86_64")]
-            if use_avx2() {
-                let vnni = use_vnni();
-                // `N` activation rows from `j` through the widest kernel the CPU has.
-                let run = |j: usize, n: usize| {
-                    // SAFETY (each call): avx2, fma and f16c are present, and the AVX-512
-                    // features where `vnni`; the activation rows have the group's blocks, and
-                    // `at` gives this group's disjoint 8-value run of each output row.
-                    unsafe {
-                        match n {
-                            ROWS => dots8_on::<F, ROWS>(vnni, group, &xq[j..], j, at),
-                            ROW_GROUP => dots8_on::<F, ROW_GROUP>(vnni, group, &xq[j..], j, at),
-                            _ => dots8_on::<F, 1>(vnni, group, &xq[j..], j, at),
-                        }
+        self.for_groups(out, |g, at| self.group_dots(g, &xq, at));
+    }
+
+    fn shared_groups(&self) -> usize {
+        self.rows / ROWS
+    }
+
+    fn group_dots(&self, g: usize, xq: &[Q8Row], at: &dyn Fn(usize) -> *mut f32) {
+        let m = xq.len();
+        let group = self.group(g);
+        #[cfg(target_arch = "x86_64")]
+        if use_avx2() {
+            let vnni = use_vnni();
+            // `N` activation rows from `j` through the widest kernel the CPU has.
+            let run = |j: usize, n: usize| {
+                // SAFETY (each call): avx2, fma and f16c are present, and the AVX-512
+                // features where `vnni`; the activation rows have the group's blocks, and
+                // `at` gives this group's disjoint 8-value run of each output row.
+                unsafe {
+                    match n {
+                        ROWS => dots8_on::<F, ROWS>(vnni, group, &xq[j..], j, at),
+                        ROW_GROUP => dots8_on::<F, ROW_GROUP>(vnni, group, &xq[j..], j, at),
+                        _ => dots8_on::<F, 1>(vnni, group, &xq[j..], j, at),
                     }
-                };
-                let mut j = 0;
-                // Eight rows in one pass need AVX-512's 32 registers.
-                while vnni && j + ROWS <= m {
-                    run(j, ROWS);
-                    j += ROWS;
                 }
-                while j + ROW_GROUP <= m {
-                    run(j, ROW_GROUP);
-                    j += ROW_GROUP;
-                }
-                (j..m).for_each(|j| run(j, 1));
-                return;
+            };
+            let mut j = 0;
+            // Eight rows in one pass need AVX-512's 32 registers.
+            while vnni && j + ROWS <= m {
+                run(j, ROWS);
+                j += ROWS;
             }
-            for (j, x) in xq.iter().enumerate() {
-                for i in 0..ROWS {
-                    let v = self.dot_scalar(g * ROWS + i, x);
-                    // SAFETY: as above.
-                    unsafe { *at(j).add(i) = v };
-                }
+            while j + ROW_GROUP <= m {
+                run(j, ROW_GROUP);
+                j += ROW_GROUP;
             }
-        });
+            (j..m).for_each(|j| run(j, 1));
+            return;
+        }
+        for (j, x) in xq.iter().enumerate() {
+            for i in 0..ROWS {
+                let v = self.dot_scalar(g * ROWS + i, x);
+                // SAFETY: `at(j)` points at 8 writable values only this group writes.
+                unsafe { *at(j).add(i) = v };
+            }
+        }
     }
 
     /// `out[j * rows + r] = W[r] · xs[j]` in f32, exact to the stored weights.
@@ -485,5 +545,46 @@ pub(crate) mod tests {
         assert!(X8Matrix::<F>::new(1, 64, &bytes[..2 * F::BLOCK_BYTES]).is_err());
         assert!(X8Matrix::<F>::new(8, 60, &bytes[..8 * 2 * F::BLOCK_BYTES]).is_err());
         assert!(X8Matrix::<F>::new(8, 64, &bytes[..8 * 2 * F::BLOCK_BYTES - 1]).is_err());
+    }
+
+    #[test]
+    fn a_shared_pass_gives_each_matrix_its_own_bits() {
+        use crate::quant::{q4_1x8::Q4_1x8, q8_0x8::Q8_0x8};
+        let cols = 576;
+        let (a, _, _) = pair::<Q4_1x8>(GgmlDType::Q4_1, 64, cols);
+        let (b, _, _) = pair::<Q8_0x8>(GgmlDType::Q8_0, 24, cols);
+        let (c, _, _) = pair::<Q4_1x8>(GgmlDType::Q4_1, 8, cols);
+        let mats: [&dyn RowKernel; 3] = [&a, &b, &c];
+        for m in [1, 3, 4, 8, 9] {
+            let xs = det_values(m * cols, 40 + m as u64);
+            let alone: Vec<Vec<f32>> = mats
+                .iter()
+                .map(|k| {
+                    let mut out = vec![0f32; m * k.dims().0];
+                    k.matmul_rows(&xs, m, &mut out);
+                    out
+                })
+                .collect();
+            let mut outs: Vec<Vec<f32>> = mats
+                .iter()
+                .map(|k| vec![f32::NAN; m * k.dims().0])
+                .collect();
+            let mut views: Vec<&mut [f32]> = outs.iter_mut().map(Vec::as_mut_slice).collect();
+            assert!(matmul_rows_shared(&mats, &xs, m, &mut views));
+            assert_eq!(outs, alone, "m = {m}");
+        }
+        // Different widths, or an output of the wrong size: declined, nothing written.
+        let (narrow, _, _) = pair::<Q4_1x8>(GgmlDType::Q4_1, 8, 64);
+        let xs = det_values(cols, 1);
+        let mut o1 = vec![0f32; 64];
+        let mut o2 = vec![0f32; 8];
+        assert!(!matmul_rows_shared(
+            &[&a, &narrow],
+            &xs,
+            1,
+            &mut [&mut o1, &mut o2]
+        ));
+        assert!(!matmul_rows_shared(&[&a], &xs, 1, &mut [&mut o2]));
+        assert!(o1.iter().chain(&o2).all(|&v| v == 0.0));
     }
 }
