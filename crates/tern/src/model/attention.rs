@@ -1,6 +1,7 @@
 //! Grouped-query attention with a KV cache, covering MHA (kv heads = heads), GQA and MQA,
 //! optional qkv bias (Qwen2), per-head q/k norms (Qwen3) and a sliding window (Mistral).
 
+use super::cache::append_kv;
 use super::config::ModelConfig;
 use super::layers::{Linear, RmsNorm};
 use super::rope::Rope;
@@ -124,7 +125,7 @@ impl Attention {
         let k = rope.apply_rows(&k, offsets)?;
         let mut seen = Vec::with_capacity(b);
         for (i, kv) in kvs.iter_mut().enumerate() {
-            seen.push(kv.append(&row(&k, i)?, &row(&v, i)?)?);
+            seen.push(append_kv(kv, &row(&k, i)?, &row(&v, i)?)?);
         }
         let y = super::decode_attention::decode_attention_rows(&q, &seen, self.window)?
             .ok_or_else(|| {
@@ -177,7 +178,7 @@ impl Attention {
         let (q, k, v) = self.qkv(x, ad)?;
         let q = rope.apply(&q, pos, false)?;
         let k = rope.apply(&k, pos, false)?;
-        let (kg, vg) = beams.append(&k.contiguous()?, &v.contiguous()?)?;
+        let (kg, vg) = append_kv(beams, &k.contiguous()?, &v.contiguous()?)?;
         let (Some(kp), Some(vp)) = (prefix.k()?, prefix.v()?) else {
             return Err(crate::error::TernError::InvalidArgument(
                 "beam decoding needs the prompt's cache".into(),
@@ -239,7 +240,7 @@ impl Attention {
         let (k, v) = if train {
             (k, v.clone())
         } else {
-            cache.append(&k, v)?
+            append_kv(cache, &k, v)?
         };
         let t = k.dim(2)?;
         if train && offset == 0 && t == s && super::train_ops::fits(&q) {

@@ -3,6 +3,8 @@
 //! by `ModelConfig` switches.
 
 use super::attention::Attention;
+pub use super::cache::Cache;
+use super::cache::KV_START;
 use super::config::ModelConfig;
 use super::layers::{Embedding, Linear, Mlp, RmsNorm};
 use super::rope::Rope;
@@ -13,107 +15,6 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 use std::sync::Arc;
-
-/// Growth step of the per-layer KV buffers, in tokens.
-const KV_CHUNK: usize = 512;
-
-/// Per-sequence attention state: one KV buffer per layer plus the position reached.
-#[derive(Debug, Clone)]
-pub struct Cache {
-    layers: Vec<KvCache>,
-    pos: usize,
-}
-
-impl Cache {
-    /// Number of tokens already in the cache.
-    pub fn len(&self) -> usize {
-        self.pos
-    }
-
-    /// Whether nothing has been run yet.
-    pub fn is_empty(&self) -> bool {
-        self.pos == 0
-    }
-
-    /// Forgets everything, keeping the buffers.
-    pub fn reset(&mut self) {
-        self.layers.iter_mut().for_each(|l| l.reset());
-        self.pos = 0;
-    }
-
-    /// An independent copy of the first `len` positions (the buffers of a clone would be
-    /// shared, and appends write in place).
-    pub fn copy_prefix(&self, len: usize) -> Result<Cache> {
-        let len = len.min(self.pos);
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for l in &self.layers {
-            let mut c = KvCache::new(2, KV_CHUNK.max(len.next_multiple_of(KV_CHUNK)));
-            if let (Some(k), Some(v), true) = (l.k()?, l.v()?, len > 0) {
-                c.append(
-                    &k.narrow(2, 0, len)?.contiguous()?,
-                    &v.narrow(2, 0, len)?.contiguous()?,
-                )?;
-            }
-            layers.push(c);
-        }
-        Ok(Cache { layers, pos: len })
-    }
-
-    /// Bytes of keys and values held for the positions in use.
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .filter_map(|l| l.k().ok().flatten())
-            .map(|k| 2 * k.elem_count() * k.dtype().size_in_bytes())
-            .sum()
-    }
-
-    /// Reorders (and repeats) batch rows: row `i` of the result is row `rows[i]` of this
-    /// cache (beam search keeping the best continuations).
-    pub fn select_rows(&self, rows: &[u32]) -> Result<Cache> {
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for l in &self.layers {
-            let mut c = KvCache::new(2, KV_CHUNK);
-            if let (Some(k), Some(v)) = (l.k()?, l.v()?) {
-                let idx = Tensor::new(rows, k.device())?;
-                c.append(
-                    &k.contiguous()?.index_select(&idx, 0)?,
-                    &v.contiguous()?.index_select(&idx, 0)?,
-                )?;
-            }
-            layers.push(c);
-        }
-        Ok(Cache {
-            layers,
-            pos: self.pos,
-        })
-    }
-
-    /// Keeps only the first `len` positions (a shared prefix), so a sequence that diverges
-    /// from what was cached runs again only from the divergence.
-    pub fn truncate(&mut self, len: usize) -> Result<()> {
-        if len >= self.pos {
-            return Ok(());
-        }
-        for l in &mut self.layers {
-            // candle's cache has no truncation: copy the prefix into fresh buffers (cheap next
-            // to running the tokens again).
-            let kept = match (l.k()?, l.v()?) {
-                (Some(k), Some(v)) if len > 0 => Some((
-                    k.narrow(2, 0, len)?.contiguous()?,
-                    v.narrow(2, 0, len)?.contiguous()?,
-                )),
-                _ => None,
-            };
-            l.reset();
-            if let Some((k, v)) = kept {
-                l.append(&k, &v)?;
-            }
-        }
-        self.pos = len;
-        Ok(())
-    }
-}
 
 /// One pre-norm decoder layer: attention then MLP, each around a residual.
 #[derive(Debug, Clone)]
@@ -386,7 +287,7 @@ impl Model {
     pub fn new_cache(&self) -> Cache {
         Cache {
             layers: (0..self.cfg.num_layers)
-                .map(|_| KvCache::new(2, KV_CHUNK))
+                .map(|_| KvCache::new(2, KV_START))
                 .collect(),
             pos: 0,
         }
