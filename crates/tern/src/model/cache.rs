@@ -148,16 +148,7 @@ mod tests {
             )
             .unwrap();
             at += n;
-            let diff = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
+            let diff = crate::test_util::max_abs_diff;
             assert_eq!(ko.dim(2).unwrap(), at);
             assert_eq!(diff(&ko, &k.narrow(2, 0, at).unwrap()), 0.0);
             assert_eq!(diff(&vo, &v.narrow(2, 0, at).unwrap()), 0.0);
