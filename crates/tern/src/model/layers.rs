@@ -33,6 +33,18 @@ pub const DEQUANT_MIN_ROWS: usize = 8;
 /// grows with the rows; the GEMM's fixed cost of dequantizing is then amortised).
 pub const DEQUANT_MIN_DECODE_ROWS: usize = 64;
 
+/// Whether `x` is a prompt's worth of positions (or a batch of decode rows large enough) for
+/// the prefill products: see [`DEQUANT_MIN_ROWS`] and [`DEQUANT_MIN_DECODE_ROWS`].
+fn is_prompt(x: &Tensor) -> bool {
+    let cols = x.dims().last().copied().unwrap_or(1).max(1);
+    let rows = x.elem_count() / cols;
+    let positions = match x.dims() {
+        [.., s, _] if x.rank() >= 3 => *s,
+        _ => 1,
+    };
+    positions >= DEQUANT_MIN_ROWS || rows >= DEQUANT_MIN_DECODE_ROWS
+}
+
 /// Where a linear layer's weight lives and which kernel multiplies by it.
 #[derive(Debug, Clone)]
 enum LinearWeight {
@@ -307,13 +319,7 @@ impl Linear {
 
     /// Whether [`Linear::forward_dense_if`] would run `x` through the kernel's int8 product.
     fn int8_for(&self, x: &Tensor) -> bool {
-        let rows = x.elem_count() / x.dim(candle_core::D::Minus1).unwrap_or(1).max(1);
-        let positions = match x.dims() {
-            [.., s, _] if x.rank() >= 3 => *s,
-            _ => 1,
-        };
-        let prefill = positions >= DEQUANT_MIN_ROWS || rows >= DEQUANT_MIN_DECODE_ROWS;
-        x.device().is_cpu() && (!prefill || self.int8_prompts)
+        x.device().is_cpu() && (self.int8_prompts || !is_prompt(x))
     }
 
     /// `x W_i^T` for each kernel through [`crate::quant::x8::matmul_rows_shared`]; `None` if
@@ -371,13 +377,7 @@ impl Linear {
     /// As [`Linear::forward`]; `dense` forces the dequantized GEMM for quantized weights
     /// (training needs it: the int8 kernels pass no gradient to `x`).
     fn forward_dense_if(&self, x: &Tensor, force_dense: bool) -> Result<Tensor> {
-        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
-        let positions = match x.dims() {
-            [.., s, _] if x.rank() >= 3 => *s,
-            _ => 1,
-        };
-        let prefill =
-            force_dense || positions >= DEQUANT_MIN_ROWS || rows >= DEQUANT_MIN_DECODE_ROWS;
+        let prefill = force_dense || is_prompt(x);
         // Dequantized weight times x in x's dtype (the exact, compute-bound prefill path).
         let dense =
             |w: Tensor| -> Result<Tensor> { Ok(x.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)?) };
@@ -386,11 +386,12 @@ impl Linear {
             Ok(f(&x.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(x.dtype())?)
         };
         let y = match &self.w {
-            // The kernel's own exact product where it has one: no dequantized copy of the
-            // matrix (for a short prompt, writing that copy cost more than the product).
+            // Prompts through the int8 product when asked (as decode and llama.cpp).
             LinearWeight::Kernel(m) if prefill && !force_dense && self.int8_prompts => {
                 in_f32(&|x| m.forward(x))?
             }
+            // The kernel's own exact product where it has one: no dequantized copy of the
+            // matrix (for a short prompt, writing that copy cost more than the product).
             LinearWeight::Kernel(m) if prefill && !force_dense && x.device().is_cpu() => {
                 match m.forward_exact(&x.to_dtype(DType::F32)?)? {
                     Some(y) => y.to_dtype(x.dtype())?,
