@@ -168,6 +168,14 @@ pub fn layer_kernel(q: &QTensor) -> Option<Arc<dyn RowKernel>> {
     Some(k)
 }
 
+/// Runs `f` over `0..n` split into ranges of `per_task` items (the last one shorter), as
+/// tasks of candle's worker pool; returns when every task is done.
+pub(crate) fn par_ranges(n: usize, per_task: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(per_task), |tasks| {
+        f(tasks.start * per_task..(tasks.end * per_task).min(n))
+    });
+}
+
 /// Fills `out[j * rows + r]` for every weight row `r < rows` and activation row `j < m`:
 /// `dots(r, buf)` writes row `r`'s `m` results into `buf` (so a kernel can reuse one load of
 /// the weight row for several activations). `rows_per_task` weight rows go to each task, on
@@ -182,8 +190,7 @@ pub(crate) fn par_rows(
 ) {
     assert_eq!(out.len(), rows * m);
     let out_ptr = out.as_mut_ptr() as usize;
-    candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(rows_per_task), |range| {
-        let task = range.start * rows_per_task..(range.end * rows_per_task).min(rows);
+    par_ranges(rows, rows_per_task, |task| {
         let mut buf = vec![0f32; m];
         for r in task {
             dots(r, &mut buf);

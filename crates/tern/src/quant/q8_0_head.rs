@@ -216,65 +216,61 @@ impl RowKernel for Q8_0Head {
         let x = |j: usize| &xs[j * cols..(j + 1) * cols];
         let groups = rows / ROWS;
         let out_ptr = out.as_mut_ptr() as usize;
-        candle_core::utils::barrier_pool().execute_chunked(
-            groups.div_ceil(GROUPS_PER_TASK),
-            |tasks| {
-                let gs = tasks.start * GROUPS_PER_TASK..(tasks.end * GROUPS_PER_TASK).min(groups);
-                #[cfg(target_arch = "x86_64")]
-                if use_avx2() {
-                    let wide = use_vnni();
-                    let mut j = 0;
-                    // Tasks cover disjoint groups, so each 8-value run has one writer; `out`
-                    // outlives the call, which returns only when every task is done.
-                    let at = |j: usize| {
-                        move |k: usize, g: usize| {
-                            (out_ptr as *mut f32).wrapping_add((j + k) * rows + g * ROWS)
+        super::par_ranges(groups, GROUPS_PER_TASK, |gs| {
+            #[cfg(target_arch = "x86_64")]
+            if use_avx2() {
+                let wide = use_vnni();
+                let mut j = 0;
+                // Tasks cover disjoint groups, so each 8-value run has one writer; `out`
+                // outlives the call, which returns only when every task is done.
+                let at = |j: usize| {
+                    move |k: usize, g: usize| {
+                        (out_ptr as *mut f32).wrapping_add((j + k) * rows + g * ROWS)
+                    }
+                };
+                // SAFETY (each sweep): AVX2, FMA and F16C are present (and AVX-512 where
+                // `wide`); rows and groups are in bounds, outputs as above.
+                unsafe {
+                    if wide {
+                        while j + 8 <= m {
+                            self.sweep::<1, 8>(
+                                gs.clone(),
+                                std::array::from_fn(|k| x(j + k)),
+                                &at(j),
+                                wide,
+                            );
+                            j += 8;
                         }
-                    };
-                    // SAFETY (each sweep): AVX2, FMA and F16C are present (and AVX-512 where
-                    // `wide`); rows and groups are in bounds, outputs as above.
-                    unsafe {
+                    }
+                    while j + 4 <= m {
+                        let xk = std::array::from_fn(|k| x(j + k));
                         if wide {
-                            while j + 8 <= m {
-                                self.sweep::<1, 8>(
-                                    gs.clone(),
-                                    std::array::from_fn(|k| x(j + k)),
-                                    &at(j),
-                                    wide,
-                                );
-                                j += 8;
-                            }
+                            self.sweep::<2, 4>(gs.clone(), xk, &at(j), wide);
+                        } else {
+                            self.sweep::<1, 4>(gs.clone(), xk, &at(j), wide);
                         }
-                        while j + 4 <= m {
-                            let xk = std::array::from_fn(|k| x(j + k));
-                            if wide {
-                                self.sweep::<2, 4>(gs.clone(), xk, &at(j), wide);
-                            } else {
-                                self.sweep::<1, 4>(gs.clone(), xk, &at(j), wide);
-                            }
-                            j += 4;
-                        }
-                        for j in j..m {
-                            if wide {
-                                self.sweep::<8, 1>(gs.clone(), [x(j)], &at(j), wide);
-                            } else {
-                                self.sweep::<4, 1>(gs.clone(), [x(j)], &at(j), wide);
-                            }
-                        }
+                        j += 4;
                     }
-                    return;
-                }
-                for g in gs {
-                    for j in 0..m {
-                        for i in 0..ROWS {
-                            let v = self.dot_scalar(g * ROWS + i, x(j));
-                            // SAFETY: as above.
-                            unsafe { *(out_ptr as *mut f32).add(j * rows + g * ROWS + i) = v };
+                    for j in j..m {
+                        if wide {
+                            self.sweep::<8, 1>(gs.clone(), [x(j)], &at(j), wide);
+                        } else {
+                            self.sweep::<4, 1>(gs.clone(), [x(j)], &at(j), wide);
                         }
                     }
                 }
-            },
-        );
+                return;
+            }
+            for g in gs {
+                for j in 0..m {
+                    for i in 0..ROWS {
+                        let v = self.dot_scalar(g * ROWS + i, x(j));
+                        // SAFETY: as above.
+                        unsafe { *(out_ptr as *mut f32).add(j * rows + g * ROWS + i) = v };
+                    }
+                }
+            }
+        });
     }
 
     /// The head's product is exact already.

@@ -12,7 +12,7 @@
 //! the format's own, only reordered.
 
 use super::int8::{quantize_row, Q8Row};
-use super::{use_avx2, use_vnni, RowKernel, BLOCK, ROW_GROUP};
+use super::{par_ranges, use_avx2, use_vnni, RowKernel, BLOCK, ROW_GROUP};
 use crate::error::Result;
 use candle_core::{Device, Tensor};
 use std::marker::PhantomData;
@@ -225,21 +225,16 @@ pub(crate) fn matmul_rows_shared(
         .zip(outs.iter_mut())
         .map(|(k, o)| (o.as_mut_ptr() as usize, k.dims().0))
         .collect();
-    candle_core::utils::barrier_pool().execute_chunked(
-        units.len().div_ceil(GROUPS_PER_TASK),
-        |range| {
-            let task =
-                range.start * GROUPS_PER_TASK..(range.end * GROUPS_PER_TASK).min(units.len());
-            for &(i, g) in &units[task] {
-                let (ptr, rows) = ptrs[i];
-                // Units are distinct (matrix, group) pairs, so each 8-value run has one
-                // writer; the outputs outlive the call, which returns when every task is done.
-                mats[i].group_dots(g, &xq, &|j| {
-                    (ptr as *mut f32).wrapping_add(j * rows + g * ROWS)
-                });
-            }
-        },
-    );
+    par_ranges(units.len(), GROUPS_PER_TASK, |task| {
+        for &(i, g) in &units[task] {
+            let (ptr, rows) = ptrs[i];
+            // Units are distinct (matrix, group) pairs, so each 8-value run has one writer;
+            // the outputs outlive the call, which returns when every task is done.
+            mats[i].group_dots(g, &xq, &|j| {
+                (ptr as *mut f32).wrapping_add(j * rows + g * ROWS)
+            });
+        }
+    });
     true
 }
 
@@ -329,19 +324,15 @@ impl<F: X8Format> X8Matrix<F> {
         let rows = self.rows;
         let groups = rows / ROWS;
         let out_ptr = out.as_mut_ptr() as usize;
-        candle_core::utils::barrier_pool().execute_chunked(
-            groups.div_ceil(GROUPS_PER_TASK),
-            |range| {
-                let task = range.start * GROUPS_PER_TASK..(range.end * GROUPS_PER_TASK).min(groups);
-                for g in task {
-                    // Tasks cover disjoint groups, so each 8-value run has one writer; `out`
-                    // outlives the call, which returns only when every task is done.
-                    f(g, &|j| {
-                        (out_ptr as *mut f32).wrapping_add(j * rows + g * ROWS)
-                    });
-                }
-            },
-        );
+        par_ranges(groups, GROUPS_PER_TASK, |task| {
+            for g in task {
+                // Tasks cover disjoint groups, so each 8-value run has one writer; `out`
+                // outlives the call, which returns only when every task is done.
+                f(g, &|j| {
+                    (out_ptr as *mut f32).wrapping_add(j * rows + g * ROWS)
+                });
+            }
+        });
     }
 }
 
