@@ -45,6 +45,17 @@ fn is_prompt(x: &Tensor) -> bool {
     positions >= DEQUANT_MIN_ROWS || rows >= DEQUANT_MIN_DECODE_ROWS
 }
 
+/// `x W^T` (f32) through the kernel's int8 product; an eight-row kernel goes through
+/// [`Linear::shared_products`], which writes its output in place of a zeroed copy.
+fn int8_product(m: &dyn RowKernel, x: &Tensor) -> Result<Tensor> {
+    if m.shared_groups() > 0 {
+        if let Some(mut ys) = Linear::shared_products(&[m], x)? {
+            return Ok(ys.pop().expect("one output per kernel"));
+        }
+    }
+    m.forward(x)
+}
+
 /// Where a linear layer's weight lives and which kernel multiplies by it.
 #[derive(Debug, Clone)]
 enum LinearWeight {
@@ -326,16 +337,34 @@ impl Linear {
     /// it declines.
     fn shared_products(ks: &[&dyn RowKernel], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
         let cols = x.dim(candle_core::D::Minus1)?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(all)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        // Read in place: a copy of `x` was another allocation per product.
+        let xs = &all[start..end];
         let m = xs.len() / cols.max(1);
-        let mut outs: Vec<Vec<f32>> = ks.iter().map(|k| vec![0f32; m * k.dims().0]).collect();
-        let mut views: Vec<&mut [f32]> = outs.iter_mut().map(Vec::as_mut_slice).collect();
-        if !crate::quant::x8::matmul_rows_shared(ks, &xs, m, &mut views) {
+        let mut outs: Vec<Vec<f32>> = ks
+            .iter()
+            .map(|k| Vec::with_capacity(m * k.dims().0))
+            .collect();
+        let mut views: Vec<_> = outs
+            .iter_mut()
+            .zip(ks)
+            .map(|(o, k)| &mut o.spare_capacity_mut()[..m * k.dims().0])
+            .collect();
+        if !crate::quant::x8::matmul_rows_shared(ks, xs, m, &mut views) {
             return Ok(None);
         }
         ks.iter()
             .zip(outs)
-            .map(|(k, out)| {
+            .map(|(k, mut out)| {
+                // SAFETY: `matmul_rows_shared` returned true, so it wrote every one of the
+                // `m * rows` values.
+                unsafe { out.set_len(m * k.dims().0) };
                 let mut dims = x.dims().to_vec();
                 *dims.last_mut().expect("rank >= 1") = k.dims().0;
                 Ok(Tensor::from_vec(out, dims, x.device())?)
@@ -388,7 +417,7 @@ impl Linear {
         let y = match &self.w {
             // Prompts through the int8 product when asked (as decode and llama.cpp).
             LinearWeight::Kernel(m) if prefill && !force_dense && self.int8_prompts => {
-                in_f32(&|x| m.forward(x))?
+                in_f32(&|x| int8_product(m.as_ref(), x))?
             }
             // The kernel's own exact product where it has one: no dequantized copy of the
             // matrix (for a short prompt, writing that copy cost more than the product).
@@ -399,7 +428,7 @@ impl Linear {
                 }
             }
             LinearWeight::Kernel(m) if prefill => dense(m.dequantize(x.device())?)?,
-            LinearWeight::Kernel(m) => in_f32(&|x| m.forward(x))?,
+            LinearWeight::Kernel(m) => in_f32(&|x| int8_product(m.as_ref(), x))?,
             LinearWeight::Candle(QMatMul::QTensor(q)) if prefill => {
                 dense(q.dequantize(x.device())?)?
             }

@@ -8,6 +8,7 @@ use candle_core::{Device, Tensor};
 use std::marker::PhantomData;
 
 /// One row of activations rounded to int8 per block: `x ≈ d[b] * q`, `s[b] = d[b] * Σ q`.
+#[derive(Default)]
 pub struct Q8Row {
     /// Block scales.
     pub d: Vec<f32>,
@@ -22,25 +23,24 @@ pub struct Q8Row {
 /// It runs on the calling thread before every quantized matmul of a decode step, so it is
 /// serial time: the AVX2 form (ties to even, as ggml's SIMD quantizer) took it from ~6% of
 /// decode to under 1%.
+#[cfg(test)]
 pub(crate) fn quantize_row(x: &[f32]) -> Q8Row {
+    let mut r = Q8Row::default();
+    quantize_row_into(x, &mut r);
+    r
+}
+
+/// [`quantize_row`] into `r`, reusing its vectors.
+fn quantize_row_into(x: &[f32], r: &mut Q8Row) {
     let nb = x.len() / BLOCK;
-    let mut r = Q8Row {
-        d: vec![0.0; nb],
-        s: vec![0.0; nb],
-        q: vec![0; x.len()],
-    };
+    r.d.resize(nb, 0.0);
+    r.s.resize(nb, 0.0);
+    r.q.resize(x.len(), 0);
     #[cfg(target_arch = "x86_64")]
     if use_avx2() {
-        for b in 0..nb {
-            // SAFETY: only taken when the CPU reports avx2 (and fma, f16c); the block's 32
-            // values and 32 bytes are in bounds.
-            let (d, sum) = unsafe {
-                quantize_block_avx2(x.as_ptr().add(b * BLOCK), r.q.as_mut_ptr().add(b * BLOCK))
-            };
-            r.d[b] = d;
-            r.s[b] = d * sum as f32;
-        }
-        return r;
+        // SAFETY: only taken when the CPU reports avx2 (and fma, f16c); `r` was sized for
+        // `x` above.
+        return unsafe { quantize_blocks_avx2(x, r) };
     }
     for b in 0..nb {
         let xs = &x[b * BLOCK..(b + 1) * BLOCK];
@@ -56,13 +56,57 @@ pub(crate) fn quantize_row(x: &[f32]) -> Q8Row {
         r.d[b] = d;
         r.s[b] = d * sum as f32;
     }
-    r
+}
+
+/// Activation values past which [`with_quantized`] lets its buffers go rather than keep them
+/// for the thread's next call (a long prompt's rounded rows need not stay resident).
+const KEEP_VALUES: usize = 1 << 20;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<Q8Row>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on the rows of `xs` (`cols` values each) rounded by [`quantize_row`], in buffers
+/// the calling thread reuses. A batched decode step rounds some 120 activation sets; fresh
+/// vectors for each (three per row) cost ~4% of an eight-row SmolLM2 step in malloc and free.
+pub(crate) fn with_quantized<R>(xs: &[f32], cols: usize, f: impl FnOnce(&[Q8Row]) -> R) -> R {
+    // Taken out, not borrowed, so that a nested call (none today) finds an empty buffer
+    // instead of a borrow error.
+    let mut rows = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let m = xs.len() / cols.max(1);
+    rows.resize_with(m, Q8Row::default);
+    for (x, r) in xs.chunks_exact(cols.max(1)).zip(rows.iter_mut()) {
+        quantize_row_into(x, r);
+    }
+    let out = f(&rows);
+    if xs.len() <= KEEP_VALUES {
+        SCRATCH.with(|s| *s.borrow_mut() = rows);
+    }
+    out
+}
+
+/// Every block of `x` into `r` (sized for `x`). One call per row, not per block: called per
+/// block, the function's entry and exit were most of the time it took.
+///
+/// # Safety
+/// The CPU must support avx2, fma and f16c.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_blocks_avx2(x: &[f32], r: &mut Q8Row) {
+    let nb = x.len() / BLOCK;
+    assert!(r.d.len() >= nb && r.s.len() >= nb && r.q.len() >= nb * BLOCK);
+    for b in 0..nb {
+        let (d, sum) = quantize_block(x.as_ptr().add(b * BLOCK), r.q.as_mut_ptr().add(b * BLOCK));
+        *r.d.get_unchecked_mut(b) = d;
+        *r.s.get_unchecked_mut(b) = d * sum as f32;
+    }
 }
 
 /// One 32-value block rounded to int8 at `q`; returns its scale and the sum of its values.
+/// Inlined into [`quantize_blocks_avx2`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn quantize_block_avx2(x: *const f32, q: *mut i8) -> (f32, i32) {
+#[inline(always)]
+unsafe fn quantize_block(x: *const f32, q: *mut i8) -> (f32, i32) {
     use std::arch::x86_64::*;
     let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(x.add(8 * k)));
     let sign = _mm256_set1_ps(-0.0);
@@ -171,24 +215,25 @@ pub(crate) fn matmul_int8<K: Int8Dot>(
 ) {
     let (rows, cols) = (w.rows, w.cols);
     assert_eq!((xs.len(), out.len()), (m * cols, m * rows));
-    let xq: Vec<Q8Row> = xs.chunks_exact(cols).map(quantize_row).collect();
     let avx2 = use_avx2();
-    par_rows(out, rows, m, per_task, |r, buf| {
-        let row = w.row(r);
-        #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: only taken when the CPU reports avx2, fma and f16c.
-            let four = |j: usize| unsafe {
-                dots_avx2::<K, ROW_GROUP>(row, std::array::from_fn(|k| &xq[j + k]))
-            };
-            // SAFETY: as above.
-            let one = |j: usize| unsafe { dots_avx2::<K, 1>(row, [&xq[j]])[0] };
-            return fill_grouped(buf, four, one);
-        }
-        let _ = avx2;
-        for (j, o) in buf.iter_mut().enumerate() {
-            *o = K::dot_scalar(row, &xq[j]);
-        }
+    with_quantized(xs, cols, |xq| {
+        par_rows(out, rows, m, per_task, |r, buf| {
+            let row = w.row(r);
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: only taken when the CPU reports avx2, fma and f16c.
+                let four = |j: usize| unsafe {
+                    dots_avx2::<K, ROW_GROUP>(row, std::array::from_fn(|k| &xq[j + k]))
+                };
+                // SAFETY: as above.
+                let one = |j: usize| unsafe { dots_avx2::<K, 1>(row, [&xq[j]])[0] };
+                return fill_grouped(buf, four, one);
+            }
+            let _ = avx2;
+            for (j, o) in buf.iter_mut().enumerate() {
+                *o = K::dot_scalar(row, &xq[j]);
+            }
+        })
     });
 }
 

@@ -147,9 +147,9 @@ unsafe fn add_block<const N: usize>(
     let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
     let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
     for k in 0..N {
-        let scale = _mm256_mul_ps(d, _mm256_set1_ps(x[k].d[b]));
+        let scale = _mm256_mul_ps(d, _mm256_set1_ps(*x[k].d.get_unchecked(b)));
         acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[k]), scale, acc[k]);
-        acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[k].s[b]), acc[k]);
+        acc[k] = _mm256_fmadd_ps(m, _mm256_set1_ps(*x[k].s.get_unchecked(b)), acc[k]);
     }
 }
 
