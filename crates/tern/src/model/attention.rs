@@ -81,6 +81,11 @@ impl Attention {
                 Some(nm) => nm.forward_with(&t, train)?,
                 None => t,
             };
+            // One position: `[b, 1, n, hd]` is already `[b, n, 1, hd]` in memory, so a
+            // reshape, not a transposed copy.
+            if s == 1 {
+                return Ok(t.reshape((b, n, 1, self.head_dim))?);
+            }
             Ok(t.transpose(1, 2)?.contiguous()?)
         };
         let [q, k, v]: [Tensor; 3] = Linear::forward_many(&[&self.q, &self.k, &self.v], x, ad)?
@@ -149,13 +154,30 @@ impl Attention {
         ad: &BatchAdapters,
     ) -> Result<Tensor> {
         let (q, k, v) = self.qkv(x, ad)?;
-        let mut ys = Vec::with_capacity(lens.len());
+        let mut segs = Vec::with_capacity(lens.len());
         let mut start = 0;
         for ((kv, &off), &len) in kvs.iter_mut().zip(offsets).zip(lens) {
             let seg = |t: &Tensor| t.narrow(2, start, len)?.contiguous();
-            ys.push(self.attend(&seg(&q)?, &seg(&k)?, &seg(&v)?, rope, kv, off, false)?);
+            segs.push(Self::rope_append(
+                &seg(&q)?,
+                &seg(&k)?,
+                &seg(&v)?,
+                rope,
+                kv,
+                off,
+                false,
+            )?);
             start += len;
         }
+        // Every segment's attention in one pass of the pool where the layouts allow it.
+        if let Some(y) = super::decode_attention::prompt_attention(&segs, self.window)? {
+            return self.o.forward_with(&y.unsqueeze(0)?, ad);
+        }
+        let ys = segs
+            .iter()
+            .zip(offsets)
+            .map(|((q, k, v), &off)| self.attention(q, k, v, off, false))
+            .collect::<Result<Vec<_>>>()?;
         self.o.forward_with(&Tensor::cat(&ys, 1)?, ad)
     }
 
@@ -232,7 +254,22 @@ impl Attention {
         offset: usize,
         train: bool,
     ) -> Result<Tensor> {
-        let (b, _, s, hd) = q.dims4()?;
+        let (q, k, v) = Self::rope_append(q, k, v, rope, cache, offset, train)?;
+        self.attention(&q, &k, &v, offset, train)
+    }
+
+    /// Rope on `q` and `k` at positions `offset..`, then (at inference) `k`, `v` appended to
+    /// `cache`; returns `q` and the keys and values to attend to.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_append(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rope: &Rope,
+        cache: &mut KvCache,
+        offset: usize,
+        train: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let q = rope.apply(q, offset, train)?;
         let k = rope.apply(k, offset, train)?;
         // The cache writes in place, which gradients cannot pass; training runs whole
@@ -242,18 +279,43 @@ impl Attention {
         } else {
             append_kv(cache, &k, v)?
         };
+        Ok((q, k, v))
+    }
+
+    /// Softmax attention of `q` `[b, heads, s, hd]` (positions `offset..`) over `k`, `v`
+    /// `[b, kv_heads, t, hd]`; returns `[b, s, heads * hd]`.
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        offset: usize,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, _, s, hd) = q.dims4()?;
         let t = k.dim(2)?;
-        if train && offset == 0 && t == s && super::train_ops::fits(&q) {
+        if train && offset == 0 && t == s && super::train_ops::fits(q) {
             return Ok(super::train_ops::attention::causal_attention(
-                &q,
-                &k,
-                &v,
+                q,
+                k,
+                v,
                 self.window,
             )?);
         }
-        if s == 1 && !train && t == offset + 1 {
-            if let Some(y) = super::decode_attention::decode_attention(&q, &k, &v, self.window)? {
-                return Ok(y);
+        if !train && t == offset + s {
+            use super::decode_attention::{decode_attention, prompt_attention};
+            if s == 1 {
+                if let Some(y) = decode_attention(q, k, v, self.window)? {
+                    return Ok(y);
+                }
+            } else {
+                let row = |t: &Tensor, i| t.narrow(0, i, 1);
+                let segs = (0..b)
+                    .map(|i| Ok((row(q, i)?, row(k, i)?, row(v, i)?)))
+                    .collect::<Result<Vec<_>>>()?;
+                if let Some(y) = prompt_attention(&segs, self.window)? {
+                    return Ok(y.reshape((b, s, self.heads * hd))?);
+                }
             }
         }
         // Heads of one kv group are adjacent, so folding them into the row dimension lets one

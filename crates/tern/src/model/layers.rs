@@ -45,17 +45,6 @@ fn is_prompt(x: &Tensor) -> bool {
     positions >= DEQUANT_MIN_ROWS || rows >= DEQUANT_MIN_DECODE_ROWS
 }
 
-/// `x W^T` (f32) through the kernel's int8 product; an eight-row kernel goes through
-/// [`Linear::shared_products`], which writes its output in place of a zeroed copy.
-fn int8_product(m: &dyn RowKernel, x: &Tensor) -> Result<Tensor> {
-    if m.shared_groups() > 0 {
-        if let Some(mut ys) = Linear::shared_products(&[m], x)? {
-            return Ok(ys.pop().expect("one output per kernel"));
-        }
-    }
-    m.forward(x)
-}
-
 /// Where a linear layer's weight lives and which kernel multiplies by it.
 #[derive(Debug, Clone)]
 enum LinearWeight {
@@ -297,18 +286,11 @@ impl Linear {
         x: &Tensor,
         adapters: &BatchAdapters,
     ) -> Result<Vec<Tensor>> {
-        let kernels: Option<Vec<&dyn RowKernel>> = layers
-            .iter()
-            .map(|l| match &l.w {
-                LinearWeight::Kernel(k) if l.int8_for(x) && k.shared_groups() > 0 => {
-                    Some(k.as_ref())
-                }
-                _ => None,
-            })
-            .collect();
+        let kernels: Option<Vec<&dyn RowKernel>> =
+            layers.iter().map(|l| l.eight_row_kernel(x)).collect();
         let shared = match kernels {
             Some(ks) if !adapters.is_training() && x.dtype() == DType::F32 => {
-                Self::shared_products(&ks, x)?
+                super::int8_products::shared(&ks, x)?
             }
             _ => None,
         };
@@ -328,49 +310,29 @@ impl Linear {
             .collect()
     }
 
+    /// The eight-row int8 kernel [`Linear::forward_dense_if`] would run `x` through, if any.
+    fn eight_row_kernel(&self, x: &Tensor) -> Option<&dyn RowKernel> {
+        match &self.w {
+            LinearWeight::Kernel(k) if self.int8_for(x) && k.shared_groups() > 0 => {
+                Some(k.as_ref())
+            }
+            _ => None,
+        }
+    }
+
+    /// As [`Linear::eight_row_kernel`], when the layer's output is that product alone: no
+    /// bias, and no adapter on it in `ad` (inference only).
+    fn bare_eight_row_kernel(&self, x: &Tensor, ad: &BatchAdapters) -> Option<&dyn RowKernel> {
+        let bare = self.b.is_none()
+            && !ad.is_training()
+            && (self.slot.is_none() || ad.is_empty())
+            && x.dtype() == DType::F32;
+        self.eight_row_kernel(x).filter(|_| bare)
+    }
+
     /// Whether [`Linear::forward_dense_if`] would run `x` through the kernel's int8 product.
     fn int8_for(&self, x: &Tensor) -> bool {
         x.device().is_cpu() && (self.int8_prompts || !is_prompt(x))
-    }
-
-    /// `x W_i^T` for each kernel through [`crate::quant::x8::matmul_rows_shared`]; `None` if
-    /// it declines.
-    fn shared_products(ks: &[&dyn RowKernel], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
-        let cols = x.dim(candle_core::D::Minus1)?;
-        let x = x.contiguous()?;
-        let (storage, layout) = x.storage_and_layout();
-        let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(all)), Some((start, end))) =
-            (&*storage, layout.contiguous_offsets())
-        else {
-            return Ok(None);
-        };
-        // Read in place: a copy of `x` was another allocation per product.
-        let xs = &all[start..end];
-        let m = xs.len() / cols.max(1);
-        let mut outs: Vec<Vec<f32>> = ks
-            .iter()
-            .map(|k| Vec::with_capacity(m * k.dims().0))
-            .collect();
-        let mut views: Vec<_> = outs
-            .iter_mut()
-            .zip(ks)
-            .map(|(o, k)| &mut o.spare_capacity_mut()[..m * k.dims().0])
-            .collect();
-        if !crate::quant::x8::matmul_rows_shared(ks, xs, m, &mut views) {
-            return Ok(None);
-        }
-        ks.iter()
-            .zip(outs)
-            .map(|(k, mut out)| {
-                // SAFETY: `matmul_rows_shared` returned true, so it wrote every one of the
-                // `m * rows` values.
-                unsafe { out.set_len(m * k.dims().0) };
-                let mut dims = x.dims().to_vec();
-                *dims.last_mut().expect("rank >= 1") = k.dims().0;
-                Ok(Tensor::from_vec(out, dims, x.device())?)
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
     }
 
     /// `W += sign * scale * B A` (sign 1 merges, -1 unmerges), in f32, stored back in
@@ -417,7 +379,7 @@ impl Linear {
         let y = match &self.w {
             // Prompts through the int8 product when asked (as decode and llama.cpp).
             LinearWeight::Kernel(m) if prefill && !force_dense && self.int8_prompts => {
-                in_f32(&|x| int8_product(m.as_ref(), x))?
+                in_f32(&|x| super::int8_products::single(m.as_ref(), x))?
             }
             // The kernel's own exact product where it has one: no dequantized copy of the
             // matrix (for a short prompt, writing that copy cost more than the product).
@@ -428,7 +390,7 @@ impl Linear {
                 }
             }
             LinearWeight::Kernel(m) if prefill => dense(m.dequantize(x.device())?)?,
-            LinearWeight::Kernel(m) => in_f32(&|x| int8_product(m.as_ref(), x))?,
+            LinearWeight::Kernel(m) => in_f32(&|x| super::int8_products::single(m.as_ref(), x))?,
             LinearWeight::Candle(QMatMul::QTensor(q)) if prefill => {
                 dense(q.dequantize(x.device())?)?
             }
@@ -579,6 +541,16 @@ impl Mlp {
 
     /// Applies the MLP with each row's adapter.
     pub fn forward(&self, x: &Tensor, ad: &BatchAdapters) -> Result<Tensor> {
+        // Decode rows with no adapter on gate or up: both products and the activation in one
+        // pass of the pool.
+        if let (Some(g), Some(u)) = (
+            self.gate.bare_eight_row_kernel(x, ad),
+            self.up.bare_eight_row_kernel(x, ad),
+        ) {
+            if let Some(h) = super::int8_products::swiglu(g, u, x)? {
+                return self.down.forward_with(&h, ad);
+            }
+        }
         let [g, u]: [Tensor; 2] = Linear::forward_many(&[&self.gate, &self.up], x, ad)?
             .try_into()
             .expect("one output per layer");

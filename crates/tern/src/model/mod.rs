@@ -10,6 +10,7 @@ pub mod decoder;
 pub mod gguf_export;
 mod gguf_requantize;
 pub mod inspect;
+mod int8_products;
 pub mod layers;
 pub mod load;
 pub mod rope;

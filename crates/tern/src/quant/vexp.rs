@@ -86,6 +86,21 @@ pub(crate) fn exp_affine(out: &mut [f32], xs: &[f32], a: f32, b: f32, scale: f32
     }
 }
 
+/// `out = 1 / (1 + exp(-x))`, vectorised.
+pub(crate) fn sigmoid(out: &mut [f32], x: &[f32]) {
+    exp_affine(out, x, -1.0, 0.0, 1.0);
+    out.iter_mut().for_each(|e| *e = 1.0 / (1.0 + *e));
+}
+
+/// `out = silu(g) * u`, the gated MLP's activation. Every caller (the training op, the fused
+/// decode product) goes through this one, so they give the same bits.
+pub(crate) fn swiglu(out: &mut [f32], g: &[f32], u: &[f32]) {
+    sigmoid(out, g);
+    for ((o, &a), &b) in out.iter_mut().zip(g).zip(u) {
+        *o *= a * b;
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_affine_avx2(out: &mut [f32], xs: &[f32], a: f32, b: f32, scale: f32) {

@@ -3,6 +3,7 @@
 //! differentiable forms are 5-8 ops each way).
 
 use super::{cpu_f32, f32_of, like, par_for, SyncPtr};
+use crate::quant::vexp::sigmoid;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
 /// Splits `n` items into pool tasks of `chunk` and runs `f(range)` on each.
@@ -147,12 +148,6 @@ impl CustomOp1 for RopeOp {
 /// `silu(g) * u`, the gated MLP's activation, with arguments `(g, u)`.
 pub(crate) struct SwiGlu;
 
-/// `out = 1 / (1 + exp(-x))`, vectorised.
-fn sigmoid(out: &mut [f32], x: &[f32]) {
-    crate::quant::vexp::exp_affine(out, x, -1.0, 0.0, 1.0);
-    out.iter_mut().for_each(|e| *e = 1.0 / (1.0 + *e));
-}
-
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "swiglu"
@@ -174,10 +169,7 @@ impl CustomOp2 for SwiGlu {
         par_chunks(g.len(), CHUNK, |r| {
             // SAFETY: the range is this task's.
             let yr = unsafe { yp.slice(r.start, r.len()) };
-            sigmoid(yr, &g[r.clone()]);
-            for ((o, &a), &b) in yr.iter_mut().zip(&g[r.clone()]).zip(&u[r]) {
-                *o *= a * b;
-            }
+            crate::quant::vexp::swiglu(yr, &g[r.clone()], &u[r]);
         });
         Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
