@@ -43,10 +43,14 @@ impl Block {
             offset,
             ad,
         )?;
-        let x = (x + h)?;
-        let h = self
-            .mlp
-            .forward(&self.mlp_norm.forward_with(&x, train)?, ad)?;
+        let (x, n) = if train {
+            let x = (x + h)?;
+            let n = self.mlp_norm.forward_with(&x, true)?;
+            (x, n)
+        } else {
+            self.mlp_norm.add_forward(x, &h)?
+        };
+        let h = self.mlp.forward(&n, ad)?;
         Ok((x + h)?)
     }
 }
@@ -61,8 +65,8 @@ impl Block {
         attn: impl FnOnce(&Attention, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let h = attn(&self.attn, &self.attn_norm.forward(x)?)?;
-        let x = (x + h)?;
-        let h = self.mlp.forward(&self.mlp_norm.forward(&x)?, ad)?;
+        let (x, n) = self.mlp_norm.add_forward(x, &h)?;
+        let h = self.mlp.forward(&n, ad)?;
         Ok((x + h)?)
     }
 }

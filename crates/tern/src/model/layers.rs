@@ -1,5 +1,5 @@
-//! The small building blocks: a linear layer over float or quantized weights, RMSNorm, and
-//! the gated MLP.
+//! The small building blocks: a linear layer over float or quantized weights, the embedding,
+//! and the gated MLP (RMSNorm lives in `norm.rs`).
 
 use super::config::ModelConfig;
 use super::train_ops::bf16::PackedB;
@@ -11,6 +11,8 @@ use crate::quant::{q8_0::Q8_0Matrix, q8_0_head::Q8_0Head, RowKernel};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Tensor};
 use std::sync::Arc;
+
+pub use super::norm::RmsNorm;
 
 /// Rows at or above which a quantized matmul multiplies exactly: with f32 activations, through
 /// the kernel's own exact product where it has one (Q4_1, Q5_0 and Q8_0 in eight-row groups),
@@ -476,48 +478,6 @@ pub(crate) fn pass_through(
         _ => candle_core::bail!("re-attached value must be a float tensor"),
     };
     Ok((out, l.shape().clone()))
-}
-
-/// Root-mean-square layer norm.
-#[derive(Debug, Clone)]
-pub struct RmsNorm {
-    w: Tensor,
-    eps: f32,
-}
-
-impl RmsNorm {
-    /// Loads `{name}` of shape `[dim]`.
-    pub fn load(w: &Weights, name: &str, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            w: w.float(name, &[dim])?,
-            eps: eps as f32,
-        })
-    }
-
-    /// Normalises over the last dimension; `differentiable` uses an op with a backward
-    /// (tern's on the CPU in f32, else candle's plain ops: candle's fused kernel has none).
-    pub fn forward_with(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
-        if differentiable {
-            if super::train_ops::fits(x) && self.w.dtype() == DType::F32 {
-                let op = super::train_ops::pointwise::RmsNormOp {
-                    w: self.w.clone(),
-                    eps: self.eps,
-                };
-                return Ok(x.contiguous()?.apply_op1(op)?);
-            }
-            return Ok(candle_nn::ops::rms_norm_slow(x, &self.w, self.eps)?);
-        }
-        self.forward(x)
-    }
-
-    /// Normalises over the last dimension.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(
-            &x.contiguous()?,
-            &self.w,
-            self.eps,
-        )?)
-    }
 }
 
 /// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.

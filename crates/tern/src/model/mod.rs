@@ -13,6 +13,7 @@ pub mod inspect;
 mod int8_products;
 pub mod layers;
 pub mod load;
+pub mod norm;
 pub mod rope;
 pub(crate) mod train_ops;
 
