@@ -104,8 +104,10 @@ impl Rope {
                 self.max_len
             )));
         }
-        if let Some(y) = self.rows_f32(x, positions)? {
-            return Ok(y);
+        if x.dim(0)? == positions.len() && x.dim(2)? == 1 {
+            if let Some(y) = self.rotate_f32(x, |i, _| positions[i])? {
+                return Ok(y);
+            }
         }
         let (b, half) = (positions.len(), self.cos.dim(1)?);
         let at: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
@@ -120,18 +122,24 @@ impl Rope {
         )?)
     }
 
-    /// [`Rope::apply_rows`] for f32 CPU tensors, reading the tables in place: candle's op
-    /// wanted the rows' table entries gathered into two tensors and `x` contiguous first, ~3%
-    /// of an eight-row decode step. Same arithmetic as candle's kernel, so the same bits.
-    /// `None` for other dtypes, devices or shapes.
-    fn rows_f32(&self, x: &Tensor, positions: &[usize]) -> Result<Option<Tensor>> {
+    /// Rotation of f32 CPU tensors `x` `[b, heads, s, hd]`, batch row `i`'s position `j` at
+    /// `pos(i, j)`, reading the tables in place on the calling thread. Candle's op wanted
+    /// the rows' table entries gathered into two tensors first (~3% of an eight-row decode
+    /// step), and for prompts it went to rayon's pool, whose threads then fought the matmul
+    /// worker for the cores (~5% of a batched prefill). Same arithmetic as candle's kernel,
+    /// so the same bits. `None` for other dtypes, devices or shapes.
+    fn rotate_f32(
+        &self,
+        x: &Tensor,
+        pos: impl Fn(usize, usize) -> usize,
+    ) -> Result<Option<Tensor>> {
         let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
         if !f32_cpu(x) || !f32_cpu(&self.cos) || !f32_cpu(&self.sin) || x.rank() != 4 {
             return Ok(None);
         }
-        let (b, heads, s, hd) = x.dims4()?;
+        let (_, heads, s, hd) = x.dims4()?;
         let half = self.cos.dim(1)?;
-        if s != 1 || b != positions.len() || hd != 2 * half {
+        if hd != 2 * half || heads == 0 || s == 0 {
             return Ok(None);
         }
         let x = x.contiguous()?;
@@ -144,22 +152,18 @@ impl Rope {
             return Ok(None);
         };
         let mut dst = vec![0f32; src.len()];
-        for (i, &p) in positions.iter().enumerate() {
+        let rows = src.chunks_exact(hd).zip(dst.chunks_exact_mut(hd));
+        for (r, (src, dst)) in rows.enumerate() {
+            let p = pos(r / (heads * s), r % s);
             let (c, sn) = (&cos[p * half..][..half], &sin[p * half..][..half]);
-            let rows = i * heads * hd..(i + 1) * heads * hd;
-            for (src, dst) in src[rows.clone()]
-                .chunks_exact(hd)
-                .zip(dst[rows].chunks_exact_mut(hd))
-            {
-                let (a, b) = src.split_at(half);
-                let (lo, hi) = dst.split_at_mut(half);
-                for j in 0..half {
-                    lo[j] = a[j] * c[j] - b[j] * sn[j];
-                    hi[j] = a[j] * sn[j] + b[j] * c[j];
-                }
+            let (a, b) = src.split_at(half);
+            let (lo, hi) = dst.split_at_mut(half);
+            for j in 0..half {
+                lo[j] = a[j] * c[j] - b[j] * sn[j];
+                hi[j] = a[j] * sn[j] + b[j] * c[j];
             }
         }
-        Ok(Some(Tensor::from_vec(dst, (b, heads, 1, hd), x.device())?))
+        Ok(Some(Tensor::from_vec(dst, x.dims(), x.device())?))
     }
 
     /// Rotates `x` `[batch, heads, seq, head_dim]` for positions `offset..offset+seq`;
@@ -184,6 +188,9 @@ impl Rope {
                 return Ok(x.contiguous()?.apply_op1(op)?);
             }
             return Ok(candle_nn::rotary_emb::rope_slow(x, &cos, &sin)?);
+        }
+        if let Some(y) = self.rotate_f32(x, |_, j| offset + j)? {
+            return Ok(y);
         }
         Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
     }
@@ -220,5 +227,48 @@ mod tests {
             );
         }
         assert!(rope.apply_rows(&x, &[0, 1, 64, 2]).is_err());
+    }
+
+    /// The in-place rotation gives candle's kernel's bits, for a prompt (several positions
+    /// after an offset, a batch of two) and for decode rows at their own positions.
+    #[test]
+    fn the_in_place_rotation_equals_candles_kernel() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/models/llama3/config.json");
+        let cfg = ModelConfig::from_hf_file(&dir).unwrap();
+        let dev = Device::Cpu;
+        let rope = Rope::new(&cfg, None, 64, DType::F32, &dev).unwrap();
+        let (heads, hd, s, offset) = (3, cfg.head_dim, 9, 17);
+        let v: Vec<f32> = (0..2 * heads * s * hd)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 20.0)
+            .collect();
+        let x = Tensor::from_vec(v, (2, heads, s, hd), &dev).unwrap();
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let table = |t: &Tensor| t.narrow(0, offset, s).unwrap();
+        let candle = candle_nn::rotary_emb::rope(&x, &table(&rope.cos), &table(&rope.sin)).unwrap();
+        assert_eq!(bits(&rope.apply(&x, offset, false).unwrap()), bits(&candle));
+        let rows = x.narrow(2, 0, 1).unwrap().contiguous().unwrap();
+        let at = |p: usize| rope.cos.narrow(0, p, 1).unwrap();
+        let (cos, sin) = (
+            Tensor::cat(&[at(3), at(40)], 0)
+                .unwrap()
+                .reshape((2, 1, hd / 2))
+                .unwrap(),
+            Tensor::cat(
+                &[
+                    rope.sin.narrow(0, 3, 1).unwrap(),
+                    rope.sin.narrow(0, 40, 1).unwrap(),
+                ],
+                0,
+            )
+            .unwrap()
+            .reshape((2, 1, hd / 2))
+            .unwrap(),
+        );
+        let candle = candle_nn::rotary_emb::rope(&rows, &cos, &sin).unwrap();
+        assert_eq!(
+            bits(&rope.apply_rows(&rows, &[3, 40]).unwrap()),
+            bits(&candle)
+        );
     }
 }

@@ -62,6 +62,10 @@ fn quantize_row_into(x: &[f32], r: &mut Q8Row) {
 /// for the thread's next call (a long prompt's rounded rows need not stay resident).
 const KEEP_VALUES: usize = 1 << 20;
 
+/// Rows from which [`with_quantized`] rounds on the worker pool (decode batches stay on the
+/// calling thread: a dispatch costs about what rounding eight rows does).
+const PAR_QUANTIZE_ROWS: usize = 16;
+
 thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<Q8Row>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -75,8 +79,22 @@ pub(crate) fn with_quantized<R>(xs: &[f32], cols: usize, f: impl FnOnce(&[Q8Row]
     let mut rows = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     let m = xs.len() / cols.max(1);
     rows.resize_with(m, Q8Row::default);
-    for (x, r) in xs.chunks_exact(cols.max(1)).zip(rows.iter_mut()) {
-        quantize_row_into(x, r);
+    let cols = cols.max(1);
+    if m >= PAR_QUANTIZE_ROWS {
+        // A prompt's rows: rounded on every core (serial, ~4% of a batched prefill).
+        let ptr = rows.as_mut_ptr() as usize;
+        super::par_ranges(m, PAR_QUANTIZE_ROWS / 2, |task| {
+            for i in task {
+                // SAFETY: tasks get disjoint row indices below `m` = `rows.len()`, and
+                // `rows` outlives the call, which returns when every task is done.
+                let r = unsafe { &mut *(ptr as *mut Q8Row).add(i) };
+                quantize_row_into(&xs[i * cols..(i + 1) * cols], r);
+            }
+        });
+    } else {
+        for (x, r) in xs.chunks_exact(cols).zip(rows.iter_mut()) {
+            quantize_row_into(x, r);
+        }
     }
     let out = f(&rows);
     if xs.len() <= KEEP_VALUES {
