@@ -18,7 +18,7 @@ pub struct BatchBenchOptions {
     pub batch: usize,
     /// Tokens generated per row (EOS ignored, so every row generates them all).
     pub max_tokens: usize,
-    /// Rounds of both ways, interleaved; each way's best round is reported.
+    /// Rounds of both ways, interleaved; the ratio is the median of the rounds' own ratios.
     pub rounds: usize,
 }
 
@@ -41,8 +41,12 @@ pub struct BatchBench {
     pub sequential_tok_s: f64,
     /// Through the engine, tok/s (best round).
     pub batched_tok_s: f64,
-    /// `batched / sequential`.
+    /// Median over the rounds of `batched / sequential` within each round (its two ways run
+    /// back to back, so a shared machine's drift between rounds does not pair a fast phase of
+    /// one way with a slow phase of the other).
     pub speedup: f64,
+    /// The lowest and highest of the rounds' ratios.
+    pub speedup_range: (f64, f64),
     /// Whether both ways produced the same tokens (greedy).
     pub same_tokens: bool,
     /// Decode steps alone (no prompts, no sampling), one row: ms per step.
@@ -76,19 +80,25 @@ pub fn run(path: &Path, load: &LoadOptions, o: &BatchBenchOptions) -> Result<Bat
     )?;
     let (mut seq_s, mut batch_s) = (f64::INFINITY, f64::INFINITY);
     let (mut tokens, mut same_tokens) = (0, true);
+    let mut ratios = Vec::with_capacity(o.rounds.max(1));
     for _ in 0..o.rounds.max(1) {
         let t = Instant::now();
         let seq_ids: Vec<Vec<u32>> = reqs
             .iter()
             .map(|r| Ok(lm.generate_collect(r.clone())?.ids()))
             .collect::<Result<Vec<_>>>()?;
-        seq_s = seq_s.min(t.elapsed().as_secs_f64());
+        let seq = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let batch_ids = run_engine(&engine, &reqs)?;
-        batch_s = batch_s.min(t.elapsed().as_secs_f64());
+        let bat = t.elapsed().as_secs_f64();
+        (seq_s, batch_s) = (seq_s.min(seq), batch_s.min(bat));
+        ratios.push(seq / bat);
         tokens = seq_ids.iter().map(Vec::len).sum();
         same_tokens &= seq_ids == batch_ids;
     }
+    ratios.sort_by(f64::total_cmp);
+    let n = ratios.len();
+    let median = (ratios[(n - 1) / 2] + ratios[n / 2]) / 2.0;
     let b = o.batch.max(1).min(reqs.len());
     let one = decode_ms(&lm, &reqs[..1], o.max_tokens)?;
     let many = decode_ms(&lm, &reqs[..b], o.max_tokens)?;
@@ -102,7 +112,8 @@ pub fn run(path: &Path, load: &LoadOptions, o: &BatchBenchOptions) -> Result<Bat
         tokens,
         sequential_tok_s: seq,
         batched_tok_s: bat,
-        speedup: bat / seq,
+        speedup: median,
+        speedup_range: (ratios[0], ratios[n - 1]),
         same_tokens,
         decode_one_ms: one,
         decode_batch_ms: many,

@@ -129,6 +129,20 @@ unsafe fn exact8_avx2<F: X8Format, const N: usize>(
     F::exact8::<N>(group, x, out)
 }
 
+/// [`X8Format::exact8`] compiled with AVX-512VL's 32 vector registers (the same operations).
+///
+/// # Safety
+/// As [`exact8_avx2`], and the CPU must support avx512f and avx512vl.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+unsafe fn exact8_avx512<F: X8Format, const N: usize>(
+    group: &[u8],
+    x: [&[f32]; N],
+    out: [*mut f32; N],
+) {
+    F::exact8::<N>(group, x, out)
+}
+
 /// Adds `w` (the eight rows' weights at column `e`) times each activation row's value there.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -459,15 +473,23 @@ impl<F: X8Format> RowKernel for X8Matrix<F> {
             let group = self.group(g);
             #[cfg(target_arch = "x86_64")]
             if use_avx2() {
+                let wide = use_vnni();
                 let mut j = 0;
-                // SAFETY (each call): avx2, fma and f16c are present; every x row has `cols`
-                // values, and `at` gives this group's disjoint 8-value run of each output row.
+                // SAFETY (each call): avx2, fma and f16c are present (and AVX-512 where
+                // `wide`); every x row has `cols` values, and `at` gives this group's disjoint
+                // 8-value run of each output row.
                 while j + ROWS <= m {
                     let (xk, ok) = (
                         std::array::from_fn(|k| x(j + k)),
                         std::array::from_fn(|k| at(j + k)),
                     );
-                    unsafe { exact8_avx2::<F, ROWS>(group, xk, ok) };
+                    unsafe {
+                        if wide {
+                            exact8_avx512::<F, ROWS>(group, xk, ok)
+                        } else {
+                            exact8_avx2::<F, ROWS>(group, xk, ok)
+                        }
+                    };
                     j += ROWS;
                 }
                 while j + ROW_GROUP <= m {
