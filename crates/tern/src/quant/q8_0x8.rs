@@ -65,6 +65,43 @@ impl X8Format for Q8_0x8 {
         super::x8::store_rows(&acc, out);
     }
 
+    /// `vpdpbusd` of `|w|` and the activations with `w`'s sign adds each chunk's four
+    /// products straight into 32-bit sums, where AVX2 needs a multiply-add to 16 bits, a
+    /// widening multiply-add and an add. The integer sums are the AVX2 body's (no 16-bit pair
+    /// reaches saturation: 2 x 128 x 127 < 2^15), so the same float steps follow. Even and
+    /// odd chunks keep separate sums so that twice as many dependent chains are in flight.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn dots8_vnni<const N: usize>(group: &[u8], x: [&Q8Row; N], out: [*mut f32; N]) {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (b, gb) in group.chunks_exact(ROWS * Self::BLOCK_BYTES).enumerate() {
+            let p = gb.as_ptr();
+            super::x8::prefetch_ahead::<{ ROWS * Self::BLOCK_BYTES }>(p);
+            let mut even = [_mm256_setzero_si256(); N];
+            let mut odd = [_mm256_setzero_si256(); N];
+            for c in (0..8).step_by(2) {
+                let w0 = _mm256_loadu_si256(p.add(16 + 32 * c) as *const __m256i);
+                let w1 = _mm256_loadu_si256(p.add(48 + 32 * c) as *const __m256i);
+                let (a0, a1) = (_mm256_abs_epi8(w0), _mm256_abs_epi8(w1));
+                for k in 0..N {
+                    let xq = x[k].q.as_ptr().add(b * BLOCK + 4 * c) as *const i32;
+                    let x0 = _mm256_set1_epi32(xq.read_unaligned());
+                    let x1 = _mm256_set1_epi32(xq.add(1).read_unaligned());
+                    even[k] = _mm256_dpbusd_epi32(even[k], a0, _mm256_sign_epi8(x0, w0));
+                    odd[k] = _mm256_dpbusd_epi32(odd[k], a1, _mm256_sign_epi8(x1, w1));
+                }
+            }
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+            for k in 0..N {
+                let s32 = _mm256_add_epi32(even[k], odd[k]);
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(*x[k].d.get_unchecked(b)));
+                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), scale, acc[k]);
+            }
+        }
+        super::x8::store_rows(&acc, out);
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn exact8<const N: usize>(group: &[u8], x: [&[f32]; N], out: [*mut f32; N]) {

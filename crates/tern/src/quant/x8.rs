@@ -575,19 +575,30 @@ pub(crate) mod tests {
         crate::quant::tests::int8_kernel_agrees(&x8, q, |r, x| x8.dot_scalar(r, x));
         #[cfg(target_arch = "x86_64")]
         if crate::quant::use_vnni() {
-            // The VNNI body's integer sums equal the AVX2 body's: the same bits.
-            let xs: Vec<Q8Row> = (0..4)
+            // The VNNI body's integer sums equal the AVX2 body's: the same bits, for the four-
+            // and the eight-row kernels.
+            let xs: Vec<Q8Row> = (0..ROWS as u64)
                 .map(|k| quantize_row(&det_values(576, 30 + k)))
                 .collect();
             for g in 0..64 / ROWS {
-                let (mut a, mut v) = ([[0f32; ROWS]; 4], [[0f32; ROWS]; 4]);
+                let (mut a, mut v) = ([[0f32; ROWS]; ROWS], [[0f32; ROWS]; ROWS]);
+                let (mut a4, mut v4) = ([[0f32; ROWS]; 4], [[0f32; ROWS]; 4]);
+                let ptrs = |o: &mut [[f32; ROWS]]| {
+                    o.iter_mut().map(|r| r.as_mut_ptr()).collect::<Vec<_>>()
+                };
+                let (pa, pv, pa4, pv4) = (ptrs(&mut a), ptrs(&mut v), ptrs(&mut a4), ptrs(&mut v4));
                 // SAFETY: the CPU has the features; each output has room for eight values.
                 unsafe {
                     let xk = std::array::from_fn(|k| &xs[k]);
-                    dots8_avx2::<F, 4>(x8.group(g), xk, a.each_mut().map(|o| o.as_mut_ptr()));
-                    dots8_vnni::<F, 4>(x8.group(g), xk, v.each_mut().map(|o| o.as_mut_ptr()));
+                    dots8_avx2::<F, ROWS>(x8.group(g), xk, std::array::from_fn(|k| pa[k]));
+                    dots8_vnni::<F, ROWS>(x8.group(g), xk, std::array::from_fn(|k| pv[k]));
+                    let x4 = std::array::from_fn(|k| &xs[k]);
+                    dots8_avx2::<F, 4>(x8.group(g), x4, std::array::from_fn(|k| pa4[k]));
+                    dots8_vnni::<F, 4>(x8.group(g), x4, std::array::from_fn(|k| pv4[k]));
                 }
                 assert_eq!(a, v, "group {g}");
+                assert_eq!(a4, v4, "group {g}");
+                assert_eq!(a4[..], a[..4], "group {g}");
             }
         }
 
