@@ -96,7 +96,7 @@ pub struct GenerateArgs {
     pub stop: Vec<String>,
     #[command(flatten)]
     pub load: crate::load_args::LoadArgs,
-    /// GGUF with tied embeddings: compute logits through candle's quantized matmul, rounding
+    /// GGUF with tied embeddings: compute logits through the int8 Q8_0 kernel, rounding
     /// activations to int8 as llama.cpp does (default: exact logits from the stored blocks).
     #[arg(long)]
     pub quantized_head: bool,

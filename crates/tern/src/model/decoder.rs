@@ -94,7 +94,7 @@ impl Model {
     }
 
     /// As [`Model::new`]; with `quantized_head`, a tied quantized embedding serves as the
-    /// output head through candle's quantized matmul (int8-rounded activations, as llama.cpp).
+    /// output head through the int8 kernels (int8-rounded activations, as llama.cpp).
     pub fn with_head(cfg: &ModelConfig, w: &Weights, quantized_head: bool) -> Result<Self> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let stored = w.matmul("model.embed_tokens.weight", &[v, h])?;

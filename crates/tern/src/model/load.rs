@@ -21,7 +21,7 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
     /// Where to run.
     pub device: DeviceKind,
-    /// For GGUF models with tied embeddings: compute logits through candle's quantized matmul
+    /// For GGUF models with tied embeddings: compute logits through the int8 kernels
     /// (int8-rounded activations, as llama.cpp) instead of exactly from the stored blocks.
     pub quantized_head: bool,
     /// Run prompts through the int8 kernels too, rounding activations to 8 bits as decode
