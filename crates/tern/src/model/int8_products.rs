@@ -6,7 +6,7 @@
 
 use crate::error::Result;
 use crate::quant::{x8, RowKernel};
-use candle_core::{CpuStorage, Storage, Tensor};
+use candle_core::Tensor;
 use std::mem::MaybeUninit;
 
 /// Runs `f(xs, m, outs)` over `x` (f32 on the CPU, read in place) flattened to `m` rows, with
@@ -21,12 +21,9 @@ fn with_outputs(
     let cols = x.dims().last().copied().unwrap_or(0).max(1);
     let x = x.contiguous()?;
     let (storage, layout) = x.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(all)), Some((start, end))) =
-        (&*storage, layout.contiguous_offsets())
-    else {
+    let Ok(xs) = super::train_ops::storage_f32(&storage, layout) else {
         return Ok(None);
     };
-    let xs = &all[start..end];
     let m = xs.len() / cols;
     let mut outs: Vec<Vec<f32>> = widths.iter().map(|w| Vec::with_capacity(m * w)).collect();
     let mut views: Vec<_> = outs

@@ -248,23 +248,17 @@ mod tests {
         let candle = candle_nn::rotary_emb::rope(&x, &table(&rope.cos), &table(&rope.sin)).unwrap();
         assert_eq!(bits(&rope.apply(&x, offset, false).unwrap()), bits(&candle));
         let rows = x.narrow(2, 0, 1).unwrap().contiguous().unwrap();
-        let at = |p: usize| rope.cos.narrow(0, p, 1).unwrap();
-        let (cos, sin) = (
-            Tensor::cat(&[at(3), at(40)], 0)
-                .unwrap()
-                .reshape((2, 1, hd / 2))
-                .unwrap(),
+        // The rows' table entries, gathered as candle's op wants them.
+        let at = |t: &Tensor| {
             Tensor::cat(
-                &[
-                    rope.sin.narrow(0, 3, 1).unwrap(),
-                    rope.sin.narrow(0, 40, 1).unwrap(),
-                ],
+                &[t.narrow(0, 3, 1).unwrap(), t.narrow(0, 40, 1).unwrap()],
                 0,
             )
             .unwrap()
             .reshape((2, 1, hd / 2))
-            .unwrap(),
-        );
+            .unwrap()
+        };
+        let (cos, sin) = (at(&rope.cos), at(&rope.sin));
         let candle = candle_nn::rotary_emb::rope(&rows, &cos, &sin).unwrap();
         assert_eq!(
             bits(&rope.apply_rows(&rows, &[3, 40]).unwrap()),

@@ -18,11 +18,7 @@ pub struct Q8Row {
     pub q: Vec<i8>,
 }
 
-/// Rounds `x` to int8 per 32-block, as ggml does for the activations of a quantized matmul.
-///
-/// It runs on the calling thread before every quantized matmul of a decode step, so it is
-/// serial time: the AVX2 form (ties to even, as ggml's SIMD quantizer) took it from ~6% of
-/// decode to under 1%.
+/// [`quantize_row_into`] into a new row (the tests' form).
 #[cfg(test)]
 pub(crate) fn quantize_row(x: &[f32]) -> Q8Row {
     let mut r = Q8Row::default();
@@ -30,7 +26,12 @@ pub(crate) fn quantize_row(x: &[f32]) -> Q8Row {
     r
 }
 
-/// [`quantize_row`] into `r`, reusing its vectors.
+/// Rounds `x` to int8 per 32-block into `r` (reusing its vectors), as ggml does for the
+/// activations of a quantized matmul.
+///
+/// It runs before every quantized matmul of a decode step on the calling thread, so it is
+/// serial time: the AVX2 form (ties to even, as ggml's SIMD quantizer) took it from ~6% of
+/// decode to under 1%.
 fn quantize_row_into(x: &[f32], r: &mut Q8Row) {
     let nb = x.len() / BLOCK;
     r.d.resize(nb, 0.0);
@@ -70,7 +71,7 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<Q8Row>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` on the rows of `xs` (`cols` values each) rounded by [`quantize_row`], in buffers
+/// Runs `f` on the rows of `xs` (`cols` values each) rounded by [`quantize_row_into`], in buffers
 /// the calling thread reuses. A batched decode step rounds some 120 activation sets; fresh
 /// vectors for each (three per row) cost ~4% of an eight-row SmolLM2 step in malloc and free.
 pub(crate) fn with_quantized<R>(xs: &[f32], cols: usize, f: impl FnOnce(&[Q8Row]) -> R) -> R {

@@ -282,14 +282,14 @@ pub(crate) fn matmul_swiglu(
         par_ranges(rows / ROWS, GROUPS_PER_TASK, |task| {
             // One group's gate, up and activation: `m` rows of eight values each.
             let mut buf = vec![0f32; 3 * m * ROWS];
-            let (g8, rest) = buf.split_at_mut(m * ROWS);
-            let (u8, y8) = rest.split_at_mut(m * ROWS);
+            let (gate8, rest) = buf.split_at_mut(m * ROWS);
+            let (up8, y8) = rest.split_at_mut(m * ROWS);
             for g in task {
-                for (k, dst) in [(gate, &mut *g8), (up, &mut *u8)] {
+                for (k, dst) in [(gate, &mut *gate8), (up, &mut *up8)] {
                     let p = dst.as_mut_ptr() as usize;
                     k.group_dots(g, xq, &|j| (p as *mut f32).wrapping_add(j * ROWS));
                 }
-                super::vexp::swiglu(y8, g8, u8);
+                super::vexp::swiglu(y8, gate8, up8);
                 for (j, y) in y8.chunks_exact(ROWS).enumerate() {
                     // SAFETY: tasks cover disjoint groups, so each 8-value run of the output
                     // has one writer, and `out` outlives the call, which returns when every
