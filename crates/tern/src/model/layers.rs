@@ -272,8 +272,18 @@ impl Linear {
         } else {
             self.forward_dense_if(x, adapters.is_training())?
         };
+        self.with_adapter(x, y, adapters)
+    }
+
+    /// Whether `adapters` put a LoRA delta on this layer's output.
+    fn adapted(&self, adapters: &BatchAdapters) -> bool {
+        self.slot.is_some() && !adapters.is_empty()
+    }
+
+    /// `y` (the base layer's output for `x`) plus each row's LoRA delta.
+    fn with_adapter(&self, x: &Tensor, y: Tensor, adapters: &BatchAdapters) -> Result<Tensor> {
         match self.slot {
-            Some(slot) if !adapters.is_empty() => adapters.apply(slot, x, y),
+            Some(slot) if self.adapted(adapters) => adapters.apply(slot, x, y),
             _ => Ok(y),
         }
     }
@@ -288,13 +298,13 @@ impl Linear {
         x: &Tensor,
         adapters: &BatchAdapters,
     ) -> Result<Vec<Tensor>> {
-        let kernels: Option<Vec<&dyn RowKernel>> =
-            layers.iter().map(|l| l.eight_row_kernel(x)).collect();
+        let kernels: Option<Vec<&dyn RowKernel>> = layers
+            .iter()
+            .map(|l| l.eight_row_kernel(x, adapters))
+            .collect();
         let shared = match kernels {
-            Some(ks) if !adapters.is_training() && x.dtype() == DType::F32 => {
-                super::int8_products::shared(&ks, x)?
-            }
-            _ => None,
+            Some(ks) => super::int8_products::shared(&ks, x)?,
+            None => None,
         };
         let Some(ys) = shared else {
             return layers.iter().map(|l| l.forward_with(x, adapters)).collect();
@@ -302,20 +312,20 @@ impl Linear {
         layers
             .iter()
             .zip(ys)
-            .map(|(l, y)| {
-                let y = l.add_bias(y)?;
-                match l.slot {
-                    Some(slot) if !adapters.is_empty() => adapters.apply(slot, x, y),
-                    _ => Ok(y),
-                }
-            })
+            .map(|(l, y)| l.with_adapter(x, l.add_bias(y)?, adapters))
             .collect()
     }
 
-    /// The eight-row int8 kernel [`Linear::forward_dense_if`] would run `x` through, if any.
-    fn eight_row_kernel(&self, x: &Tensor) -> Option<&dyn RowKernel> {
+    /// The eight-row int8 kernel [`Linear::forward_dense_if`] would run f32 `x` through at
+    /// inference, if any.
+    fn eight_row_kernel(&self, x: &Tensor, ad: &BatchAdapters) -> Option<&dyn RowKernel> {
         match &self.w {
-            LinearWeight::Kernel(k) if self.int8_for(x) && k.shared_groups() > 0 => {
+            LinearWeight::Kernel(k)
+                if !ad.is_training()
+                    && x.dtype() == DType::F32
+                    && self.int8_for(x)
+                    && k.shared_groups() > 0 =>
+            {
                 Some(k.as_ref())
             }
             _ => None,
@@ -323,13 +333,10 @@ impl Linear {
     }
 
     /// As [`Linear::eight_row_kernel`], when the layer's output is that product alone: no
-    /// bias, and no adapter on it in `ad` (inference only).
+    /// bias, and no adapter on it in `ad`.
     fn bare_eight_row_kernel(&self, x: &Tensor, ad: &BatchAdapters) -> Option<&dyn RowKernel> {
-        let bare = self.b.is_none()
-            && !ad.is_training()
-            && (self.slot.is_none() || ad.is_empty())
-            && x.dtype() == DType::F32;
-        self.eight_row_kernel(x).filter(|_| bare)
+        let bare = self.b.is_none() && !self.adapted(ad);
+        self.eight_row_kernel(x, ad).filter(|_| bare)
     }
 
     /// Whether [`Linear::forward_dense_if`] would run `x` through the kernel's int8 product.
