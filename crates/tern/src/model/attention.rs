@@ -65,9 +65,42 @@ impl Attention {
         ad: &BatchAdapters,
     ) -> Result<Tensor> {
         let train = ad.is_training();
+        if train && offset == 0 && super::train_ops::fits(x) && rope.is_f32() {
+            let y = self.attend_train(x, rope, ad)?;
+            return self.o.forward_with(&y, ad);
+        }
         let (q, k, v) = self.qkv(x, ad)?;
         let y = self.attend(&q, &k, &v, rope, cache, offset, train)?;
         self.o.forward_with(&y, ad)
+    }
+
+    /// A training step's attention through the training ops (f32 on the CPU): q, k and v
+    /// stay token-major `[b, s, heads * hd]` from the projections through rope to the
+    /// attention op, with no transposed copies or reshapes between (each would be a node
+    /// whose backward zero-fills and sums a gradient in candle's graph).
+    fn attend_train(&self, x: &Tensor, rope: &Rope, ad: &BatchAdapters) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let hd = self.head_dim;
+        let [q, k, v]: [Tensor; 3] = Linear::forward_many(&[&self.q, &self.k, &self.v], x, ad)?
+            .try_into()
+            .expect("one output per layer");
+        let norm = |t: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            Ok(match norm {
+                Some(nm) => nm
+                    .forward_with(&t.reshape((b, s, n, hd))?, true)?
+                    .reshape((b, s, n * hd))?,
+                None => t,
+            })
+        };
+        let q = rope.apply_token_major(&norm(q, self.heads, &self.q_norm)?, hd)?;
+        let k = rope.apply_token_major(&norm(k, self.kv_heads, &self.k_norm)?, hd)?;
+        Ok(super::train_ops::attention::causal_attention(
+            &q,
+            &k,
+            &v,
+            (self.heads, self.kv_heads, hd),
+            self.window,
+        )?)
     }
 
     /// The q, k, v projections of `x` `[b, s, hidden]` as `[b, heads, s, hd]` (q) and
@@ -294,14 +327,6 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, _, s, hd) = q.dims4()?;
         let t = k.dim(2)?;
-        if train && offset == 0 && t == s && super::train_ops::fits(q) {
-            return Ok(super::train_ops::attention::causal_attention(
-                q,
-                k,
-                v,
-                self.window,
-            )?);
-        }
         if !train && t == offset + s {
             use super::decode_attention::{decode_attention, prompt_attention};
             if s == 1 {

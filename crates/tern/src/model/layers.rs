@@ -225,7 +225,8 @@ impl Linear {
         }
         let in_dim = x.dim(candle_core::D::Minus1)?;
         let rows = x.elem_count() / in_dim.max(1);
-        let x2 = x.reshape((rows, in_dim))?.contiguous()?;
+        // The ops take `x` at any rank: no reshapes (graph nodes) around them.
+        let x2 = x.contiguous()?;
         let w = self.w.clone();
         let w: WeightFn = Arc::new(move || w.float(DType::F32, &candle_core::Device::Cpu));
         let bf16 = (adapters.bf16_base() && super::train_ops::bf16::available())
@@ -255,9 +256,7 @@ impl Linear {
                 )?
             }
         };
-        let mut dims = x.dims().to_vec();
-        *dims.last_mut().expect("rank >= 1") = y.dim(1)?;
-        Ok(Some(self.add_bias(y.reshape(dims)?)?))
+        Ok(Some(self.add_bias(y)?))
     }
 
     /// The base layer plus each row's LoRA delta.

@@ -184,6 +184,8 @@ impl Rope {
                 let op = super::train_ops::pointwise::RopeOp {
                     cos: cos.contiguous()?,
                     sin: sin.contiguous()?,
+                    hd: x.dim(3)?,
+                    per_pos: 1,
                 };
                 return Ok(x.contiguous()?.apply_op1(op)?);
             }
@@ -193,6 +195,32 @@ impl Rope {
             return Ok(y);
         }
         Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+    }
+}
+
+impl Rope {
+    /// Whether the tables are f32 (the training ops' rope needs them so).
+    pub(crate) fn is_f32(&self) -> bool {
+        self.cos.dtype() == candle_core::DType::F32
+    }
+
+    /// A training step's rope on token-major f32 `[b, s, heads * hd]` (positions from 0), as
+    /// one op with its own backward.
+    pub(crate) fn apply_token_major(&self, x: &Tensor, hd: usize) -> Result<Tensor> {
+        let (_, seq, width) = x.dims3()?;
+        if seq > self.max_len {
+            return Err(TernError::InvalidArgument(format!(
+                "sequence of {seq} tokens exceeds the model's context length {}",
+                self.max_len
+            )));
+        }
+        let op = super::train_ops::pointwise::RopeOp {
+            cos: self.cos.narrow(0, 0, seq)?.contiguous()?,
+            sin: self.sin.narrow(0, 0, seq)?.contiguous()?,
+            hd,
+            per_pos: width / hd.max(1),
+        };
+        Ok(x.contiguous()?.apply_op1(op)?)
     }
 }
 

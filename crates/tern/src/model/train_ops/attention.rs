@@ -1,7 +1,10 @@
 //! Causal (optionally windowed) grouped-query attention of a training step as one op.
 //!
-//! Arguments `q [b, heads, s, hd]`, `k`, `v [b, kv_heads, s, hd]` (rope already applied), out
-//! `[b, s, heads * hd]`. Forward keeps the probabilities (`b * heads * s * s` values, a few MB
+//! Arguments `q [b, s, heads * hd]`, `k`, `v [b, s, kv_heads * hd]` (rope already applied;
+//! `[b, s, n, hd]` is taken too), out `[b, s, heads * hd]`. The inputs are token-major, as the projections write them: heads
+//! are read in place through strided views, so no transposed copies (and no transpose or
+//! reshape nodes, whose backward in candle's graph zero-fills and sums a gradient each) sit
+//! between the projections and this op. Forward keeps the probabilities (`b * heads * s * s` values, a few MB
 //! per layer) for backward, which is the textbook one: `dV = P^T dY`,
 //! `dS = P ∘ (dY V^T - rowsum(P ∘ dY V^T))`, `dQ = c dS K`, `dK = c dS^T Q`. Each (sequence,
 //! head) pair is a task on candle's pool with single-threaded products; backward takes a
@@ -15,22 +18,26 @@ use std::sync::Mutex;
 /// The op; see the module documentation.
 pub(crate) struct CausalAttention {
     heads: usize,
+    hd: usize,
     kv_heads: usize,
     window: Option<usize>,
     /// The softmax probabilities from forward, `[b, heads, s, s]`.
     probs: Mutex<Vec<f32>>,
 }
 
-/// Runs the op: `q [b, heads, s, hd]`, `k`, `v [b, kv_heads, s, hd]` -> `[b, s, heads * hd]`.
+/// Runs the op: `q [b, s, heads * hd]`, `k`, `v [b, s, kv_heads * hd]` -> `[b, s, heads *
+/// hd]`.
 pub(crate) fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    (heads, kv_heads, hd): (usize, usize, usize),
     window: Option<usize>,
 ) -> candle_core::Result<Tensor> {
     let op = CausalAttention {
-        heads: q.dim(1)?,
-        kv_heads: k.dim(1)?,
+        heads,
+        hd,
+        kv_heads,
         window,
         probs: Mutex::new(Vec::new()),
     };
@@ -38,7 +45,46 @@ pub(crate) fn causal_attention(
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
+/// Head `hi` of sequence `bi` in a token-major `[b, s, n, hd]` buffer, as an `[s, hd]` view.
+fn head_of(x: &[f32], bi: usize, s: usize, n: usize, hi: usize, hd: usize) -> Mat<'_> {
+    Mat::strided(&x[(bi * s * n + hi) * hd..], s, hd, n * hd)
+}
+
+/// Writes `[s, hd]` rows `src` into head `hi` of the token-major `[.., n, hd]` buffer behind
+/// `dst`, from token `t0` on.
+///
+/// # Safety
+/// Those rows of `dst` must be valid and written by no one else meanwhile.
+unsafe fn scatter_head(dst: SyncPtr, src: &[f32], t0: usize, n: usize, hi: usize, hd: usize) {
+    for (i, r) in src.chunks_exact(hd).enumerate() {
+        dst.slice(((t0 + i) * n + hi) * hd, hd).copy_from_slice(r);
+    }
+}
+
 impl CausalAttention {
+    /// `(b, s, heads, hd)`, once the inputs are checked against the op's head counts.
+    fn dims(
+        &self,
+        q: &[usize],
+        k: &[usize],
+        v: &[usize],
+    ) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let (h, kv, hd) = (self.heads, self.kv_heads, self.hd);
+        if kv == 0 || h % kv != 0 {
+            candle_core::bail!("causal-attention: {h} heads over {kv} kv heads")
+        }
+        let fits = |d: &[usize], n: usize| {
+            d.len() >= 2 && d[0] == q[0] && d[1] == q[1] && d[2..].iter().product::<usize>() == n * hd
+        };
+        if q.len() < 2 || !fits(q, h) || !fits(k, kv) || !fits(v, kv) {
+            candle_core::bail!(
+                "causal-attention: q {q:?} / k {k:?} / v {v:?} are not [b, s, heads * {hd}] \
+                 with {h} and {kv} heads"
+            )
+        }
+        Ok((q[0], q[1], h, hd))
+    }
+
     /// First key position row `i` may see.
     fn lo(&self, i: usize) -> usize {
         self.window.map_or(0, |w| (i + 1).saturating_sub(w))
@@ -59,19 +105,8 @@ impl CustomOp3 for CausalAttention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, h, s, hd) = ql.shape().dims4()?;
+        let (b, s, h, hd) = self.dims(ql.dims(), kl.dims(), vl.dims())?;
         let kv = self.kv_heads;
-        if kl.shape().dims4()? != (b, kv, s, hd) || vl.shape().dims4()? != (b, kv, s, hd) {
-            candle_core::bail!(
-                "causal-attention: k {:?} / v {:?} do not fit q {:?}",
-                kl.dims(),
-                vl.dims(),
-                ql.dims()
-            )
-        }
-        if h != self.heads || kv == 0 || h % kv != 0 {
-            candle_core::bail!("causal-attention: {h} heads over {kv} kv heads")
-        }
         let (q, k, v) = (cpu_f32(qs, ql)?, cpu_f32(ks, kl)?, cpu_f32(vs, vl)?);
         let scale = 1.0 / (hd as f32).sqrt();
         let mut probs = vec![0f32; b * h * s * s];
@@ -80,18 +115,12 @@ impl CustomOp3 for CausalAttention {
         par_for(b * h, |task| {
             let (bi, hi) = (task / h, task % h);
             let g = hi / (h / kv);
-            let qh = &q[task * s * hd..][..s * hd];
-            let kg = &k[(bi * kv + g) * s * hd..][..s * hd];
-            let vg = &v[(bi * kv + g) * s * hd..][..s * hd];
+            let qh = head_of(q, bi, s, h, hi, hd);
+            let kg = head_of(k, bi, s, kv, g, hd);
+            let vg = head_of(v, bi, s, kv, g, hd);
             // SAFETY: task `task` owns probabilities `[task * s * s, +s * s)`.
             let p = unsafe { pp.slice(task * s * s, s * s) };
-            gemm1(
-                p,
-                Mat::new(qh, s, hd),
-                Mat::new(kg, s, hd).t(),
-                scale,
-                false,
-            );
+            gemm1(p, qh, kg.t(), scale, false);
             for i in 0..s {
                 let row = &mut p[i * s..(i + 1) * s];
                 let lo = self.lo(i);
@@ -105,7 +134,7 @@ impl CustomOp3 for CausalAttention {
                 row[i + 1..].fill(0.0);
             }
             let mut yh = vec![0f32; s * hd];
-            gemm1(&mut yh, Mat::new(p, s, s), Mat::new(vg, s, hd), 1.0, false);
+            gemm1(&mut yh, Mat::new(p, s, s), vg, 1.0, false);
             for (i, r) in yh.chunks_exact(hd).enumerate() {
                 // SAFETY: row i of head hi in sequence bi is this task's alone.
                 let dst = unsafe { yp.slice(((bi * s + i) * h + hi) * hd, hd) };
@@ -124,7 +153,7 @@ impl CustomOp3 for CausalAttention {
         _: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, h, s, hd) = q.dims4()?;
+        let (b, s, h, hd) = self.dims(q.dims(), k.dims(), v.dims())?;
         let kv = self.kv_heads;
         let rep = h / kv;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -145,47 +174,41 @@ impl CustomOp3 for CausalAttention {
             SyncPtr::new(&mut dv),
         );
         par_for(b * kv, |task| {
-            let bi = task / kv;
-            let kg = &kvv[task * s * hd..][..s * hd];
-            let vg = &vv[task * s * hd..][..s * hd];
-            // SAFETY: kv group `task` (its dK, dV and its heads' dQ) belongs to this task.
-            let (dkg, dvg) = unsafe {
-                (
-                    dkp.slice(task * s * hd, s * hd),
-                    dvp.slice(task * s * hd, s * hd),
-                )
-            };
+            let (bi, gi) = (task / kv, task % kv);
+            let kg = head_of(kvv, bi, s, kv, gi, hd);
+            let vg = head_of(vv, bi, s, kv, gi, hd);
+            let (mut dkg, mut dvg) = (vec![0f32; s * hd], vec![0f32; s * hd]);
+            let mut dqh = vec![0f32; s * hd];
             let mut dy = vec![0f32; s * hd];
             let mut ds = vec![0f32; s * s];
-            for hi in task % kv * rep..(task % kv + 1) * rep {
+            for hi in gi * rep..(gi + 1) * rep {
                 let head = bi * h + hi;
                 for (i, r) in dy.chunks_exact_mut(hd).enumerate() {
                     r.copy_from_slice(&g[((bi * s + i) * h + hi) * hd..][..hd]);
                 }
                 let p = &probs[head * s * s..][..s * s];
-                gemm1(dvg, Mat::new(p, s, s).t(), Mat::new(&dy, s, hd), 1.0, true);
                 gemm1(
-                    &mut ds,
+                    &mut dvg,
+                    Mat::new(p, s, s).t(),
                     Mat::new(&dy, s, hd),
-                    Mat::new(vg, s, hd).t(),
                     1.0,
-                    false,
+                    true,
                 );
+                gemm1(&mut ds, Mat::new(&dy, s, hd), vg.t(), 1.0, false);
                 for (dr, pr) in ds.chunks_exact_mut(s).zip(p.chunks_exact(s)) {
                     let c: f32 = dr.iter().zip(pr).map(|(d, p)| d * p).sum();
                     dr.iter_mut().zip(pr).for_each(|(d, p)| *d = p * (*d - c));
                 }
-                let qh = &qv[head * s * hd..][..s * hd];
-                // SAFETY: head `head`'s dQ rows belong to its kv group's task.
-                let dqh = unsafe { dqp.slice(head * s * hd, s * hd) };
-                gemm1(dqh, Mat::new(&ds, s, s), Mat::new(kg, s, hd), scale, false);
-                gemm1(
-                    dkg,
-                    Mat::new(&ds, s, s).t(),
-                    Mat::new(qh, s, hd),
-                    scale,
-                    true,
-                );
+                let qh = head_of(qv, bi, s, h, hi, hd);
+                gemm1(&mut dqh, Mat::new(&ds, s, s), kg, scale, false);
+                gemm1(&mut dkg, Mat::new(&ds, s, s).t(), qh, scale, true);
+                // SAFETY: head `hi`'s dQ rows belong to its kv group's task.
+                unsafe { scatter_head(dqp, &dqh, bi * s, h, hi, hd) };
+            }
+            // SAFETY: kv group `gi`'s dK, dV rows belong to this task.
+            unsafe {
+                scatter_head(dkp, &dkg, bi * s, kv, gi, hd);
+                scatter_head(dvp, &dvg, bi * s, kv, gi, hd);
             }
         });
         Ok((Some(like(q, dq)?), Some(like(k, dk)?), Some(like(v, dv)?)))
@@ -199,8 +222,11 @@ mod tests {
     use crate::model::attention::attention_mask;
     use candle_core::D;
 
-    /// The composed candle ops of the training path this op replaces.
+    /// The composed candle ops of the training path this op replaces (on token-major
+    /// inputs, transposed to heads-major first as that path did).
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) -> Tensor {
+        let heads = |t: &Tensor| t.transpose(1, 2).unwrap().contiguous().unwrap();
+        let (q, k, v) = (heads(q), heads(k), heads(v));
         let (b, h, s, hd) = q.dims4().unwrap();
         let kv = k.dim(1).unwrap();
         let q = q.reshape((b, kv, h / kv * s, hd)).unwrap();
@@ -216,7 +242,7 @@ mod tests {
             .reshape((b, kv, h / kv * s, s))
             .unwrap();
         let p = candle_nn::ops::softmax(&att, D::Minus1).unwrap();
-        p.matmul(v)
+        p.matmul(&v)
             .unwrap()
             .reshape((b, h, s, hd))
             .unwrap()
@@ -229,14 +255,14 @@ mod tests {
     #[test]
     fn attention_matches_candle_ops_forward_and_backward() {
         let (b, h, kv, s, hd) = (2, 6, 2, 9, 8);
-        let q = rand(&[b, h, s, hd], 1);
-        let k = rand(&[b, kv, s, hd], 2);
-        let v = rand(&[b, kv, s, hd], 3);
+        let q = rand(&[b, s, h, hd], 1);
+        let k = rand(&[b, s, kv, hd], 2);
+        let v = rand(&[b, s, kv, hd], 3);
         for window in [None, Some(4)] {
             let inputs = [q.clone(), k.clone(), v.clone()];
             let (want_y, want_g) = grads(|t| reference(&t[0], &t[1], &t[2], window), &inputs, 7);
             let (y, g) = grads(
-                |t| causal_attention(&t[0], &t[1], &t[2], window).unwrap(),
+                |t| causal_attention(&t[0], &t[1], &t[2], (h, kv, hd), window).unwrap(),
                 &inputs,
                 7,
             );

@@ -49,6 +49,25 @@ fn dims2(l: &Layout) -> candle_core::Result<(usize, usize)> {
     l.shape().dims2()
 }
 
+/// `(rows, in)` of an input of any rank: every dimension but the last counts rows. The ops
+/// take `[b, s, in]` as it comes, since each reshape around them would be one more node in
+/// candle's graph, whose backward zero-fills and sums an activation-sized gradient.
+fn flat(dims: &[usize]) -> candle_core::Result<(usize, usize)> {
+    match dims.split_last() {
+        Some((&inp, lead)) => Ok((lead.iter().product(), inp)),
+        None => candle_core::bail!("linear op: a scalar input"),
+    }
+}
+
+/// The output shape: the input's leading dimensions, then `out`.
+fn out_shape(dims: &[usize], out: usize) -> Shape {
+    let mut d = dims.to_vec();
+    if let Some(last) = d.last_mut() {
+        *last = out;
+    }
+    Shape::from(d)
+}
+
 /// `x∘mask`, or `x` itself.
 fn masked<'a>(x: &'a [f32], mask: &Option<Vec<f32>>, buf: &'a mut Vec<f32>) -> &'a [f32] {
     match mask {
@@ -106,16 +125,16 @@ impl CustomOp1 for Frozen {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s, l)?;
-        let (rows, _) = dims2(l)?;
+        let (rows, _) = flat(l.dims())?;
         let (y, out) = base(x, rows, &self.w, &self.bf16)?;
-        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+        Ok((CpuStorage::F32(y), out_shape(l.dims(), out)))
     }
 
     fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         if !x.track_op() {
             return Ok(None); // the first layer's input: nothing upstream wants it
         }
-        let rows = x.dim(0)?;
+        let (rows, _) = flat(x.dims())?;
         f32_of!(g = grad);
         Ok(Some(like(x, base_grad(g, rows, &self.w, &self.bf16)?)?))
     }
@@ -136,7 +155,7 @@ impl CustomOp3 for Lora {
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, a, bt) = (cpu_f32(xs, xl)?, cpu_f32(a_s, al)?, cpu_f32(bs, bl)?);
-        let (rows, inp) = dims2(xl)?;
+        let (rows, inp) = flat(xl.dims())?;
         let (r, out) = dims2(bl)?;
         let (mut y, wout) = base(x, rows, &self.w, &self.bf16)?;
         if wout != out || dims2(al)? != (r, inp) {
@@ -156,7 +175,7 @@ impl CustomOp3 for Lora {
             1.0,
             true,
         );
-        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+        Ok((CpuStorage::F32(y), out_shape(xl.dims(), out)))
     }
 
     fn bwd(
@@ -167,7 +186,7 @@ impl CustomOp3 for Lora {
         _: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (rows, inp) = x.dims2()?;
+        let (rows, inp) = flat(x.dims())?;
         let (r, out) = bt.dims2()?;
         f32_of!(g = grad);
         f32_of!(xv = x);

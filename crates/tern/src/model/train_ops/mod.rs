@@ -56,6 +56,17 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// A `[rows, cols]` matrix whose rows lie `rs` values apart.
+    pub(crate) fn strided(data: &'a [f32], rows: usize, cols: usize, rs: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs,
+            cs: 1,
+        }
+    }
+
     /// The transpose (no copy).
     pub(crate) fn t(self) -> Self {
         Self {

@@ -88,32 +88,41 @@ impl CustomOp1 for RmsNormOp {
     }
 }
 
-/// Rope on `[b, heads, s, hd]` (the halves rotated, as `rope_slow`), `cos`/`sin` `[s, hd/2]`.
+/// Rope on rows of `hd` values (the halves rotated, as `rope_slow`), `cos`/`sin` `[s, hd/2]`:
+/// `[b, heads, s, hd]` with `per_pos` 1, or token-major `[b, s, heads * hd]` with `per_pos`
+/// the head count (rows of one position are adjacent there).
 pub(crate) struct RopeOp {
+    /// Values per row (the head size).
+    pub(crate) hd: usize,
     /// `[s, hd / 2]`.
     pub(crate) cos: Tensor,
     /// `[s, hd / 2]`.
     pub(crate) sin: Tensor,
+    /// Consecutive rows at one position.
+    pub(crate) per_pos: usize,
 }
 
 impl RopeOp {
     /// Rotates every `[hd]` row of `x` by its position's angles; `sign` -1 rotates back
     /// (the backward of a rotation is its inverse).
     fn rotate(&self, x: &[f32], dims: &[usize], sign: f32) -> candle_core::Result<Vec<f32>> {
-        let &[_, _, s, hd] = dims else {
-            candle_core::bail!("rope: input {dims:?} is not [b, heads, s, hd]")
-        };
+        let hd = self.hd;
         f32_of!(cos = self.cos);
         f32_of!(sin = self.sin);
         let half = hd / 2;
-        if hd % 2 != 0 || cos.len() != s * half || sin.len() != s * half {
-            candle_core::bail!("rope: tables of {} for {s} positions of {hd}", cos.len())
+        let s = cos.len() / half.max(1);
+        let per = self.per_pos.max(1);
+        if hd % 2 != 0 || sin.len() != cos.len() || x.len() % (hd * s * per).max(1) != 0 {
+            candle_core::bail!(
+                "rope: tables of {} for input {dims:?}, {per} rows per position",
+                cos.len()
+            )
         }
         let mut y = vec![0f32; x.len()];
         let yp = SyncPtr::new(&mut y);
         par_chunks(x.len() / hd, 64, |rows| {
             for r in rows {
-                let p = r % s;
+                let p = r / per % s;
                 let (c, sn) = (&cos[p * half..][..half], &sin[p * half..][..half]);
                 let (x1, x2) = x[r * hd..][..hd].split_at(half);
                 // SAFETY: row r is this task's.
@@ -235,10 +244,35 @@ mod tests {
         let (cos, sin) = (rand(&[7, 4], 2), rand(&[7, 4], 3));
         let op = |x: &Tensor| {
             let (cos, sin) = (cos.clone(), sin.clone());
-            x.apply_op1(RopeOp { cos, sin }).unwrap()
+            x.apply_op1(RopeOp {
+                cos,
+                sin,
+                hd: 8,
+                per_pos: 1,
+            })
+            .unwrap()
         };
         let reference = |x: &Tensor| candle_nn::rotary_emb::rope_slow(x, &cos, &sin).unwrap();
         same_as(op, reference, &rand(&[2, 3, 7, 8], 1), 1e-6);
+        // Token-major `[b, s, heads * hd]`: the same rotation as on the transposed input.
+        let token_major = |x: &Tensor| {
+            let (cos, sin) = (cos.clone(), sin.clone());
+            let t = x.transpose(1, 2).unwrap().contiguous().unwrap();
+            t.reshape((2, 7, 24))
+                .unwrap()
+                .apply_op1(RopeOp {
+                    cos,
+                    sin,
+                    hd: 8,
+                    per_pos: 3,
+                })
+                .unwrap()
+                .reshape((2, 7, 3, 8))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+        };
+        same_as(token_major, reference, &rand(&[2, 3, 7, 8], 4), 1e-6);
     }
 
     #[test]
