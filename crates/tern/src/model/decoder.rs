@@ -350,6 +350,20 @@ impl Model {
             .to_dtype(DType::F32)?)
     }
 
+    /// A training step's `-log softmax(logits)[target]` per row of final hidden states `h`
+    /// `[n, hidden]`, with the output head and the loss as one op that never holds all the
+    /// logits (f32 on the CPU, a head without bias or adapter); `grad` readies its backward.
+    /// `None` where that op does not apply.
+    pub(crate) fn head_nll(
+        &self,
+        h: &Tensor,
+        targets: &[u32],
+        ad: &BatchAdapters,
+        grad: bool,
+    ) -> Result<Option<Tensor>> {
+        self.lm_head.head_nll(h, targets, ad, grad)
+    }
+
     /// Logits `[batch, seq, vocab]` for every position of `ids`.
     pub fn forward_all(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         self.forward_all_with(ids, cache, &BatchAdapters::none())

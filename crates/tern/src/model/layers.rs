@@ -3,7 +3,7 @@
 
 use super::config::ModelConfig;
 use super::train_ops::bf16::PackedB;
-use super::train_ops::linear::Bf16Packs;
+use super::train_ops::linear::{Bf16Packs, WeightFn};
 use crate::checkpoint::Weights;
 use crate::error::{Result, TernError};
 use crate::lora::{BatchAdapters, LoraPair};
@@ -216,7 +216,7 @@ impl Linear {
     /// A training step's layer as one op with its own backward (f32 on the CPU, one adapter
     /// for the whole batch); `None` where the candle-op path must run.
     fn forward_train(&self, x: &Tensor, adapters: &BatchAdapters) -> Result<Option<Tensor>> {
-        use super::train_ops::linear::{Frozen, Lora, WeightFn};
+        use super::train_ops::linear::{Frozen, Lora};
         let Some(pair) = adapters.whole_batch_pair(self.slot) else {
             return Ok(None);
         };
@@ -227,11 +227,7 @@ impl Linear {
         let rows = x.elem_count() / in_dim.max(1);
         // The ops take `x` at any rank: no reshapes (graph nodes) around them.
         let x2 = x.contiguous()?;
-        let w = self.w.clone();
-        let w: WeightFn = Arc::new(move || w.float(DType::F32, &candle_core::Device::Cpu));
-        let bf16 = (adapters.bf16_base() && super::train_ops::bf16::available())
-            .then(|| self.bf16_packs())
-            .transpose()?;
+        let (w, bf16) = self.train_weight(adapters)?;
         let y = match pair {
             None => x2.apply_op1(Frozen { w, bf16 })?,
             Some((p, dropout)) => {
@@ -257,6 +253,39 @@ impl Linear {
             }
         };
         Ok(Some(self.add_bias(y)?))
+    }
+
+    /// The frozen weight as a training op takes it: its f32 source (dequantizing when stored
+    /// quantized) and, with bf16 products on, its packs.
+    fn train_weight(&self, adapters: &BatchAdapters) -> Result<(WeightFn, Option<Arc<Bf16Packs>>)> {
+        let w = self.w.clone();
+        let w: WeightFn = Arc::new(move || w.float(DType::F32, &candle_core::Device::Cpu));
+        let bf16 = (adapters.bf16_base() && super::train_ops::bf16::available())
+            .then(|| self.bf16_packs())
+            .transpose()?;
+        Ok((w, bf16))
+    }
+
+    /// A training step's loss per row of `h` `[n, hidden]` through this layer as the output
+    /// head, as one op (see `train_ops::head_loss`): the layer frozen, without bias or
+    /// adapter, `h` f32 on the CPU. `None` otherwise.
+    pub(crate) fn head_nll(
+        &self,
+        h: &Tensor,
+        targets: &[u32],
+        adapters: &BatchAdapters,
+        grad: bool,
+    ) -> Result<Option<Tensor>> {
+        if self.b.is_some()
+            || !super::train_ops::fits(h)
+            || !matches!(adapters.whole_batch_pair(self.slot), Some(None))
+        {
+            return Ok(None);
+        }
+        let (w, bf16) = self.train_weight(adapters)?;
+        Ok(Some(super::train_ops::head_loss::head_nll(
+            h, targets, w, bf16, grad,
+        )?))
     }
 
     /// The base layer plus each row's LoRA delta.

@@ -6,6 +6,7 @@
 //! logits once forward (one f32 per row out) and writes the gradient once backward.
 
 use crate::error::Result;
+use crate::model::train_ops::head_loss::lse;
 use crate::model::train_ops::{par_for, SyncPtr};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
@@ -21,13 +22,6 @@ struct CrossEntropy {
     targets: Vec<u32>,
     /// Each row's `log Σ exp(x)` from forward, for backward (one vocabulary pass fewer).
     lse: std::sync::Mutex<Vec<f32>>,
-}
-
-/// `log Σ exp(x)` of one row (shifted by its max; vectorised f32 exponentials, summed in
-/// f64).
-fn lse(row: &[f32]) -> f32 {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    m + crate::quant::vexp::sum_exp(row, m).ln() as f32
 }
 
 fn rows<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], usize)> {

@@ -266,6 +266,9 @@ impl<'a> Trainer<'a> {
         let sel = h
             .reshape((b.rows * b.len, hidden))?
             .index_select(&Tensor::new(pos, dev)?, 0)?;
+        if let Some(nll) = model.head_nll(&sel, &tgt, &ad, train)? {
+            return Ok((nll.sum_all()?, n, sink));
+        }
         let logits = model.logits(&sel, &ad)?;
         let nll = if dev.is_cpu() {
             super::loss::nll_rows(&logits, &tgt)?

@@ -74,7 +74,10 @@ impl CausalAttention {
             candle_core::bail!("causal-attention: {h} heads over {kv} kv heads")
         }
         let fits = |d: &[usize], n: usize| {
-            d.len() >= 2 && d[0] == q[0] && d[1] == q[1] && d[2..].iter().product::<usize>() == n * hd
+            d.len() >= 2
+                && d[0] == q[0]
+                && d[1] == q[1]
+                && d[2..].iter().product::<usize>() == n * hd
         };
         if q.len() < 2 || !fits(q, h) || !fits(k, kv) || !fits(v, kv) {
             candle_core::bail!(

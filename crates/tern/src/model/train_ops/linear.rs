@@ -86,7 +86,7 @@ fn bottleneck(xm: &[f32], a: &[f32], rows: usize, r: usize, scale: f32) -> Vec<f
 }
 
 /// `x W^T` as a new `[rows, out]` buffer (in bf16 when packs are given).
-fn base(
+pub(super) fn base(
     x: &[f32],
     rows: usize,
     w: &WeightFn,
@@ -103,7 +103,7 @@ fn base(
 }
 
 /// `dy W` as a new `[rows, in]` buffer (in bf16 when packs are given).
-fn base_grad(
+pub(super) fn base_grad(
     g: &[f32],
     rows: usize,
     w: &WeightFn,
