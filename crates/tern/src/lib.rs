@@ -29,16 +29,24 @@ pub use tokenizer::ChatMessage;
 pub(crate) mod test_util {
     use candle_core::Tensor;
 
-    /// max |a - b| over two tensors of the same shape.
+    /// max |a - b| over two tensors of the same shape; NaN if any difference is NaN (candle's
+    /// `max_all` passes over NaNs, which would hide a value an op never wrote).
     pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
+        let d: Vec<f32> = (a - b)
             .unwrap()
-            .abs()
+            .flatten_all()
             .unwrap()
-            .max_all()
+            .to_dtype(candle_core::DType::F32)
             .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+            .to_vec1()
+            .unwrap();
+        d.iter().fold(0f32, |m, v| {
+            if m.is_nan() || v.is_nan() {
+                f32::NAN
+            } else {
+                m.max(v.abs())
+            }
+        })
     }
 
     /// max |a - b| relative to max |b|.

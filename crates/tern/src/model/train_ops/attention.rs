@@ -10,7 +10,7 @@
 //! head) pair is a task on candle's pool with single-threaded products; backward takes a
 //! whole kv group per task so a group's `dK`/`dV` sums need no locks.
 
-use super::{cpu_f32, f32_of, gemm1, like, par_for, Mat, SyncPtr};
+use super::{cpu_f32, f32_of, gemm1, like, par_for, unfilled, Mat, SyncPtr};
 use crate::quant::vexp::softmax_exp;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use std::sync::Mutex;
@@ -112,8 +112,9 @@ impl CustomOp3 for CausalAttention {
         let kv = self.kv_heads;
         let (q, k, v) = (cpu_f32(qs, ql)?, cpu_f32(ks, kl)?, cpu_f32(vs, vl)?);
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut probs = vec![0f32; b * h * s * s];
-        let mut y = vec![0f32; b * s * h * hd];
+        // SAFETY: each task writes its head's probabilities (the product, then every row
+        // of it) and its head's output rows.
+        let (mut probs, mut y) = unsafe { (unfilled(b * h * s * s), unfilled(b * s * h * hd)) };
         let (pp, yp) = (SyncPtr::new(&mut probs), SyncPtr::new(&mut y));
         par_for(b * h, |task| {
             let (bi, hi) = (task / h, task % h);
@@ -168,9 +169,14 @@ impl CustomOp3 for CausalAttention {
         if probs.len() != b * h * s * s {
             candle_core::bail!("causal-attention: backward without its forward")
         }
-        let mut dq = vec![0f32; b * h * s * hd];
-        let mut dk = vec![0f32; b * kv * s * hd];
-        let mut dv = vec![0f32; b * kv * s * hd];
+        // SAFETY: each kv group's task scatters all rows of its heads' dQ and its dK, dV.
+        let (mut dq, mut dk, mut dv) = unsafe {
+            (
+                unfilled(b * h * s * hd),
+                unfilled(b * kv * s * hd),
+                unfilled(b * kv * s * hd),
+            )
+        };
         let (dqp, dkp, dvp) = (
             SyncPtr::new(&mut dq),
             SyncPtr::new(&mut dk),

@@ -12,7 +12,7 @@
 //! keeps `MR x NR` sums in 24 registers; each depth pair costs 3 loads of `B`, 8 broadcasts
 //! of `A` and 24 `vdpbf16ps`.
 
-use super::{par_for, SyncPtr};
+use super::{par_for, unfilled, SyncPtr};
 
 /// Rows of a tile.
 const MR: usize = 8;
@@ -94,8 +94,10 @@ pub(crate) fn product(a: &[f32], m: usize, b: &PackedB) -> Vec<f32> {
     assert!(available() && a.len() == m * k);
     let blocks = m.div_ceil(MR);
     // A as bf16 rows of `k2` pairs (a row's bf16 values in order are its pairs), padded
-    // with zero rows to whole blocks.
-    let mut pa = vec![0u32; blocks * MR * k2];
+    // with zero rows to whole blocks. Only the padding is zeroed here.
+    // SAFETY: the padding is filled now and every row of `a` on the pool below.
+    let mut pa: Vec<u32> = unsafe { unfilled(blocks * MR * k2) };
+    pa[m * k2..].fill(0);
     let pp = SyncPtr::new(&mut pa);
     par_for(blocks, |blk| {
         for r in blk * MR..m.min((blk + 1) * MR) {

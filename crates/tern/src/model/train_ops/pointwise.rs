@@ -2,7 +2,7 @@
 //! and the gated MLP's `silu(g) * u`. Each is one pass forward and one backward (candle's
 //! differentiable forms are 5-8 ops each way).
 
-use super::{cpu_f32, f32_of, like, par_for, SyncPtr};
+use super::{cpu_f32, f32_of, like, par_for, unfilled, SyncPtr};
 use crate::quant::vexp::sigmoid;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
@@ -47,7 +47,8 @@ impl CustomOp1 for RmsNormOp {
         if d == 0 || x.len() % d != 0 || l.dims().last() != Some(&d) {
             candle_core::bail!("rms-norm: input {:?} over a weight of {d}", l.dims())
         }
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: the tasks below write every row.
+        let mut y = unsafe { unfilled(x.len()) };
         let yp = SyncPtr::new(&mut y);
         par_chunks(x.len() / d, 64, |rows| {
             for r in rows {
@@ -68,7 +69,8 @@ impl CustomOp1 for RmsNormOp {
         f32_of!(g = grad);
         f32_of!(w = self.w);
         let d = w.len();
-        let mut dx = vec![0f32; xv.len()];
+        // SAFETY: the tasks below write every row.
+        let mut dx = unsafe { unfilled(xv.len()) };
         let dp = SyncPtr::new(&mut dx);
         par_chunks(xv.len() / d, 64, |rows| {
             for r in rows {
@@ -118,7 +120,8 @@ impl RopeOp {
                 cos.len()
             )
         }
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: the tasks below write every row.
+        let mut y = unsafe { unfilled(x.len()) };
         let yp = SyncPtr::new(&mut y);
         par_chunks(x.len() / hd, 64, |rows| {
             for r in rows {
@@ -173,7 +176,8 @@ impl CustomOp2 for SwiGlu {
         if gl.dims() != ul.dims() {
             candle_core::bail!("swiglu: gate {:?} and up {:?} differ", gl.dims(), ul.dims())
         }
-        let mut y = vec![0f32; g.len()];
+        // SAFETY: the tasks below write every value.
+        let mut y = unsafe { unfilled(g.len()) };
         let yp = SyncPtr::new(&mut y);
         par_chunks(g.len(), CHUNK, |r| {
             // SAFETY: the range is this task's.
@@ -194,7 +198,8 @@ impl CustomOp2 for SwiGlu {
         f32_of!(uv = u);
         f32_of!(dy = grad);
         let n = gv.len();
-        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        // SAFETY: the tasks below write every value (`dg` before reading it back).
+        let (mut dg, mut du) = unsafe { (unfilled(n), unfilled(n)) };
         let (gp, up) = (SyncPtr::new(&mut dg), SyncPtr::new(&mut du));
         par_chunks(n, CHUNK, |r| {
             // SAFETY: the range is this task's.
