@@ -10,7 +10,7 @@
 //! head) pair is a task on candle's pool with single-threaded products; backward takes a
 //! whole kv group per task so a group's `dK`/`dV` sums need no locks.
 
-use super::{cpu_f32, f32_of, gemm1, like, par_for, unfilled, Mat, SyncPtr};
+use super::{cpu_f32, f32_of, gemm1, like, par_for, Mat, SyncPtr, Unfilled};
 use crate::quant::vexp::softmax_exp;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use std::sync::Mutex;
@@ -112,10 +112,8 @@ impl CustomOp3 for CausalAttention {
         let kv = self.kv_heads;
         let (q, k, v) = (cpu_f32(qs, ql)?, cpu_f32(ks, kl)?, cpu_f32(vs, vl)?);
         let scale = 1.0 / (hd as f32).sqrt();
-        // SAFETY: each task writes its head's probabilities (the product, then every row
-        // of it) and its head's output rows.
-        let (mut probs, mut y) = unsafe { (unfilled(b * h * s * s), unfilled(b * s * h * hd)) };
-        let (pp, yp) = (SyncPtr::new(&mut probs), SyncPtr::new(&mut y));
+        let (mut probs, mut y) = (Unfilled::new(b * h * s * s), Unfilled::new(b * s * h * hd));
+        let (pp, yp) = (probs.ptr(), y.ptr());
         par_for(b * h, |task| {
             let (bi, hi) = (task / h, task % h);
             let g = hi / (h / kv);
@@ -145,6 +143,9 @@ impl CustomOp3 for CausalAttention {
                 dst.copy_from_slice(r);
             }
         });
+        // SAFETY: each task wrote its head's probabilities (the product, then every row of
+        // it) and its head's output rows.
+        let (probs, y) = unsafe { (probs.written(), y.written()) };
         *self.probs.lock().unwrap_or_else(|e| e.into_inner()) = probs;
         Ok((CpuStorage::F32(y), Shape::from((b, s, h * hd))))
     }
@@ -169,19 +170,12 @@ impl CustomOp3 for CausalAttention {
         if probs.len() != b * h * s * s {
             candle_core::bail!("causal-attention: backward without its forward")
         }
-        // SAFETY: each kv group's task scatters all rows of its heads' dQ and its dK, dV.
-        let (mut dq, mut dk, mut dv) = unsafe {
-            (
-                unfilled(b * h * s * hd),
-                unfilled(b * kv * s * hd),
-                unfilled(b * kv * s * hd),
-            )
-        };
-        let (dqp, dkp, dvp) = (
-            SyncPtr::new(&mut dq),
-            SyncPtr::new(&mut dk),
-            SyncPtr::new(&mut dv),
+        let (mut dq, mut dk, mut dv) = (
+            Unfilled::new(b * h * s * hd),
+            Unfilled::new(b * kv * s * hd),
+            Unfilled::new(b * kv * s * hd),
         );
+        let (dqp, dkp, dvp) = (dq.ptr(), dk.ptr(), dv.ptr());
         par_for(b * kv, |task| {
             let (bi, gi) = (task / kv, task % kv);
             let kg = head_of(kvv, bi, s, kv, gi, hd);
@@ -220,6 +214,8 @@ impl CustomOp3 for CausalAttention {
                 scatter_head(dvp, &dvg, bi * s, kv, gi, hd);
             }
         });
+        // SAFETY: each kv group's task scattered all rows of its heads' dQ and its dK, dV.
+        let (dq, dk, dv) = unsafe { (dq.written(), dk.written(), dv.written()) };
         Ok((Some(like(q, dq)?), Some(like(k, dk)?), Some(like(v, dv)?)))
     }
 }

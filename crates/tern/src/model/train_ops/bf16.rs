@@ -12,7 +12,7 @@
 //! keeps `MR x NR` sums in 24 registers; each depth pair costs 3 loads of `B`, 8 broadcasts
 //! of `A` and 24 `vdpbf16ps`.
 
-use super::{par_for, unfilled, SyncPtr};
+use super::{par_for, SyncPtr, Unfilled};
 
 /// Rows of a tile.
 const MR: usize = 8;
@@ -95,16 +95,18 @@ pub(crate) fn product(a: &[f32], m: usize, b: &PackedB) -> Vec<f32> {
     let blocks = m.div_ceil(MR);
     // A as bf16 rows of `k2` pairs (a row's bf16 values in order are its pairs), padded
     // with zero rows to whole blocks. Only the padding is zeroed here.
-    // SAFETY: the padding is filled now and every row of `a` on the pool below.
-    let mut pa: Vec<u32> = unsafe { unfilled(blocks * MR * k2) };
-    pa[m * k2..].fill(0);
-    let pp = SyncPtr::new(&mut pa);
+    let mut pa = Unfilled::<u32>::new(blocks * MR * k2);
+    let pp = pa.ptr();
+    // SAFETY: the padding rows lie inside the buffer; nothing else touches them.
+    unsafe { pp.slice(m * k2, (blocks * MR - m) * k2).fill(0) };
     par_for(blocks, |blk| {
         for r in blk * MR..m.min((blk + 1) * MR) {
             // SAFETY: row r's words are this task's.
             to_bf16_pairs(&a[r * k..][..k], unsafe { pp.slice(r * k2, k2) });
         }
     });
+    // SAFETY: the padding and every row of `a` were written.
+    let pa = unsafe { pa.written() };
     // Not zero-filled: the tiles cover every (row, column) of the product exactly once.
     let mut c = Vec::<f32>::with_capacity(m * n);
     let cp = SyncPtr(c.as_mut_ptr());

@@ -2,7 +2,7 @@
 //! and the gated MLP's `silu(g) * u`. Each is one pass forward and one backward (candle's
 //! differentiable forms are 5-8 ops each way).
 
-use super::{cpu_f32, f32_of, like, par_for, unfilled, SyncPtr};
+use super::{cpu_f32, f32_of, like, par_for, Unfilled};
 use crate::quant::vexp::sigmoid;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
@@ -47,9 +47,8 @@ impl CustomOp1 for RmsNormOp {
         if d == 0 || x.len() % d != 0 || l.dims().last() != Some(&d) {
             candle_core::bail!("rms-norm: input {:?} over a weight of {d}", l.dims())
         }
-        // SAFETY: the tasks below write every row.
-        let mut y = unsafe { unfilled(x.len()) };
-        let yp = SyncPtr::new(&mut y);
+        let mut y = Unfilled::new(x.len());
+        let yp = y.ptr();
         par_chunks(x.len() / d, 64, |rows| {
             for r in rows {
                 let xr = &x[r * d..][..d];
@@ -61,6 +60,8 @@ impl CustomOp1 for RmsNormOp {
                 }
             }
         });
+        // SAFETY: the tasks wrote every row.
+        let y = unsafe { y.written() };
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -69,9 +70,8 @@ impl CustomOp1 for RmsNormOp {
         f32_of!(g = grad);
         f32_of!(w = self.w);
         let d = w.len();
-        // SAFETY: the tasks below write every row.
-        let mut dx = unsafe { unfilled(xv.len()) };
-        let dp = SyncPtr::new(&mut dx);
+        let mut dx = Unfilled::new(xv.len());
+        let dp = dx.ptr();
         par_chunks(xv.len() / d, 64, |rows| {
             for r in rows {
                 let (xr, gr) = (&xv[r * d..][..d], &g[r * d..][..d]);
@@ -86,7 +86,8 @@ impl CustomOp1 for RmsNormOp {
                 }
             }
         });
-        Ok(Some(like(x, dx)?))
+        // SAFETY: the tasks wrote every row.
+        Ok(Some(like(x, unsafe { dx.written() })?))
     }
 }
 
@@ -114,15 +115,17 @@ impl RopeOp {
         let half = hd / 2;
         let s = cos.len() / half.max(1);
         let per = self.per_pos.max(1);
-        if hd % 2 != 0 || sin.len() != cos.len() || x.len() % (hd * s * per).max(1) != 0 {
+        if !hd.is_multiple_of(2)
+            || sin.len() != cos.len()
+            || !x.len().is_multiple_of((hd * s * per).max(1))
+        {
             candle_core::bail!(
                 "rope: tables of {} for input {dims:?}, {per} rows per position",
                 cos.len()
             )
         }
-        // SAFETY: the tasks below write every row.
-        let mut y = unsafe { unfilled(x.len()) };
-        let yp = SyncPtr::new(&mut y);
+        let mut y = Unfilled::new(x.len());
+        let yp = y.ptr();
         par_chunks(x.len() / hd, 64, |rows| {
             for r in rows {
                 let p = r / per % s;
@@ -137,7 +140,8 @@ impl RopeOp {
                 }
             }
         });
-        Ok(y)
+        // SAFETY: the tasks wrote every row.
+        Ok(unsafe { y.written() })
     }
 }
 
@@ -176,14 +180,15 @@ impl CustomOp2 for SwiGlu {
         if gl.dims() != ul.dims() {
             candle_core::bail!("swiglu: gate {:?} and up {:?} differ", gl.dims(), ul.dims())
         }
-        // SAFETY: the tasks below write every value.
-        let mut y = unsafe { unfilled(g.len()) };
-        let yp = SyncPtr::new(&mut y);
+        let mut y = Unfilled::new(g.len());
+        let yp = y.ptr();
         par_chunks(g.len(), CHUNK, |r| {
             // SAFETY: the range is this task's.
             let yr = unsafe { yp.slice(r.start, r.len()) };
             crate::quant::vexp::swiglu(yr, &g[r.clone()], &u[r]);
         });
+        // SAFETY: the tasks wrote every value.
+        let y = unsafe { y.written() };
         Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
 
@@ -198,9 +203,8 @@ impl CustomOp2 for SwiGlu {
         f32_of!(uv = u);
         f32_of!(dy = grad);
         let n = gv.len();
-        // SAFETY: the tasks below write every value (`dg` before reading it back).
-        let (mut dg, mut du) = unsafe { (unfilled(n), unfilled(n)) };
-        let (gp, up) = (SyncPtr::new(&mut dg), SyncPtr::new(&mut du));
+        let (mut dg, mut du) = (Unfilled::new(n), Unfilled::new(n));
+        let (gp, up) = (dg.ptr(), du.ptr());
         par_chunks(n, CHUNK, |r| {
             // SAFETY: the range is this task's.
             let (dgr, dur) = unsafe { (gp.slice(r.start, r.len()), up.slice(r.start, r.len())) };
@@ -211,6 +215,8 @@ impl CustomOp2 for SwiGlu {
                 dgr[i] = d * b * sg * (1.0 + a * (1.0 - sg));
             }
         });
+        // SAFETY: the tasks wrote every value (`dg` before reading it back).
+        let (dg, du) = unsafe { (dg.written(), du.written()) };
         Ok((Some(like(g, dg)?), Some(like(u, du)?)))
     }
 }
