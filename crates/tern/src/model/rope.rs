@@ -98,11 +98,7 @@ impl Rope {
     /// from each of `b` sequences (continuous batching), in one op rather than one per row.
     pub fn apply_rows(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
         if let Some(&p) = positions.iter().find(|&&p| p >= self.max_len) {
-            return Err(TernError::InvalidArgument(format!(
-                "sequence of {} tokens exceeds the model's context length {}",
-                p + 1,
-                self.max_len
-            )));
+            self.check_end(p + 1)?;
         }
         if x.dim(0)? == positions.len() && x.dim(2)? == 1 {
             if let Some(y) = self.rotate_f32(x, |i, _| positions[i])? {
@@ -170,25 +166,13 @@ impl Rope {
     /// `differentiable` uses plain ops (candle's fused kernel has no backward).
     pub fn apply(&self, x: &Tensor, offset: usize, differentiable: bool) -> Result<Tensor> {
         let seq = x.dim(2)?;
-        if offset + seq > self.max_len {
-            return Err(TernError::InvalidArgument(format!(
-                "sequence of {} tokens exceeds the model's context length {}",
-                offset + seq,
-                self.max_len
-            )));
+        self.check_end(offset + seq)?;
+        if differentiable && super::train_ops::fits(x) && self.is_f32() {
+            return self.train_op(x, offset, seq, x.dim(3)?, 1);
         }
         let cos = self.cos.narrow(0, offset, seq)?;
         let sin = self.sin.narrow(0, offset, seq)?;
         if differentiable {
-            if super::train_ops::fits(x) && cos.dtype() == candle_core::DType::F32 {
-                let op = super::train_ops::pointwise::RopeOp {
-                    cos: cos.contiguous()?,
-                    sin: sin.contiguous()?,
-                    hd: x.dim(3)?,
-                    per_pos: 1,
-                };
-                return Ok(x.contiguous()?.apply_op1(op)?);
-            }
             return Ok(candle_nn::rotary_emb::rope_slow(x, &cos, &sin)?);
         }
         if let Some(y) = self.rotate_f32(x, |_, j| offset + j)? {
@@ -196,9 +180,37 @@ impl Rope {
         }
         Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
     }
-}
 
-impl Rope {
+    /// An error unless positions up to `end` (exclusive) lie inside the tables.
+    fn check_end(&self, end: usize) -> Result<()> {
+        if end > self.max_len {
+            return Err(TernError::InvalidArgument(format!(
+                "sequence of {end} tokens exceeds the model's context length {}",
+                self.max_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// The training ops' rope (its own backward) on f32 rows of `hd` at positions `offset..
+    /// offset + seq`, `per_pos` consecutive rows per position.
+    fn train_op(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        seq: usize,
+        hd: usize,
+        per_pos: usize,
+    ) -> Result<Tensor> {
+        let op = super::train_ops::pointwise::RopeOp {
+            cos: self.cos.narrow(0, offset, seq)?.contiguous()?,
+            sin: self.sin.narrow(0, offset, seq)?.contiguous()?,
+            hd,
+            per_pos,
+        };
+        Ok(x.contiguous()?.apply_op1(op)?)
+    }
+
     /// Whether the tables are f32 (the training ops' rope needs them so).
     pub(crate) fn is_f32(&self) -> bool {
         self.cos.dtype() == candle_core::DType::F32
@@ -208,19 +220,8 @@ impl Rope {
     /// one op with its own backward.
     pub(crate) fn apply_token_major(&self, x: &Tensor, hd: usize) -> Result<Tensor> {
         let (_, seq, width) = x.dims3()?;
-        if seq > self.max_len {
-            return Err(TernError::InvalidArgument(format!(
-                "sequence of {seq} tokens exceeds the model's context length {}",
-                self.max_len
-            )));
-        }
-        let op = super::train_ops::pointwise::RopeOp {
-            cos: self.cos.narrow(0, 0, seq)?.contiguous()?,
-            sin: self.sin.narrow(0, 0, seq)?.contiguous()?,
-            hd,
-            per_pos: width / hd.max(1),
-        };
-        Ok(x.contiguous()?.apply_op1(op)?)
+        self.check_end(seq)?;
+        self.train_op(x, 0, seq, hd, width / hd.max(1))
     }
 }
 

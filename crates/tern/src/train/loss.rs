@@ -6,7 +6,7 @@
 //! logits once forward (one f32 per row out) and writes the gradient once backward.
 
 use crate::error::Result;
-use crate::model::train_ops::head_loss::lse;
+use crate::model::train_ops::head_loss::{lse, softmax_grad_row, target_index};
 use crate::model::train_ops::{par_for, SyncPtr};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
@@ -55,7 +55,7 @@ impl CustomOp1 for CrossEntropy {
         par_for(n, |i| {
             let row = &x[i * vocab..(i + 1) * vocab];
             let l = lse(row);
-            let t = (self.targets[i] as usize).min(vocab - 1);
+            let t = target_index(self.targets[i], vocab);
             // SAFETY: each row index is written by exactly one task.
             unsafe {
                 op.slice(i, 1)[0] = l - row[t];
@@ -90,8 +90,7 @@ impl CustomOp1 for CrossEntropy {
             let l = lses[i];
             // SAFETY: row i's slice of `out` is written by this task only.
             let o = unsafe { op.slice(i * vocab, vocab) };
-            crate::quant::vexp::exp_affine(o, row, 1.0, -l, g[i]);
-            o[(self.targets[i] as usize).min(vocab - 1)] -= g[i];
+            softmax_grad_row(o, row, l, self.targets[i], g[i]);
         });
         Ok(Some(Tensor::from_vec(out, arg.shape(), arg.device())?))
     }

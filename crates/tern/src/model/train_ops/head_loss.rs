@@ -51,6 +51,19 @@ pub(crate) fn head_nll(
     })
 }
 
+/// `scale (softmax(row) - onehot(target))` into `out`: the gradient of `scale * nll` over a
+/// row of logits whose log-sum-exp is `lse` (a target past the vocabulary counts as its last
+/// entry, as the losses read it).
+pub(crate) fn softmax_grad_row(out: &mut [f32], row: &[f32], lse: f32, target: u32, scale: f32) {
+    exp_affine(out, row, 1.0, -lse, scale);
+    out[target_index(target, row.len())] -= scale;
+}
+
+/// Where `target` sits in a row of `vocab` logits (clamped to the last).
+pub(crate) fn target_index(target: u32, vocab: usize) -> usize {
+    (target as usize).min(vocab - 1)
+}
+
 /// `log Σ exp(x)` of one row (shifted by its max; vectorised exponentials summed in f64).
 pub(crate) fn lse(row: &[f32]) -> f32 {
     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -104,14 +117,12 @@ impl CustomOp1 for HeadNll {
             par_for(rows, |i| {
                 let row = &logits[i * vocab..(i + 1) * vocab];
                 let l = lse(row);
-                let t = (targets[i] as usize).min(vocab - 1);
                 // SAFETY: row i of the chunk (its loss and its gradient row) is this task's.
-                unsafe { np.slice(i, 1)[0] = l - row[t] };
+                unsafe { np.slice(i, 1)[0] = l - row[target_index(targets[i], vocab)] };
                 if self.grad {
                     // SAFETY: as above.
                     let o = unsafe { dp.slice(i * vocab, vocab) };
-                    exp_affine(o, row, 1.0, -l, 1.0);
-                    o[t] -= 1.0;
+                    softmax_grad_row(o, row, l, targets[i], 1.0);
                 }
             });
             if self.grad {
