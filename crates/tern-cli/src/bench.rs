@@ -173,6 +173,15 @@ fn batch(a: BatchBenchArgs) -> Result<()> {
         r.speedup, r.speedup_range.0, r.speedup_range.1
     );
     println!("same tokens    {}", r.same_tokens);
+    // Each way's best round: its whole run from its tok/s, and the part that was prompts.
+    let run_ms = |tok_s: f64| r.tokens as f64 / tok_s * 1e3;
+    println!(
+        "prompts        sequential {:.0} of {:.0} ms, batched {:.0} of {:.0} ms",
+        r.sequential_prompt_ms,
+        run_ms(r.sequential_tok_s),
+        r.batched_prompt_ms,
+        run_ms(r.batched_tok_s)
+    );
     println!(
         "decode steps   1 row {:.2} ms, {} rows {:.2} ms: {:.2}x",
         r.decode_one_ms, r.batch, r.decode_batch_ms, r.decode_speedup

@@ -344,3 +344,29 @@ fn the_prefix_cache_keeps_to_its_byte_budget() {
     assert_eq!(run(1), 1, "so the first misses again");
     assert_eq!(run(1), 2);
 }
+
+/// `tern bench batch` on a fixture: both ways give the same tokens, and each way's prompt
+/// time is a positive part of its run (the engine's steps report their prompt time).
+#[test]
+fn the_batch_benchmark_splits_out_prompt_time() {
+    use tern::bench::batch::{run, BatchBenchOptions};
+    let o = BatchBenchOptions {
+        rows: 4,
+        batch: 2,
+        max_tokens: 3,
+        rounds: 1,
+    };
+    let r = run(&fixture("llama"), &LoadOptions::default(), &o).unwrap();
+    assert!(r.same_tokens);
+    assert_eq!(r.tokens, 12);
+    for (prompt_ms, tok_s) in [
+        (r.sequential_prompt_ms, r.sequential_tok_s),
+        (r.batched_prompt_ms, r.batched_tok_s),
+    ] {
+        let run_ms = r.tokens as f64 / tok_s * 1e3;
+        assert!(
+            prompt_ms > 0.0 && prompt_ms < run_ms,
+            "{prompt_ms} of {run_ms} ms"
+        );
+    }
+}

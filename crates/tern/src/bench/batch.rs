@@ -6,6 +6,7 @@ use crate::generate::{Engine, EngineConfig, EngineEvent, GenerateRequest};
 use crate::lora::BatchAdapters;
 use crate::model::{Cache, LoadOptions, LoadedModel};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -49,6 +50,12 @@ pub struct BatchBench {
     pub speedup_range: (f64, f64),
     /// Whether both ways produced the same tokens (greedy).
     pub same_tokens: bool,
+    /// Milliseconds the best sequential round spent on prompts (its whole run: `tokens /
+    /// sequential_tok_s`): the part batching gains least on, as a prompt's tokens already
+    /// share each pass over the weights.
+    pub sequential_prompt_ms: f64,
+    /// Milliseconds the best batched round spent on prompts (engine steps' admissions).
+    pub batched_prompt_ms: f64,
     /// Decode steps alone (no prompts, no sampling), one row: ms per step.
     pub decode_one_ms: f64,
     /// Decode steps alone, `batch` rows together: ms per step.
@@ -68,6 +75,9 @@ pub fn run(path: &Path, load: &LoadOptions, o: &BatchBenchOptions) -> Result<Bat
             Ok(r)
         })
         .collect::<Result<_>>()?;
+    // Nanoseconds the engine's steps spent on prompts since the last reset.
+    let prompt_ns = Arc::new(AtomicU64::new(0));
+    let seen = prompt_ns.clone();
     let engine = Engine::start(
         lm.clone(),
         EngineConfig {
@@ -75,23 +85,38 @@ pub fn run(path: &Path, load: &LoadOptions, o: &BatchBenchOptions) -> Result<Bat
             max_queue: reqs.len(),
             // Every round must run every prompt in full.
             prefix_cache_bytes: 0,
+            on_step: Some(Arc::new(move |s| {
+                seen.fetch_add(s.prefill.as_nanos() as u64, Ordering::Relaxed);
+            })),
             ..Default::default()
         },
     )?;
     let (mut seq_s, mut batch_s) = (f64::INFINITY, f64::INFINITY);
+    let (mut seq_prompt, mut batch_prompt) = (0.0, 0.0);
     let (mut tokens, mut same_tokens) = (0, true);
     let mut ratios = Vec::with_capacity(o.rounds.max(1));
     for _ in 0..o.rounds.max(1) {
         let t = Instant::now();
+        let mut prompt = 0.0;
         let seq_ids: Vec<Vec<u32>> = reqs
             .iter()
-            .map(|r| Ok(lm.generate_collect(r.clone())?.ids()))
+            .map(|r| {
+                let c = lm.generate_collect(r.clone())?;
+                prompt += c.stats.prefill.as_secs_f64();
+                Ok(c.ids())
+            })
             .collect::<Result<Vec<_>>>()?;
         let seq = t.elapsed().as_secs_f64();
+        if seq < seq_s {
+            (seq_s, seq_prompt) = (seq, prompt);
+        }
+        prompt_ns.store(0, Ordering::Relaxed);
         let t = Instant::now();
         let batch_ids = run_engine(&engine, &reqs)?;
         let bat = t.elapsed().as_secs_f64();
-        (seq_s, batch_s) = (seq_s.min(seq), batch_s.min(bat));
+        if bat < batch_s {
+            (batch_s, batch_prompt) = (bat, prompt_ns.load(Ordering::Relaxed) as f64 * 1e-9);
+        }
         ratios.push(seq / bat);
         tokens = seq_ids.iter().map(Vec::len).sum();
         same_tokens &= seq_ids == batch_ids;
@@ -115,6 +140,8 @@ pub fn run(path: &Path, load: &LoadOptions, o: &BatchBenchOptions) -> Result<Bat
         speedup: median,
         speedup_range: (ratios[0], ratios[n - 1]),
         same_tokens,
+        sequential_prompt_ms: seq_prompt * 1e3,
+        batched_prompt_ms: batch_prompt * 1e3,
         decode_one_ms: one,
         decode_batch_ms: many,
         decode_speedup: b as f64 * one / many,

@@ -54,6 +54,8 @@ pub struct StepInfo {
     pub rows: usize,
     /// Prompt tokens run in this step.
     pub prefill_tokens: usize,
+    /// Wall time of the step's prompts (admission, prefill and their first tokens).
+    pub prefill: Duration,
     /// Wall time of the step.
     pub duration: Duration,
 }
@@ -332,6 +334,7 @@ impl Worker {
             }
             let t = Instant::now();
             let prefill_tokens = self.admit();
+            let prefill = t.elapsed();
             let rows = self.running.len();
             if rows > 0 {
                 self.decode();
@@ -343,6 +346,7 @@ impl Worker {
                 obs(StepInfo {
                     rows,
                     prefill_tokens,
+                    prefill,
                     duration: t.elapsed(),
                 });
             }
