@@ -97,6 +97,14 @@ pub trait RowKernel: std::fmt::Debug + Send + Sync {
         unreachable!("group_dots on a kernel without shared groups")
     }
 
+    /// Groups `g` and `g + 1` times `xq`; `at(j)` points at activation row `j`'s sixteen
+    /// results. Two [`RowKernel::group_dots`] calls unless a kernel runs both at once, with
+    /// the same bits.
+    fn group_pair_dots(&self, g: usize, xq: &[int8::Q8Row], at: &dyn Fn(usize) -> *mut f32) {
+        self.group_dots(g, xq, at);
+        self.group_dots(g + 1, xq, &|j| at(j).wrapping_add(x8::ROWS));
+    }
+
     /// `out[r] = W[r] · x` for one activation row.
     fn matvec(&self, x: &[f32], out: &mut [f32]) {
         self.matmul_rows(x, 1, out)

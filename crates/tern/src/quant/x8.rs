@@ -52,6 +52,23 @@ pub trait X8Format: std::fmt::Debug + Send + Sync + 'static {
     unsafe fn dots8_vnni<const N: usize>(group: &[u8], x: [&Q8Row; N], out: [*mut f32; N]) {
         Self::dots8::<N>(group, x, out)
     }
+    /// [`X8Format::dots8_vnni`] for two groups, `g0` and `g1`: `out[k]` receives row `k`'s
+    /// sixteen results (`g0`'s eight, then `g1`'s). Inlined into [`dots16_vnni`]; by default
+    /// two calls of `dots8_vnni`, and a format's own body must give the same bits.
+    ///
+    /// # Safety
+    /// Only to be called from [`dots16_vnni`].
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn dots16_vnni<const N: usize>(
+        g0: &[u8],
+        g1: &[u8],
+        x: [&Q8Row; N],
+        out: [*mut f32; N],
+    ) {
+        Self::dots8_vnni::<N>(g0, x, out);
+        Self::dots8_vnni::<N>(g1, x, out.map(|p| p.wrapping_add(ROWS)));
+    }
     /// As [`X8Format::dots8`] with f32 activations, exact to the stored weights (each weight
     /// rebuilt as [`RowKernel::dequantize`] gives it). Inlined into [`exact8_avx2`].
     ///
@@ -59,6 +76,18 @@ pub trait X8Format: std::fmt::Debug + Send + Sync + 'static {
     /// Only to be called from [`exact8_avx2`].
     #[cfg(target_arch = "x86_64")]
     unsafe fn exact8<const N: usize>(group: &[u8], x: [&[f32]; N], out: [*mut f32; N]);
+    /// [`X8Format::exact8`] for two groups, results as in [`X8Format::dots16_vnni`]. Inlined
+    /// into [`exact16_avx512`]; by default two calls of `exact8`, and a format's own body must
+    /// give the same bits.
+    ///
+    /// # Safety
+    /// Only to be called from [`exact16_avx512`].
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn exact16<const N: usize>(g0: &[u8], g1: &[u8], x: [&[f32]; N], out: [*mut f32; N]) {
+        Self::exact8::<N>(g0, x, out);
+        Self::exact8::<N>(g1, x, out.map(|p| p.wrapping_add(ROWS)));
+    }
 }
 
 /// [`X8Format::dots8`] compiled for AVX2.
@@ -124,6 +153,52 @@ unsafe fn dots8_on<F: X8Format>(
     } else {
         pass!(dots8_avx2, 1 2 3 4)
     }
+}
+
+/// [`X8Format::dots16_vnni`] compiled for AVX512-VNNI.
+///
+/// # Safety
+/// As [`dots8_vnni`] for both groups, and each `out[k]` has room for 16 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn dots16_vnni<F: X8Format, const N: usize>(
+    g0: &[u8],
+    g1: &[u8],
+    x: [&Q8Row; N],
+    out: [*mut f32; N],
+) {
+    F::dots16_vnni::<N>(g0, g1, x, out)
+}
+
+/// [`dots8_on`] for two groups through [`dots16_vnni`]: `at(j)` points at row `j`'s sixteen
+/// results.
+///
+/// # Safety
+/// As [`dots16_vnni`]; `n` is at least 1 and at most [`ROWS`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dots16_on<F: X8Format>(
+    n: usize,
+    g0: &[u8],
+    g1: &[u8],
+    x: &[Q8Row],
+    j: usize,
+    at: &dyn Fn(usize) -> *mut f32,
+) {
+    macro_rules! pass {
+        ($($n:literal)*) => {
+            match n {
+                $($n => dots16_vnni::<F, $n>(
+                    g0,
+                    g1,
+                    std::array::from_fn(|k| &x[k]),
+                    std::array::from_fn(|k| at(j + k)),
+                ),)*
+                _ => unreachable!("{n} rows in one pass"),
+            }
+        };
+    }
+    pass!(1 2 3 4 5 6 7 8)
 }
 
 /// The most activation rows one kernel pass takes: [`ROWS`] with AVX-512's 32 registers,
@@ -207,6 +282,52 @@ unsafe fn exact8_on<'a, F: X8Format>(
     }
 }
 
+/// [`X8Format::exact16`] compiled with AVX-512.
+///
+/// # Safety
+/// As [`exact8_avx512`] for both groups, and each `out[k]` has room for 16 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+unsafe fn exact16_avx512<F: X8Format, const N: usize>(
+    g0: &[u8],
+    g1: &[u8],
+    x: [&[f32]; N],
+    out: [*mut f32; N],
+) {
+    F::exact16::<N>(g0, g1, x, out)
+}
+
+/// [`exact8_on`] for two groups through [`exact16_avx512`]: `at(j)` points at row `j`'s
+/// sixteen results.
+///
+/// # Safety
+/// As [`exact16_avx512`]; `n` is at least 1 and at most [`ROWS`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exact16_on<'a, F: X8Format>(
+    n: usize,
+    g0: &[u8],
+    g1: &[u8],
+    x: &dyn Fn(usize) -> &'a [f32],
+    j: usize,
+    at: &dyn Fn(usize) -> *mut f32,
+) {
+    macro_rules! pass {
+        ($($n:literal)*) => {
+            match n {
+                $($n => exact16_avx512::<F, $n>(
+                    g0,
+                    g1,
+                    std::array::from_fn(|k| x(j + k)),
+                    std::array::from_fn(|k| at(j + k)),
+                ),)*
+                _ => unreachable!("{n} rows in one pass"),
+            }
+        };
+    }
+    pass!(1 2 3 4 5 6 7 8)
+}
+
 /// Adds `w` (the eight rows' weights at column `e`) times each activation row's value there.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -251,7 +372,7 @@ pub(crate) unsafe fn add_nibble_chunk<const N: usize>(
 #[inline(always)]
 pub(crate) unsafe fn prefetch_ahead<const BYTES: usize>(p: *const u8) {
     use std::arch::x86_64::*;
-    const AHEAD: usize = 2048;
+    const AHEAD: usize = 8192;
     for l in 0..BYTES.div_ceil(64) {
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD + 64 * l) as *const i8);
     }
@@ -266,6 +387,22 @@ pub(crate) unsafe fn store_rows<const N: usize>(
 ) {
     for k in 0..N {
         std::arch::x86_64::_mm256_storeu_ps(out[k], acc[k]);
+    }
+}
+
+/// Groups `g..g + n` (`n` 1 or 2) of `k` times `xq`; `at(j)` points at row `j`'s `8 n`
+/// results.
+fn groups_dots(
+    k: &dyn RowKernel,
+    g: usize,
+    n: usize,
+    xq: &[Q8Row],
+    at: &dyn Fn(usize) -> *mut f32,
+) {
+    if n == 2 {
+        k.group_pair_dots(g, xq, at)
+    } else {
+        k.group_dots(g, xq, at)
     }
 }
 
@@ -305,14 +442,20 @@ pub(crate) fn matmul_rows_shared(
     let ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
     with_quantized(xs, cols, |xq| {
         par_ranges(first[mats.len()], GROUPS_PER_TASK, |task| {
-            for u in task {
+            let mut u = task.start;
+            while u < task.end {
                 let i = first.partition_point(|&f| f <= u) - 1;
                 let (g, rows) = (u - first[i], mats[i].dims().0);
+                let n = if u + 1 < task.end.min(first[i + 1]) {
+                    2
+                } else {
+                    1
+                };
                 // Units are distinct (matrix, group) pairs, so each 8-value run has one
                 // writer; the outputs outlive the call, which returns when every task is done.
-                mats[i].group_dots(g, xq, &|j| {
-                    (ptrs[i] as *mut f32).wrapping_add(j * rows + g * ROWS)
-                });
+                let at = |j: usize| (ptrs[i] as *mut f32).wrapping_add(j * rows + g * ROWS);
+                groups_dots(mats[i], g, n, xq, &at);
+                u += n;
             }
         })
     });
@@ -344,28 +487,33 @@ pub(crate) fn matmul_swiglu(
     let ptr = out.as_mut_ptr() as usize;
     with_quantized(xs, cols, |xq| {
         par_ranges(rows / ROWS, GROUPS_PER_TASK, |task| {
-            // One group's gate, up and activation: `m` rows of eight values each.
-            let mut buf = vec![0f32; 3 * m * ROWS];
-            let (gate8, rest) = buf.split_at_mut(m * ROWS);
-            let (up8, y8) = rest.split_at_mut(m * ROWS);
-            for g in task {
+            // One or two groups' gate, up and activation: `m` rows of `n * 8` values each.
+            let mut buf = vec![0f32; 3 * m * 2 * ROWS];
+            let mut g = task.start;
+            while g < task.end {
+                let n = if g + 1 < task.end { 2 } else { 1 };
+                let w = n * ROWS;
+                let (gate8, rest) = buf.split_at_mut(m * w);
+                let (up8, rest) = rest.split_at_mut(m * w);
+                let y8 = &mut rest[..m * w];
                 for (k, dst) in [(gate, &mut *gate8), (up, &mut *up8)] {
                     let p = dst.as_mut_ptr() as usize;
-                    k.group_dots(g, xq, &|j| (p as *mut f32).wrapping_add(j * ROWS));
+                    groups_dots(k, g, n, xq, &|j| (p as *mut f32).wrapping_add(j * w));
                 }
                 super::vexp::swiglu(y8, gate8, up8);
-                for (j, y) in y8.chunks_exact(ROWS).enumerate() {
-                    // SAFETY: tasks cover disjoint groups, so each 8-value run of the output
-                    // has one writer, and `out` outlives the call, which returns when every
-                    // task is done.
+                for (j, y) in y8.chunks_exact(w).enumerate() {
+                    // SAFETY: tasks cover disjoint groups, so each run of the output has one
+                    // writer, and `out` outlives the call, which returns when every task is
+                    // done.
                     unsafe {
                         std::ptr::copy_nonoverlapping(
                             y.as_ptr(),
                             (ptr as *mut f32).add(j * rows + g * ROWS),
-                            ROWS,
+                            w,
                         )
                     };
                 }
+                g += n;
             }
         })
     });
@@ -452,19 +600,27 @@ impl<F: X8Format> X8Matrix<F> {
         acc
     }
 
-    /// Runs `f(g, at)` for every group `g` on the worker pool, [`GROUPS_PER_TASK`] groups per
-    /// task; `at(j)` points at activation row `j`'s results for the group's eight rows.
-    fn for_groups(&self, out: &mut [f32], f: impl Fn(usize, &dyn Fn(usize) -> *mut f32) + Sync) {
+    /// Runs `f(g, n, at)` for groups `g..g + n` (`n` 1 or 2: pairs where a task has them) on
+    /// the worker pool, [`GROUPS_PER_TASK`] groups per task; `at(j)` points at activation row
+    /// `j`'s results for the groups' `8 n` rows.
+    fn for_groups(
+        &self,
+        out: &mut [f32],
+        f: impl Fn(usize, usize, &dyn Fn(usize) -> *mut f32) + Sync,
+    ) {
         let rows = self.rows;
         let groups = rows / ROWS;
         let out_ptr = out.as_mut_ptr() as usize;
         par_ranges(groups, GROUPS_PER_TASK, |task| {
-            for g in task {
+            let mut g = task.start;
+            while g < task.end {
+                let n = if g + 1 < task.end { 2 } else { 1 };
                 // Tasks cover disjoint groups, so each 8-value run has one writer; `out`
                 // outlives the call, which returns only when every task is done.
-                f(g, &|j| {
+                f(g, n, &|j| {
                     (out_ptr as *mut f32).wrapping_add(j * rows + g * ROWS)
                 });
+                g += n;
             }
         });
     }
@@ -479,7 +635,7 @@ impl<F: X8Format> RowKernel for X8Matrix<F> {
         let (rows, cols) = (self.rows, self.cols);
         assert_eq!((xs.len(), out.len()), (m * cols, m * rows));
         with_quantized(xs, cols, |xq| {
-            self.for_groups(out, |g, at| self.group_dots(g, xq, at))
+            self.for_groups(out, |g, n, at| groups_dots(self, g, n, xq, at))
         });
     }
 
@@ -510,29 +666,59 @@ impl<F: X8Format> RowKernel for X8Matrix<F> {
         }
     }
 
+    fn group_pair_dots(&self, g: usize, xq: &[Q8Row], at: &dyn Fn(usize) -> *mut f32) {
+        #[cfg(target_arch = "x86_64")]
+        if use_vnni() {
+            let (g0, g1) = (self.group(g), self.group(g + 1));
+            for (j, n) in passes(xq.len(), ROWS) {
+                // SAFETY: the AVX-512 features are present; `n` fits the kernel, the
+                // activation rows have the groups' blocks, and `at` gives these groups'
+                // disjoint 16-value run of each output row.
+                unsafe { dots16_on::<F>(n, g0, g1, &xq[j..], j, at) };
+            }
+            return;
+        }
+        self.group_dots(g, xq, at);
+        self.group_dots(g + 1, xq, &|j| at(j).wrapping_add(ROWS));
+    }
+
     /// `out[j * rows + r] = W[r] · xs[j]` in f32, exact to the stored weights.
     fn matmul_exact_rows(&self, xs: &[f32], m: usize, out: &mut [f32]) -> bool {
         let (rows, cols) = (self.rows, self.cols);
         assert_eq!((xs.len(), out.len()), (m * cols, m * rows));
         let x = |j: usize| &xs[j * cols..(j + 1) * cols];
-        self.for_groups(out, |g, at| {
-            let group = self.group(g);
+        self.for_groups(out, |g0, groups, at0| {
             #[cfg(target_arch = "x86_64")]
-            if use_avx2() {
-                let wide = use_vnni();
-                for (j, n) in passes(m, widest(wide)) {
-                    // SAFETY: avx2, fma and f16c are present (and AVX-512 where `wide`); `n`
-                    // fits the kernel, every x row has `cols` values, and `at` gives this
-                    // group's disjoint 8-value run of each output row.
-                    unsafe { exact8_on::<F>(wide, n, group, &x, j, at) };
+            if groups == 2 && use_vnni() {
+                let (a, b) = (self.group(g0), self.group(g0 + 1));
+                for (j, n) in passes(m, ROWS) {
+                    // SAFETY: the AVX-512 features are present; `n` fits the kernel, every x
+                    // row has `cols` values, and `at0` gives these groups' disjoint 16-value
+                    // run of each output row.
+                    unsafe { exact16_on::<F>(n, a, b, &x, j, at0) };
                 }
                 return;
             }
-            for j in 0..m {
-                for i in 0..ROWS {
-                    let v = self.dot_exact_scalar(g * ROWS + i, x(j));
-                    // SAFETY: as above.
-                    unsafe { *at(j).add(i) = v };
+            for g in g0..g0 + groups {
+                let at = |j: usize| at0(j).wrapping_add((g - g0) * ROWS);
+                let group = self.group(g);
+                #[cfg(target_arch = "x86_64")]
+                if use_avx2() {
+                    let wide = use_vnni();
+                    for (j, n) in passes(m, widest(wide)) {
+                        // SAFETY: avx2, fma and f16c are present (and AVX-512 where `wide`);
+                        // `n` fits the kernel, every x row has `cols` values, and `at` gives
+                        // this group's disjoint 8-value run of each output row.
+                        unsafe { exact8_on::<F>(wide, n, group, &x, j, &at) };
+                    }
+                    continue;
+                }
+                for j in 0..m {
+                    for i in 0..ROWS {
+                        let v = self.dot_exact_scalar(g * ROWS + i, x(j));
+                        // SAFETY: as above.
+                        unsafe { *at(j).add(i) = v };
+                    }
                 }
             }
         });
@@ -622,6 +808,52 @@ pub(crate) mod tests {
                 assert_eq!(a, v, "group {g}");
                 assert_eq!(a4, v4, "group {g}");
                 assert_eq!(a4[..], a[..4], "group {g}");
+            }
+            // Two groups in one 512-bit pass: each group's bits as in its own pass, at every
+            // row count.
+            for g in (0..64 / ROWS).step_by(2) {
+                let mut one = [[0f32; 2 * ROWS]; ROWS];
+                for (h, group) in [x8.group(g), x8.group(g + 1)].into_iter().enumerate() {
+                    // SAFETY: as above.
+                    unsafe {
+                        dots8_vnni::<F, ROWS>(
+                            group,
+                            std::array::from_fn(|k| &xs[k]),
+                            std::array::from_fn(|k| one[k].as_mut_ptr().add(h * ROWS)),
+                        )
+                    };
+                }
+                for n in 1..=ROWS {
+                    let mut two = vec![[f32::NAN; 2 * ROWS]; n];
+                    let base = two.as_mut_ptr() as usize;
+                    let at = |j: usize| (base as *mut [f32; 2 * ROWS]).wrapping_add(j) as *mut f32;
+                    // SAFETY: as above; each output has room for sixteen values.
+                    unsafe { dots16_on::<F>(n, x8.group(g), x8.group(g + 1), &xs, 0, &at) };
+                    assert_eq!(two[..], one[..n], "groups {g}, {n} rows");
+                }
+            }
+            // The same for the exact product.
+            let xf: Vec<Vec<f32>> = (0..ROWS as u64).map(|k| det_values(576, 50 + k)).collect();
+            let xr = |j: usize| xf[j].as_slice();
+            for g in (0..64 / ROWS).step_by(2) {
+                let mut one = [[0f32; 2 * ROWS]; ROWS];
+                for (h, group) in [x8.group(g), x8.group(g + 1)].into_iter().enumerate() {
+                    let base = one.as_mut_ptr() as usize;
+                    let at = |j: usize| {
+                        ((base as *mut [f32; 2 * ROWS]).wrapping_add(j) as *mut f32)
+                            .wrapping_add(h * ROWS)
+                    };
+                    // SAFETY: as above.
+                    unsafe { exact8_on::<F>(true, ROWS, group, &xr, 0, &at) };
+                }
+                for n in 1..=ROWS {
+                    let mut two = vec![[f32::NAN; 2 * ROWS]; n];
+                    let base = two.as_mut_ptr() as usize;
+                    let at = |j: usize| (base as *mut [f32; 2 * ROWS]).wrapping_add(j) as *mut f32;
+                    // SAFETY: as above.
+                    unsafe { exact16_on::<F>(n, x8.group(g), x8.group(g + 1), &xr, 0, &at) };
+                    assert_eq!(two[..], one[..n], "exact, groups {g}, {n} rows");
+                }
             }
         }
 
