@@ -15,6 +15,7 @@ pub mod q8_0x8;
 pub mod scheme;
 pub(crate) mod vexp;
 pub mod x8;
+mod x8_shared;
 
 pub use scheme::QuantType;
 
