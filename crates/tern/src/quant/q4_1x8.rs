@@ -7,6 +7,8 @@
 //! multiply-adds in 16-bit lanes, which cannot overflow: 8 x 2 x 15 x 127 < 2^15.
 
 use super::int8::Q8Row;
+#[cfg(target_arch = "x86_64")]
+use super::x8::{load_f16_pair, load_pair};
 use super::x8::{X8Format, X8Matrix, ROWS};
 use super::BLOCK;
 use half::f16;
@@ -116,16 +118,6 @@ impl X8Format for Q4_1x8 {
     ) {
         use std::arch::x86_64::*;
         let gbb = ROWS * Self::BLOCK_BYTES;
-        let both = |a: *const u8, b: *const u8| {
-            let lo = _mm256_loadu_si256(a as *const __m256i);
-            let hi = _mm256_loadu_si256(b as *const __m256i);
-            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
-        };
-        let halves = |a: *const u8, b: *const u8| {
-            let lo = _mm_loadu_si128(a as *const __m128i);
-            let hi = _mm_loadu_si128(b as *const __m128i);
-            _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi))
-        };
         let low = _mm512_set1_epi8(0x0f);
         let mut acc = [_mm512_setzero_ps(); N];
         for b in 0..g0.len() / gbb {
@@ -135,7 +127,7 @@ impl X8Format for Q4_1x8 {
             let mut sl = [_mm512_setzero_si512(); N];
             let mut sh = [_mm512_setzero_si512(); N];
             for c in 0..4 {
-                let packed = both(p0.add(32 + 32 * c), p1.add(32 + 32 * c));
+                let packed = load_pair(p0.add(32 + 32 * c), p1.add(32 + 32 * c));
                 let lo = _mm512_and_si512(packed, low);
                 let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low);
                 for k in 0..N {
@@ -146,7 +138,7 @@ impl X8Format for Q4_1x8 {
                     sh[k] = _mm512_dpbusd_epi32(sh[k], hi, xh);
                 }
             }
-            let (d, m) = (halves(p0, p1), halves(p0.add(16), p1.add(16)));
+            let (d, m) = (load_f16_pair(p0, p1), load_f16_pair(p0.add(16), p1.add(16)));
             for k in 0..N {
                 // As `add_block`, lane for lane.
                 let scale = _mm512_mul_ps(d, _mm512_set1_ps(*x[k].d.get_unchecked(b)));
@@ -196,20 +188,13 @@ impl X8Format for Q4_1x8 {
     unsafe fn exact16<const N: usize>(g0: &[u8], g1: &[u8], x: [&[f32]; N], out: [*mut f32; N]) {
         use std::arch::x86_64::*;
         let gbb = ROWS * Self::BLOCK_BYTES;
-        let halves = |a: *const u8, b: *const u8| {
-            let lo = _mm_loadu_si128(a as *const __m128i);
-            let hi = _mm_loadu_si128(b as *const __m128i);
-            _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi))
-        };
         let low = _mm512_set1_epi32(0x0f);
         let mut acc = [_mm512_setzero_ps(); N];
         for b in 0..g0.len() / gbb {
             let (p0, p1) = (g0.as_ptr().add(b * gbb), g1.as_ptr().add(b * gbb));
-            let (d, m) = (halves(p0, p1), halves(p0.add(16), p1.add(16)));
+            let (d, m) = (load_f16_pair(p0, p1), load_f16_pair(p0.add(16), p1.add(16)));
             for c in 0..4 {
-                let lo = _mm256_loadu_si256(p0.add(32 + 32 * c) as *const __m256i);
-                let hi = _mm256_loadu_si256(p1.add(32 + 32 * c) as *const __m256i);
-                let mut lanes = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                let mut lanes = load_pair(p0.add(32 + 32 * c), p1.add(32 + 32 * c));
                 for j in 0..8 {
                     let q = _mm512_cvtepi32_ps(_mm512_and_si512(lanes, low));
                     lanes = _mm512_srli_epi32::<4>(lanes);

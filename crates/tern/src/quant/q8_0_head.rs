@@ -273,9 +273,7 @@ unsafe fn cols16<const P: usize, const N: usize>(
             }
         }
         for i in 0..P {
-            let lo = _mm_loadu_si128(p[i][0] as *const __m128i);
-            let hi = _mm_loadu_si128(p[i][1] as *const __m128i);
-            let d = _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi));
+            let d = super::x8::load_f16_pair(p[i][0], p[i][1]);
             for k in 0..N {
                 acc[i][k] = _mm512_fmadd_ps(s[i][k], d, acc[i][k]);
             }

@@ -379,6 +379,33 @@ pub(crate) unsafe fn prefetch_ahead<const BYTES: usize>(p: *const u8) {
     }
 }
 
+/// The 32 bytes at `a` and the 32 at `b` as one 512-bit vector (`a` low): the same chunk of
+/// two groups, lane for lane as the 16-row kernels need it.
+///
+/// # Safety
+/// Both reads must be in bounds; the caller enables AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn load_pair(a: *const u8, b: *const u8) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let lo = _mm256_loadu_si256(a as *const __m256i);
+    let hi = _mm256_loadu_si256(b as *const __m256i);
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+}
+
+/// Eight f16 at `a` and eight at `b` as sixteen f32 (`a` low): two groups' scales.
+///
+/// # Safety
+/// Both reads must be in bounds; the caller enables AVX-512F and F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn load_f16_pair(a: *const u8, b: *const u8) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let lo = _mm_loadu_si128(a as *const __m128i);
+    let hi = _mm_loadu_si128(b as *const __m128i);
+    _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi))
+}
+
 /// Stores each activation row's eight sums.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
