@@ -91,6 +91,26 @@ pub trait X8Format: std::fmt::Debug + Send + Sync + 'static {
     }
 }
 
+/// Calls `$kernel::<F, W>` for the pass width `W` equal to `$n` among the listed ones, with
+/// the leading arguments, then the activation rows `x(0..W)` and outputs `at(j..j + W)` as
+/// arrays (a kernel's width is a const parameter, so each width is its own arm).
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_width {
+    ($n:expr, $call:tt, $($w:literal)*) => {
+        match $n {
+            $($w => by_width!(@call $w, $call),)*
+            n => unreachable!("{n} rows in one pass"),
+        }
+    };
+    (@call $w:literal, ($kernel:ident($($lead:expr),+; $x:expr, $j:expr, $at:expr))) => {
+        $kernel::<F, $w>(
+            $($lead,)+
+            std::array::from_fn($x),
+            std::array::from_fn(|k| $at($j + k)),
+        )
+    };
+}
+
 /// [`X8Format::dots8`] compiled for AVX2.
 ///
 /// # Safety
@@ -137,22 +157,11 @@ unsafe fn dots8_on<F: X8Format>(
     j: usize,
     at: &dyn Fn(usize) -> *mut f32,
 ) {
-    macro_rules! pass {
-        ($kernel:ident, $($n:literal)*) => {
-            match n {
-                $($n => $kernel::<F, $n>(
-                    group,
-                    std::array::from_fn(|k| &x[k]),
-                    std::array::from_fn(|k| at(j + k)),
-                ),)*
-                _ => unreachable!("{n} rows in one pass"),
-            }
-        };
-    }
+    let x = |k| &x[k];
     if vnni {
-        pass!(dots8_vnni, 1 2 3 4 5 6 7 8)
+        by_width!(n, (dots8_vnni(group; x, j, at)), 1 2 3 4 5 6 7 8)
     } else {
-        pass!(dots8_avx2, 1 2 3 4)
+        by_width!(n, (dots8_avx2(group; x, j, at)), 1 2 3 4)
     }
 }
 
@@ -186,20 +195,8 @@ unsafe fn dots16_on<F: X8Format>(
     j: usize,
     at: &dyn Fn(usize) -> *mut f32,
 ) {
-    macro_rules! pass {
-        ($($n:literal)*) => {
-            match n {
-                $($n => dots16_vnni::<F, $n>(
-                    g0,
-                    g1,
-                    std::array::from_fn(|k| &x[k]),
-                    std::array::from_fn(|k| at(j + k)),
-                ),)*
-                _ => unreachable!("{n} rows in one pass"),
-            }
-        };
-    }
-    pass!(1 2 3 4 5 6 7 8)
+    let x = |k| &x[k];
+    by_width!(n, (dots16_vnni(g0, g1; x, j, at)), 1 2 3 4 5 6 7 8)
 }
 
 /// The most activation rows one kernel pass takes: [`ROWS`] with AVX-512's 32 registers,
@@ -218,6 +215,12 @@ fn widest(avx512: bool) -> usize {
 /// of a 111-token prompt were 12% of its time).
 fn passes(m: usize, widest: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..m).step_by(widest).map(move |j| (j, widest.min(m - j)))
+}
+
+/// `(first group, groups)` over the groups `r`, two at a time and one left over where `r` is
+/// odd: how tasks feed the two-group kernels.
+pub(crate) fn pairs(r: std::ops::Range<usize>) -> impl Iterator<Item = (usize, usize)> {
+    passes(r.len(), 2).map(move |(i, n)| (r.start + i, n))
 }
 
 /// [`X8Format::exact8`] compiled for AVX2.
@@ -264,22 +267,10 @@ unsafe fn exact8_on<'a, F: X8Format>(
     j: usize,
     at: &dyn Fn(usize) -> *mut f32,
 ) {
-    macro_rules! pass {
-        ($kernel:ident, $($n:literal)*) => {
-            match n {
-                $($n => $kernel::<F, $n>(
-                    group,
-                    std::array::from_fn(|k| x(j + k)),
-                    std::array::from_fn(|k| at(j + k)),
-                ),)*
-                _ => unreachable!("{n} rows in one pass"),
-            }
-        };
-    }
     if wide {
-        pass!(exact8_avx512, 1 2 3 4 5 6 7 8)
+        by_width!(n, (exact8_avx512(group; |k| x(j + k), j, at)), 1 2 3 4 5 6 7 8)
     } else {
-        pass!(exact8_avx2, 1 2 3 4)
+        by_width!(n, (exact8_avx2(group; |k| x(j + k), j, at)), 1 2 3 4)
     }
 }
 
@@ -313,20 +304,7 @@ unsafe fn exact16_on<'a, F: X8Format>(
     j: usize,
     at: &dyn Fn(usize) -> *mut f32,
 ) {
-    macro_rules! pass {
-        ($($n:literal)*) => {
-            match n {
-                $($n => exact16_avx512::<F, $n>(
-                    g0,
-                    g1,
-                    std::array::from_fn(|k| x(j + k)),
-                    std::array::from_fn(|k| at(j + k)),
-                ),)*
-                _ => unreachable!("{n} rows in one pass"),
-            }
-        };
-    }
-    pass!(1 2 3 4 5 6 7 8)
+    by_width!(n, (exact16_avx512(g0, g1; |k| x(j + k), j, at)), 1 2 3 4 5 6 7 8)
 }
 
 /// Adds `w` (the eight rows' weights at column `e`) times each activation row's value there.
@@ -510,15 +488,12 @@ impl<F: X8Format> X8Matrix<F> {
         let groups = rows / ROWS;
         let out_ptr = out.as_mut_ptr() as usize;
         par_ranges(groups, GROUPS_PER_TASK, |task| {
-            let mut g = task.start;
-            while g < task.end {
-                let n = if g + 1 < task.end { 2 } else { 1 };
+            for (g, n) in pairs(task) {
                 // Tasks cover disjoint groups, so each 8-value run has one writer; `out`
                 // outlives the call, which returns only when every task is done.
                 f(g, n, &|j| {
                     (out_ptr as *mut f32).wrapping_add(j * rows + g * ROWS)
                 });
-                g += n;
             }
         });
     }

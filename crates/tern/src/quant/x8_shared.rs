@@ -2,7 +2,7 @@
 //! one pass of the worker pool, and a gated MLP's gate and up with the activation applied.
 
 use super::int8::{with_quantized, Q8Row};
-use super::x8::{GROUPS_PER_TASK, ROWS};
+use super::x8::{pairs, GROUPS_PER_TASK, ROWS};
 use super::{par_ranges, RowKernel};
 use std::mem::MaybeUninit;
 
@@ -58,20 +58,19 @@ pub(crate) fn matmul_rows_shared(
     let ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
     with_quantized(xs, cols, |xq| {
         par_ranges(first[mats.len()], GROUPS_PER_TASK, |task| {
-            let mut u = task.start;
-            while u < task.end {
-                let i = first.partition_point(|&f| f <= u) - 1;
-                let (g, rows) = (u - first[i], mats[i].dims().0);
-                let n = if u + 1 < task.end.min(first[i + 1]) {
-                    2
-                } else {
-                    1
-                };
-                // Units are distinct (matrix, group) pairs, so each 8-value run has one
-                // writer; the outputs outlive the call, which returns when every task is done.
-                let at = |j: usize| (ptrs[i] as *mut f32).wrapping_add(j * rows + g * ROWS);
-                groups_dots(mats[i], g, n, xq, &at);
-                u += n;
+            // The task's units of each matrix it touches, paired within that matrix.
+            let i0 = first.partition_point(|&f| f <= task.start) - 1;
+            for i in (i0..mats.len()).take_while(|&i| first[i] < task.end) {
+                let rows = mats[i].dims().0;
+                let own =
+                    task.start.max(first[i]) - first[i]..task.end.min(first[i + 1]) - first[i];
+                for (g, n) in pairs(own) {
+                    // Units are distinct (matrix, group) pairs, so each 8-value run has one
+                    // writer; the outputs outlive the call, which returns when every task is
+                    // done.
+                    let at = |j: usize| (ptrs[i] as *mut f32).wrapping_add(j * rows + g * ROWS);
+                    groups_dots(mats[i], g, n, xq, &at);
+                }
             }
         })
     });
@@ -105,9 +104,7 @@ pub(crate) fn matmul_swiglu(
         par_ranges(rows / ROWS, GROUPS_PER_TASK, |task| {
             // One or two groups' gate, up and activation: `m` rows of `n * 8` values each.
             let mut buf = vec![0f32; 3 * m * 2 * ROWS];
-            let mut g = task.start;
-            while g < task.end {
-                let n = if g + 1 < task.end { 2 } else { 1 };
+            for (g, n) in pairs(task) {
                 let w = n * ROWS;
                 let (gate8, rest) = buf.split_at_mut(m * w);
                 let (up8, rest) = rest.split_at_mut(m * w);
@@ -129,7 +126,6 @@ pub(crate) fn matmul_swiglu(
                         )
                     };
                 }
-                g += n;
             }
         })
     });
