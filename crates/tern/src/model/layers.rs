@@ -240,16 +240,7 @@ impl Linear {
                     )
                 });
                 let (a, bt) = (p.a.contiguous()?, p.bt.contiguous()?);
-                x2.apply_op3(
-                    &a,
-                    &bt,
-                    Lora {
-                        w,
-                        bf16,
-                        scale: p.scale as f32,
-                        mask,
-                    },
-                )?
+                x2.apply_op3(&a, &bt, Lora::new(w, bf16, p.scale as f32, mask))?
             }
         };
         Ok(Some(self.add_bias(y)?))
