@@ -4,7 +4,9 @@
 //! As torch's bf16 autocast does, both operands are rounded to bf16 and summed in f32
 //! (relative error ~2e-3 against the f32 product); norms, attention, the loss and the adapter
 //! stay f32. On this repo's 2-core Zen 4 machine the kernel ran SmolLM2's training shapes at
-//! 280-420 GFLOP/s against 120-170 for the f32 GEMM.
+//! 280-420 GFLOP/s against 120-170 for the f32 GEMM. Not on every AVX512-BF16 core: on an
+//! Intel Emerald Rapids VM `vdpbf16ps` issued at half the f32 FMA rate (86 vs 175 GFLOP/s on
+//! one core), so there the f32 GEMM wins.
 //!
 //! Layout: `B` (the weight, fixed) is packed once into panels of [`NR`] columns holding, for
 //! each pair of depth indices, the `NR` columns' two values side by side; `A` (the
