@@ -84,8 +84,7 @@ pub(crate) fn x8_format_holds<F: X8Format>(
             }
             for n in 1..=ROWS {
                 let mut two = vec![[f32::NAN; 2 * ROWS]; n];
-                let base = two.as_mut_ptr() as usize;
-                let at = |j: usize| (base as *mut [f32; 2 * ROWS]).wrapping_add(j) as *mut f32;
+                let at = row_at(&mut two, 0);
                 // SAFETY: as above; each output has room for sixteen values.
                 unsafe { dots16_on::<F>(n, x8.group(g), x8.group(g + 1), &xs, 0, &at) };
                 assert_eq!(two[..], one[..n], "groups {g}, {n} rows");
@@ -97,18 +96,13 @@ pub(crate) fn x8_format_holds<F: X8Format>(
         for g in (0..64 / ROWS).step_by(2) {
             let mut one = [[0f32; 2 * ROWS]; ROWS];
             for (h, group) in [x8.group(g), x8.group(g + 1)].into_iter().enumerate() {
-                let base = one.as_mut_ptr() as usize;
-                let at = |j: usize| {
-                    ((base as *mut [f32; 2 * ROWS]).wrapping_add(j) as *mut f32)
-                        .wrapping_add(h * ROWS)
-                };
+                let at = row_at(&mut one, h * ROWS);
                 // SAFETY: as above.
                 unsafe { exact8_on::<F>(true, ROWS, group, &xr, 0, &at) };
             }
             for n in 1..=ROWS {
                 let mut two = vec![[f32::NAN; 2 * ROWS]; n];
-                let base = two.as_mut_ptr() as usize;
-                let at = |j: usize| (base as *mut [f32; 2 * ROWS]).wrapping_add(j) as *mut f32;
+                let at = row_at(&mut two, 0);
                 // SAFETY: as above.
                 unsafe { exact16_on::<F>(n, x8.group(g), x8.group(g + 1), &xr, 0, &at) };
                 assert_eq!(two[..], one[..n], "exact, groups {g}, {n} rows");
@@ -142,6 +136,13 @@ pub(crate) fn x8_format_holds<F: X8Format>(
     assert!(X8Matrix::<F>::new(1, 64, &bytes[..2 * F::BLOCK_BYTES]).is_err());
     assert!(X8Matrix::<F>::new(8, 60, &bytes[..8 * 2 * F::BLOCK_BYTES]).is_err());
     assert!(X8Matrix::<F>::new(8, 64, &bytes[..8 * 2 * F::BLOCK_BYTES - 1]).is_err());
+}
+
+/// Where row `j`'s sixteen outputs start in `buf`, from value `off` of the row on: the
+/// output-pointer function the pair passes take (a plain address, so it is `Sync`).
+fn row_at(buf: &mut [[f32; 2 * ROWS]], off: usize) -> impl Fn(usize) -> *mut f32 + Sync {
+    let base = buf.as_mut_ptr() as usize;
+    move |j| ((base as *mut [f32; 2 * ROWS]).wrapping_add(j) as *mut f32).wrapping_add(off)
 }
 
 /// `v` as the uninitialised output [`matmul_rows_shared`] takes (sound: the same layout,
