@@ -15,6 +15,8 @@ pub mod q8_0x8;
 pub mod scheme;
 pub(crate) mod vexp;
 pub mod x8;
+#[cfg(target_arch = "x86_64")]
+mod x8_panel;
 mod x8_shared;
 
 pub use scheme::QuantType;

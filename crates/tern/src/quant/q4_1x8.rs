@@ -181,34 +181,22 @@ impl X8Format for Q4_1x8 {
         super::x8::store_rows(&acc, out);
     }
 
-    /// [`Self::exact8`] for two groups in 512-bit vectors, lanes as in
-    /// [`Self::dots16_vnni`]; each lane runs `exact8`'s operations in its order.
+    /// Lanes as in [`Self::dots16_vnni`]; each weight is computed as in [`Self::exact8`].
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn exact16<const N: usize>(g0: &[u8], g1: &[u8], x: [&[f32]; N], out: [*mut f32; N]) {
+    unsafe fn dequant16(b0: &[u8], b1: &[u8], out: *mut f32, stride: usize) {
         use std::arch::x86_64::*;
-        let gbb = ROWS * Self::BLOCK_BYTES;
         let low = _mm512_set1_epi32(0x0f);
-        let mut acc = [_mm512_setzero_ps(); N];
-        for b in 0..g0.len() / gbb {
-            let (p0, p1) = (g0.as_ptr().add(b * gbb), g1.as_ptr().add(b * gbb));
-            let (d, m) = (load_f16_pair(p0, p1), load_f16_pair(p0.add(16), p1.add(16)));
-            for c in 0..4 {
-                let mut lanes = load_pair(p0.add(32 + 32 * c), p1.add(32 + 32 * c));
-                for j in 0..8 {
-                    let q = _mm512_cvtepi32_ps(_mm512_and_si512(lanes, low));
-                    lanes = _mm512_srli_epi32::<4>(lanes);
-                    let w = _mm512_fmadd_ps(d, q, m);
-                    let e = b * BLOCK + if j % 2 == 0 { 4 * c } else { 16 + 4 * c } + j / 2;
-                    for k in 0..N {
-                        let xv = _mm512_set1_ps(*x[k].get_unchecked(e));
-                        acc[k] = _mm512_fmadd_ps(w, xv, acc[k]);
-                    }
-                }
+        let (p0, p1) = (b0.as_ptr(), b1.as_ptr());
+        let (d, m) = (load_f16_pair(p0, p1), load_f16_pair(p0.add(16), p1.add(16)));
+        for c in 0..4 {
+            let mut lanes = load_pair(p0.add(32 + 32 * c), p1.add(32 + 32 * c));
+            for j in 0..8 {
+                let q = _mm512_cvtepi32_ps(_mm512_and_si512(lanes, low));
+                lanes = _mm512_srli_epi32::<4>(lanes);
+                let e = if j % 2 == 0 { 4 * c } else { 16 + 4 * c } + j / 2;
+                _mm512_storeu_ps(out.add(e * stride), _mm512_fmadd_ps(d, q, m));
             }
-        }
-        for k in 0..N {
-            _mm512_storeu_ps(out[k], acc[k]);
         }
     }
 }

@@ -11,6 +11,8 @@
 //! block widens on its own.
 
 use super::int8::Q8Row;
+#[cfg(target_arch = "x86_64")]
+use super::x8::{load_f16_pair, load_pair};
 use super::x8::{X8Format, X8Matrix, ROWS};
 use super::BLOCK;
 use half::f16;
@@ -139,6 +141,44 @@ impl X8Format for Q5_0x8 {
             }
         }
         super::x8::store_rows(&acc, out);
+    }
+
+    /// Sixteen rows' weights at a time, each as [`Self::exact8`] computes it.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn dequant16(b0: &[u8], b1: &[u8], out: *mut f32, stride: usize) {
+        use std::arch::x86_64::*;
+        let (low, bit4, byte) = (
+            _mm512_set1_epi8(0x0f),
+            _mm512_set1_epi8(0x10),
+            _mm512_set1_epi32(0xff),
+        );
+        let (p0, p1) = (b0.as_ptr(), b1.as_ptr());
+        let d = load_f16_pair(p0, p1);
+        let m = _mm512_mul_ps(d, _mm512_set1_ps(-16.0));
+        let qh = load_pair(p0.add(16), p1.add(16));
+        // As `high_bits`: bit 4 of each byte first holds half-chunk 0's bit, then 4's.
+        let mut hb = _mm512_slli_epi32::<4>(qh);
+        for c in 0..4 {
+            if c == 2 {
+                hb = qh;
+            }
+            let packed = load_pair(p0.add(CHUNKS + 32 * c), p1.add(CHUNKS + 32 * c));
+            let lo = _mm512_or_si512(_mm512_and_si512(packed, low), _mm512_and_si512(hb, bit4));
+            hb = _mm512_srli_epi32::<1>(hb);
+            let hi = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low),
+                _mm512_and_si512(hb, bit4),
+            );
+            hb = _mm512_srli_epi32::<1>(hb);
+            for (mut v, at) in [(lo, 4 * c), (hi, 16 + 4 * c)] {
+                for j in 0..4 {
+                    let q = _mm512_cvtepi32_ps(_mm512_and_si512(v, byte));
+                    v = _mm512_srli_epi32::<8>(v);
+                    _mm512_storeu_ps(out.add((at + j) * stride), _mm512_fmadd_ps(d, q, m));
+                }
+            }
+        }
     }
 }
 

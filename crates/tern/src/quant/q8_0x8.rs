@@ -6,6 +6,8 @@
 //! can reach 2 x 128 x 127, so each chunk widens to 32 bits at once (two would overflow).
 
 use super::int8::Q8Row;
+#[cfg(target_arch = "x86_64")]
+use super::x8::{load_f16_pair, load_pair};
 use super::x8::{X8Format, X8Matrix, ROWS};
 use super::BLOCK;
 use half::f16;
@@ -124,6 +126,24 @@ impl X8Format for Q8_0x8 {
             }
         }
         super::x8::store_rows(&acc, out);
+    }
+
+    /// Sixteen rows' weights at a time, each as [`Self::exact8`] computes it.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn dequant16(b0: &[u8], b1: &[u8], out: *mut f32, stride: usize) {
+        use std::arch::x86_64::*;
+        let (p0, p1) = (b0.as_ptr(), b1.as_ptr());
+        let d = load_f16_pair(p0, p1);
+        for c in 0..8 {
+            let mut lanes = load_pair(p0.add(16 + 32 * c), p1.add(16 + 32 * c));
+            for j in 0..4 {
+                let q = _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(lanes));
+                lanes = _mm512_srli_epi32::<8>(lanes);
+                let w = _mm512_mul_ps(d, _mm512_cvtepi32_ps(q));
+                _mm512_storeu_ps(out.add((4 * c + j) * stride), w);
+            }
+        }
     }
 }
 

@@ -77,18 +77,16 @@ pub trait X8Format: std::fmt::Debug + Send + Sync + 'static {
     /// Only to be called from [`exact8_avx2`].
     #[cfg(target_arch = "x86_64")]
     unsafe fn exact8<const N: usize>(group: &[u8], x: [&[f32]; N], out: [*mut f32; N]);
-    /// [`X8Format::exact8`] for two groups, results as in [`X8Format::dots16_vnni`]. Inlined
-    /// into [`exact16_avx512`]; by default two calls of `exact8`, and a format's own body must
-    /// give the same bits.
+    /// Writes block `b0` of one group and `b1` of another as the stored weights in f32:
+    /// column `e` (of the block's 32) at `out + e * stride`, `b0`'s eight rows then `b1`'s,
+    /// each weight as [`RowKernel::dequantize`] gives it. Inlined into the panel fill of the
+    /// exact product (`x8_panel.rs`).
     ///
     /// # Safety
-    /// Only to be called from [`exact16_avx512`].
+    /// Only to be called from a function that enables AVX-512F and F16C; `out + e * stride`
+    /// has room for sixteen values for every `e < 32`.
     #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn exact16<const N: usize>(g0: &[u8], g1: &[u8], x: [&[f32]; N], out: [*mut f32; N]) {
-        Self::exact8::<N>(g0, x, out);
-        Self::exact8::<N>(g1, x, out.map(|p| p.wrapping_add(ROWS)));
-    }
+    unsafe fn dequant16(b0: &[u8], b1: &[u8], out: *mut f32, stride: usize);
 }
 
 /// Calls `$kernel::<F, W>` for the pass width `W` equal to `$n` among the listed ones, with
@@ -237,74 +235,20 @@ unsafe fn exact8_avx2<F: X8Format, const N: usize>(
     F::exact8::<N>(group, x, out)
 }
 
-/// [`X8Format::exact8`] compiled with AVX-512VL's 32 vector registers (the same operations).
+/// Activation rows `x(j)..x(j + n)` times `group` through [`exact8_avx2`].
 ///
 /// # Safety
-/// As [`exact8_avx2`], and the CPU must support avx512f and avx512vl.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
-unsafe fn exact8_avx512<F: X8Format, const N: usize>(
-    group: &[u8],
-    x: [&[f32]; N],
-    out: [*mut f32; N],
-) {
-    F::exact8::<N>(group, x, out)
-}
-
-/// Activation rows `x(j)..x(j + n)` times `group` through [`exact8_avx512`] (`n` up to
-/// [`ROWS`]) when `wide`, else [`exact8_avx2`] (`n` up to [`ROW_GROUP`]).
-///
-/// # Safety
-/// As [`exact8_avx512`] when `wide`, else as [`exact8_avx2`]; `n` is at least 1 and at most
-/// [`widest`]`(wide)`.
+/// As [`exact8_avx2`]; `n` is at least 1 and at most [`ROW_GROUP`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn exact8_on<'a, F: X8Format>(
-    wide: bool,
     n: usize,
     group: &[u8],
     x: &dyn Fn(usize) -> &'a [f32],
     j: usize,
     at: &dyn Fn(usize) -> *mut f32,
 ) {
-    if wide {
-        by_width!(n, (exact8_avx512(group; |k| x(j + k), j, at)), 1 2 3 4 5 6 7 8)
-    } else {
-        by_width!(n, (exact8_avx2(group; |k| x(j + k), j, at)), 1 2 3 4)
-    }
-}
-
-/// [`X8Format::exact16`] compiled with AVX-512.
-///
-/// # Safety
-/// As [`exact8_avx512`] for both groups, and each `out[k]` has room for 16 values.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
-unsafe fn exact16_avx512<F: X8Format, const N: usize>(
-    g0: &[u8],
-    g1: &[u8],
-    x: [&[f32]; N],
-    out: [*mut f32; N],
-) {
-    F::exact16::<N>(g0, g1, x, out)
-}
-
-/// [`exact8_on`] for two groups through [`exact16_avx512`]: `at(j)` points at row `j`'s
-/// sixteen results.
-///
-/// # Safety
-/// As [`exact16_avx512`]; `n` is at least 1 and at most [`ROWS`].
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn exact16_on<'a, F: X8Format>(
-    n: usize,
-    g0: &[u8],
-    g1: &[u8],
-    x: &dyn Fn(usize) -> &'a [f32],
-    j: usize,
-    at: &dyn Fn(usize) -> *mut f32,
-) {
-    by_width!(n, (exact16_avx512(g0, g1; |k| x(j + k), j, at)), 1 2 3 4 5 6 7 8)
+    by_width!(n, (exact8_avx2(group; |k| x(j + k), j, at)), 1 2 3 4)
 }
 
 /// Adds `w` (the eight rows' weights at column `e`) times each activation row's value there.
@@ -442,7 +386,7 @@ impl<F: X8Format> X8Matrix<F> {
     }
 
     /// The bytes of group `g` (rows `8g..8g+8`), block after block.
-    fn group(&self, g: usize) -> &[u8] {
+    pub(super) fn group(&self, g: usize) -> &[u8] {
         let n = self.cols / BLOCK * ROWS * F::BLOCK_BYTES;
         &self.data[g * n..(g + 1) * n]
     }
@@ -555,34 +499,29 @@ impl<F: X8Format> RowKernel for X8Matrix<F> {
         self.group_dots(g + 1, xq, &|j| at(j).wrapping_add(ROWS));
     }
 
-    /// `out[j * rows + r] = W[r] · xs[j]` in f32, exact to the stored weights.
+    /// `out[j * rows + r] = W[r] · xs[j]` in f32, exact to the stored weights. With AVX-512
+    /// through a dequantized panel (`x8_panel.rs`); with AVX2 each pass of four rows
+    /// rebuilds the weights it multiplies.
     fn matmul_exact_rows(&self, xs: &[f32], m: usize, out: &mut [f32]) -> bool {
         let (rows, cols) = (self.rows, self.cols);
         assert_eq!((xs.len(), out.len()), (m * cols, m * rows));
+        #[cfg(target_arch = "x86_64")]
+        if use_vnni() {
+            super::x8_panel::matmul_exact(self, xs, m, out);
+            return true;
+        }
         let x = |j: usize| &xs[j * cols..(j + 1) * cols];
         self.for_groups(out, |g0, groups, at0| {
-            #[cfg(target_arch = "x86_64")]
-            if groups == 2 && use_vnni() {
-                let (a, b) = (self.group(g0), self.group(g0 + 1));
-                for (j, n) in passes(m, ROWS) {
-                    // SAFETY: the AVX-512 features are present; `n` fits the kernel, every x
-                    // row has `cols` values, and `at0` gives these groups' disjoint 16-value
-                    // run of each output row.
-                    unsafe { exact16_on::<F>(n, a, b, &x, j, at0) };
-                }
-                return;
-            }
             for g in g0..g0 + groups {
                 let at = |j: usize| at0(j).wrapping_add((g - g0) * ROWS);
                 let group = self.group(g);
                 #[cfg(target_arch = "x86_64")]
                 if use_avx2() {
-                    let wide = use_vnni();
-                    for (j, n) in passes(m, widest(wide)) {
-                        // SAFETY: avx2, fma and f16c are present (and AVX-512 where `wide`);
-                        // `n` fits the kernel, every x row has `cols` values, and `at` gives
-                        // this group's disjoint 8-value run of each output row.
-                        unsafe { exact8_on::<F>(wide, n, group, &x, j, &at) };
+                    for (j, n) in passes(m, ROW_GROUP) {
+                        // SAFETY: avx2, fma and f16c are present; `n` fits the kernel, every x
+                        // row has `cols` values, and `at` gives this group's disjoint 8-value
+                        // run of each output row.
+                        unsafe { exact8_on::<F>(n, group, &x, j, &at) };
                     }
                     continue;
                 }

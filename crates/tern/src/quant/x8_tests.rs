@@ -90,24 +90,8 @@ pub(crate) fn x8_format_holds<F: X8Format>(
                 assert_eq!(two[..], one[..n], "groups {g}, {n} rows");
             }
         }
-        // The same for the exact product.
-        let xf: Vec<Vec<f32>> = (0..ROWS as u64).map(|k| det_values(576, 50 + k)).collect();
-        let xr = |j: usize| xf[j].as_slice();
-        for g in (0..64 / ROWS).step_by(2) {
-            let mut one = [[0f32; 2 * ROWS]; ROWS];
-            for (h, group) in [x8.group(g), x8.group(g + 1)].into_iter().enumerate() {
-                let at = row_at(&mut one, h * ROWS);
-                // SAFETY: as above.
-                unsafe { exact8_on::<F>(true, ROWS, group, &xr, 0, &at) };
-            }
-            for n in 1..=ROWS {
-                let mut two = vec![[f32::NAN; 2 * ROWS]; n];
-                let at = row_at(&mut two, 0);
-                // SAFETY: as above.
-                unsafe { exact16_on::<F>(n, x8.group(g), x8.group(g + 1), &xr, 0, &at) };
-                assert_eq!(two[..], one[..n], "exact, groups {g}, {n} rows");
-            }
-        }
+        // The exact product's panel holds the stored weights, bit for bit.
+        super::super::x8_panel::tests::panel_holds_the_weights(&x8, &deq);
     }
 
     let (rows, cols) = (64, 576);
