@@ -7,8 +7,8 @@
 //! group block holds the same 32 values of eight rows, four consecutive values per row in each
 //! 32-byte chunk, so one byte multiply-add against a broadcast of four activation bytes serves
 //! eight weight rows, and block scales apply to eight rows in one float operation. The same
-//! layout gives prefill an exact f32 product that needs no dequantized copy of the matrix. The
-//! idea is llama.cpp's interleaved `q4_0_8x8` layout; the code is ours. Bytes and memory are
+//! layout gives prefill an exact f32 product that never holds a dequantized copy of the whole
+//! matrix (at most a pool task's 32 rows, `x8_panel.rs`). The idea is llama.cpp's interleaved `q4_0_8x8` layout; the code is ours. Bytes and memory are
 //! the format's own, only reordered.
 
 use super::int8::{with_quantized, Q8Row};
