@@ -8,8 +8,8 @@
 //! 32-byte chunk, so one byte multiply-add against a broadcast of four activation bytes serves
 //! eight weight rows, and block scales apply to eight rows in one float operation. The same
 //! layout gives prefill an exact f32 product that never holds a dequantized copy of the whole
-//! matrix (at most a pool task's 32 rows, `x8_panel.rs`). The idea is llama.cpp's interleaved `q4_0_8x8` layout; the code is ours. Bytes and memory are
-//! the format's own, only reordered.
+//! matrix (at most a pool task's 32 rows, `x8_panel.rs`). The idea is llama.cpp's interleaved
+//! `q4_0_8x8` layout; the code is ours. Bytes and memory are the format's own, only reordered.
 
 use super::int8::{with_quantized, Q8Row};
 use super::{par_ranges, use_avx2, use_vnni, RowKernel, BLOCK, ROW_GROUP};

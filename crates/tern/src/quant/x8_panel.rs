@@ -73,8 +73,8 @@ pub(super) fn matmul_exact<F: X8Format>(w: &X8Matrix<F>, xs: &[f32], m: usize, o
     });
 }
 
-/// `(first row, rows)` of passes of near-equal width over `m` rows: 13 rows as 7 + 6 keeps 14
-/// chains of FMAs in each, where 12 + 1 would leave the last pass two, waiting on their
+/// `(first row, rows)` of passes of near-equal width over `m` rows: 9 rows as 5 + 4 keep 8-10
+/// chains of FMAs in each pass, where 8 + 1 would leave the last pass two, waiting on their
 /// latency.
 fn even_passes(m: usize) -> impl Iterator<Item = (usize, usize)> {
     let passes = m.div_ceil(MAX_PASS);
