@@ -8,12 +8,18 @@
 //! cores; and a dozen tensors were allocated. On SmolLM2 that was about 12% of a decode step's
 //! serial time, for some 80K multiply-adds per layer.
 
+use super::attention_kernels::{
+    prefetch, scaled_dots, scaled_dots_group, weighted_sum, weighted_sum_group, GROUP,
+};
 use crate::error::Result;
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 
 /// Work (query heads x cached tokens x head size) below which one thread does it all: the
 /// hand-off to the worker costs more than it saves.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
+
+/// Cached positions of the next kv group fetched ahead of its turn (see [`Shape::prefetch`]).
+const PREFETCH_ROWS: usize = 64;
 
 /// `softmax(q k^T / sqrt(hd)) v` for one query token per sequence, or `None` when the tensors
 /// are not f32 CPU tensors in the layouts below (the caller then runs the general path).
@@ -203,27 +209,28 @@ fn attend_queries(
     };
     // Positions each query attends to.
     let span = |qr: &Query| qr.t - window.map_or(0, |w| qr.t.saturating_sub(w));
-    let n = queries.len() * heads;
-    let mut out = vec![0f32; n * hd];
+    // One unit of work is one query's kv group: its `rep` heads read the same keys and
+    // values, and their outputs are adjacent (`rep * hd` values).
+    let n = queries.len() * kv_heads;
+    let unit = shape.rep * hd;
+    let mut out = vec![0f32; n * unit];
     let longest = queries.iter().map(span).max().unwrap_or(0);
     let run = |range: std::ops::Range<usize>, out: &mut [f32]| {
-        let mut scores = vec![0f32; longest];
+        let mut scores = vec![0f32; GROUP.min(shape.rep) * longest];
         let end = range.end;
-        for (i, o) in range.zip(out.chunks_exact_mut(hd)) {
-            let qr = &queries[i / heads];
-            let h = i % heads;
-            // Entering a kv group: fetch the next group's keys and values while this one's
-            // heads run. A batched step's caches come from memory (the weights streamed
-            // through the caches since the last step), and each group's history is too short
-            // for the hardware prefetcher to get ahead: eight rows' attention took ~10% of the
-            // step for ~1% of its multiply-adds.
-            if h % shape.rep == 0 && i + shape.rep < end {
-                let (nq, nh) = ((i + shape.rep) / heads, (i + shape.rep) % heads);
-                let next = &queries[nq];
-                shape.prefetch(nh, &seqs[next.seq], next.t, window);
+        for (i, o) in range.zip(out.chunks_exact_mut(unit)) {
+            let (qr, g) = (&queries[i / kv_heads], i % kv_heads);
+            // Fetch the next group's keys and values while this one's heads run. A batched
+            // step's caches come from memory (the weights streamed through the caches since
+            // the last step), and each group's history is too short for the hardware
+            // prefetcher to get ahead: eight rows' attention took ~10% of the step for ~1%
+            // of its multiply-adds.
+            if i + 1 < end {
+                let next = &queries[(i + 1) / kv_heads];
+                shape.prefetch((i + 1) % kv_heads, &seqs[next.seq], next.t, window);
             }
-            let qh = &q_data[qr.q][qr.off + h * qr.head_stride..][..hd];
-            shape.head(h, qh, &seqs[qr.seq], qr.t, window, &mut scores, o);
+            let qh = |h: usize| &q_data[qr.q][qr.off + h * qr.head_stride..][..hd];
+            shape.group(g, qh, &seqs[qr.seq], qr.t, window, &mut scores, o);
         }
     };
     let work: usize = queries.iter().map(|qr| heads * span(qr) * hd).sum();
@@ -232,13 +239,13 @@ fn attend_queries(
     } else {
         let ptr = out.as_mut_ptr() as usize;
         candle_core::utils::barrier_pool().execute_chunked(n, |range| {
-            // SAFETY: tasks get disjoint ranges of (query, head) pairs, so the `hd`-wide
-            // output slices never overlap, and `out` outlives the call, which returns only
-            // when every task is done.
+            // SAFETY: tasks get disjoint ranges of (query, kv group) units, so the
+            // `unit`-wide output slices never overlap, and `out` outlives the call, which
+            // returns only when every task is done.
             let o = unsafe {
                 std::slice::from_raw_parts_mut(
-                    (ptr as *mut f32).add(range.start * hd),
-                    range.len() * hd,
+                    (ptr as *mut f32).add(range.start * unit),
+                    range.len() * unit,
                 )
             };
             run(range, o);
@@ -286,27 +293,29 @@ struct Shape {
 }
 
 impl Shape {
-    /// Prefetches the keys and values query head `h` reads from `seq` (as [`Shape::head`]).
-    fn prefetch(&self, h: usize, seq: &Seq, t: usize, window: Option<usize>) {
+    /// Prefetches the first [`PREFETCH_ROWS`] keys and values of kv group `g` in `seq` (as
+    /// [`Shape::group`] reads them): past those, the hardware prefetcher has caught up with
+    /// the stream (prefetching a 1,000-token history row by row was a tenth of its prefill).
+    fn prefetch(&self, g: usize, seq: &Seq, t: usize, window: Option<usize>) {
         let first = window.map_or(0, |w| t.saturating_sub(w));
-        let g = h / self.rep;
         for (d, l) in [&seq.k, &seq.v] {
-            for j in first..t {
+            for j in first..t.min(first + PREFETCH_ROWS) {
                 let row = &d[l.row(g, j)..][..self.hd];
-                for line in row.chunks(16) {
-                    prefetch(line.as_ptr());
+                for at in (0..self.hd).step_by(16) {
+                    prefetch(row[at..].as_ptr());
                 }
             }
         }
     }
 
-    /// Query head `h` (values `qh`) over the first `t` positions of `seq` (the last `window`
-    /// of them with a window) into `out` (`hd` values).
+    /// The `rep` query heads of kv group `g` (head `h`'s values `qh(h)`) over the first `t`
+    /// positions of `seq` (the last `window` of them with a window) into `out` (`rep * hd`
+    /// values, head by head), up to [`GROUP`] heads per pass over the keys and values.
     #[allow(clippy::too_many_arguments)]
-    fn head(
+    fn group<'q>(
         &self,
-        h: usize,
-        qh: &[f32],
+        g: usize,
+        qh: impl Fn(usize) -> &'q [f32],
         seq: &Seq,
         t: usize,
         window: Option<usize>,
@@ -314,145 +323,54 @@ impl Shape {
         out: &mut [f32],
     ) {
         let first = window.map_or(0, |w| t.saturating_sub(w));
-        // Heads of one kv group are adjacent, as in the general path.
-        let g = h / self.rep;
+        let len = t - first;
         let scale = 1.0 / (self.hd as f32).sqrt();
-        let scores = &mut scores[..t - first];
         let ((kd, kl), (vd, vl)) = (&seq.k, &seq.v);
-        scaled_dots(qh, &kd[kl.row(g, first)..], kl.pos, scale, scores);
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let inv = 1.0 / crate::quant::vexp::softmax_exp(scores, max);
-        scores.iter_mut().for_each(|p| *p *= inv);
-        weighted_sum(scores, &vd[vl.row(g, first)..], vl.pos, out);
-    }
-}
-
-/// A hint to bring the cache line at `p` in (no effect off x86-64).
-#[inline(always)]
-fn prefetch(p: *const f32) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch reads nothing architecturally; `p` points into a live slice.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
-/// `scores[j] = scale * q · keys[j * stride..][..q.len()]`.
-fn scaled_dots(q: &[f32], keys: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
-    let n = q.len();
-    assert!(scores.is_empty() || keys.len() >= (scores.len() - 1) * stride + n);
-    #[cfg(target_arch = "x86_64")]
-    if crate::quant::use_avx2() && n.is_multiple_of(8) {
-        // SAFETY: the CPU reports avx2 and fma; the assert above keeps every row in `keys`.
-        return unsafe { scaled_dots_avx2(q, keys, stride, scale, scores) };
-    }
-    for (j, s) in scores.iter_mut().enumerate() {
-        let k = &keys[j * stride..j * stride + n];
-        *s = scale * q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>();
-    }
-}
-
-/// `out = Σ_j p[j] * x[j * stride..][..out.len()]`.
-fn weighted_sum(p: &[f32], x: &[f32], stride: usize, out: &mut [f32]) {
-    let n = out.len();
-    assert!(p.is_empty() || x.len() >= (p.len() - 1) * stride + n);
-    #[cfg(target_arch = "x86_64")]
-    if crate::quant::use_avx2() && n.is_multiple_of(8) {
-        // SAFETY: the CPU reports avx2 and fma; the assert above keeps every row in `x`.
-        return unsafe { weighted_sum_avx2(p, x, stride, out) };
-    }
-    out.fill(0.0);
-    for (j, &w) in p.iter().enumerate() {
-        for (o, v) in out.iter_mut().zip(&x[j * stride..j * stride + n]) {
-            *o += w * v;
-        }
-    }
-}
-
-// The crate is built for baseline x86-64, so without these the loops above compile to
-// scalar SSE code (measured: the dot product ran one lane at a time).
-/// [`scaled_dots`] four keys at a time: four independent chains of multiply-adds (one
-/// chain per key waited on each add's latency).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn scaled_dots_avx2(q: &[f32], keys: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let n = q.len();
-    let kp = keys.as_ptr();
-    let mut j = 0;
-    // Eight keys per pass: eight independent chains keep both FMA pipes busy (four waited on
-    // the FMA latency). Each key's reduction is the four-key path's, so its bits are too.
-    while j + 8 <= scores.len() {
-        let mut acc = [_mm256_setzero_ps(); 8];
-        for i in (0..n).step_by(8) {
-            let qv = _mm256_loadu_ps(q.as_ptr().add(i));
-            for (k, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp.add((j + k) * stride + i)), *a);
+        let (keys, vals) = (&kd[kl.row(g, first)..], &vd[vl.row(g, first)..]);
+        let mut r0 = 0;
+        while r0 < self.rep {
+            // Four heads go as two pairs: a single head runs the one-head kernels.
+            let left = self.rep - r0;
+            let r = if left == 4 { 2 } else { left.min(GROUP) };
+            let heads = g * self.rep + r0..g * self.rep + r0 + r;
+            let sc = &mut scores[..r * len];
+            let outs = &mut out[r0 * self.hd..(r0 + r) * self.hd];
+            if r == 1 {
+                scaled_dots(qh(heads.start), keys, kl.pos, scale, sc);
+                softmax_in_place(sc);
+                weighted_sum(sc, vals, vl.pos, outs);
+            } else {
+                let qs: [&[f32]; GROUP] = std::array::from_fn(|i| qh(heads.start + i.min(r - 1)));
+                scaled_dots_group(&qs[..r], keys, kl.pos, scale, sc);
+                if len > 0 {
+                    sc.chunks_exact_mut(len).for_each(softmax_in_place);
+                }
+                weighted_sum_group(sc, r, vals, vl.pos, outs);
             }
+            r0 += r;
         }
-        for (h, a) in acc.chunks_exact(4).enumerate() {
-            store_four_sums(a, scale, scores.as_mut_ptr().add(j + 4 * h));
-        }
-        j += 8;
-    }
-    while j + 4 <= scores.len() {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for i in (0..n).step_by(8) {
-            let qv = _mm256_loadu_ps(q.as_ptr().add(i));
-            for (k, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp.add((j + k) * stride + i)), *a);
-            }
-        }
-        store_four_sums(&acc, scale, scores.as_mut_ptr().add(j));
-        j += 4;
-    }
-    for (jj, s) in scores.iter_mut().enumerate().skip(j) {
-        let mut acc = _mm256_setzero_ps();
-        for i in (0..n).step_by(8) {
-            let qv = _mm256_loadu_ps(q.as_ptr().add(i));
-            acc = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp.add(jj * stride + i)), acc);
-        }
-        *s = scale * crate::quant::hsum(acc);
     }
 }
 
-/// Stores `scale` times the sum of each of four keys' lanes at `out`.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn store_four_sums(acc: &[std::arch::x86_64::__m256], scale: f32, out: *mut f32) {
-    use std::arch::x86_64::*;
-    // Pairwise adds leave lane k of each 128-bit half holding part of key k's sum.
-    let h = _mm256_hadd_ps(
-        _mm256_hadd_ps(acc[0], acc[1]),
-        _mm256_hadd_ps(acc[2], acc[3]),
-    );
-    let sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    _mm_storeu_ps(out, _mm_mul_ps(sums, _mm_set1_ps(scale)));
-}
-
-/// [`weighted_sum`] with the output held in registers, 64 values at a time (a running sum
-/// kept in memory made every step a load and a store).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn weighted_sum_avx2(p: &[f32], x: &[f32], stride: usize, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    const LANES: usize = 8;
-    for c in (0..out.len()).step_by(8 * LANES) {
-        let n = (out.len() - c).min(8 * LANES) / 8;
-        let mut acc = [_mm256_setzero_ps(); LANES];
-        for (j, &w) in p.iter().enumerate() {
-            let wv = _mm256_set1_ps(w);
-            let src = x.as_ptr().add(j * stride + c);
-            for (l, a) in acc.iter_mut().enumerate().take(n) {
-                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(src.add(8 * l)), *a);
-            }
-        }
-        for (l, a) in acc.iter().enumerate().take(n) {
-            _mm256_storeu_ps(out.as_mut_ptr().add(c + 8 * l), *a);
+/// Scores to probabilities (the general path's softmax, with the crate's vector exp).
+fn softmax_in_place(scores: &mut [f32]) {
+    // Eight running maxima, so the loop vectorises (one scalar chain was a tenth of a long
+    // prompt's attention); the maximum is the same whatever the order.
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = scores.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = m.max(v);
         }
     }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let inv = 1.0 / crate::quant::vexp::softmax_exp(scores, max);
+    scores.iter_mut().for_each(|p| *p *= inv);
 }
 
 #[cfg(test)]

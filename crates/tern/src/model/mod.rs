@@ -2,6 +2,7 @@
 //! checkpoint (weights + tokenizer + generation settings) into a ready-to-run bundle.
 
 pub mod attention;
+mod attention_kernels;
 mod cache;
 mod checkpointing;
 pub mod config;
