@@ -214,55 +214,47 @@ pub(super) fn weighted_sum_group(
     }
 }
 
+/// Defines `$name` (the build for this CPU) and its AVX2 and AVX-512 builds `$avx2`,
+/// `$avx512` of the kernel `$body`: the same operations, so the same bits; the EVEX forms give
+/// the AVX-512 build 32 vector registers instead of 16.
+macro_rules! two_builds {
+    ($name:ident, $avx2:ident, $avx512:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        unsafe fn $name<const R: usize>($($arg: $ty),*) {
+            if crate::quant::use_vnni() {
+                $avx512::<R>($($arg),*)
+            } else {
+                $avx2::<R>($($arg),*)
+            }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $avx2<const R: usize>($($arg: $ty),*) {
+            $body::<R>($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+        unsafe fn $avx512<const R: usize>($($arg: $ty),*) {
+            $body::<R>($($arg),*)
+        }
+    };
+}
+
+two_builds!(dots_group, dots_group_avx2, dots_group_avx512, dots_group_body, (
+    q: [*const f32; GROUP],
+    kp: *const f32,
+    stride: usize,
+    n: usize,
+    scale: f32,
+    s: [*mut f32; GROUP],
+    count: usize
+));
+
 /// [`scaled_dots_group`]'s kernel for `R` heads: where [`scaled_dots_avx2`] keeps 8 (or 4)
 /// keys' sums of one head, this keeps 4 keys' sums of each of `R` heads, and the keys left
-/// over after whole passes of 4 go one by one, as there. On AVX-512 cores the EVEX forms give
-/// it 32 registers (the same operations, so the same bits).
-#[cfg(target_arch = "x86_64")]
-unsafe fn dots_group<const R: usize>(
-    q: [*const f32; GROUP],
-    kp: *const f32,
-    stride: usize,
-    n: usize,
-    scale: f32,
-    s: [*mut f32; GROUP],
-    count: usize,
-) {
-    if crate::quant::use_vnni() {
-        dots_group_avx512::<R>(q, kp, stride, n, scale, s, count)
-    } else {
-        dots_group_avx2::<R>(q, kp, stride, n, scale, s, count)
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dots_group_avx2<const R: usize>(
-    q: [*const f32; GROUP],
-    kp: *const f32,
-    stride: usize,
-    n: usize,
-    scale: f32,
-    s: [*mut f32; GROUP],
-    count: usize,
-) {
-    dots_group_body::<R>(q, kp, stride, n, scale, s, count)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-unsafe fn dots_group_avx512<const R: usize>(
-    q: [*const f32; GROUP],
-    kp: *const f32,
-    stride: usize,
-    n: usize,
-    scale: f32,
-    s: [*mut f32; GROUP],
-    count: usize,
-) {
-    dots_group_body::<R>(q, kp, stride, n, scale, s, count)
-}
-
+/// over after whole passes of 4 go one by one, as there.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn dots_group_body<const R: usize>(
@@ -307,50 +299,17 @@ unsafe fn dots_group_body<const R: usize>(
     }
 }
 
+two_builds!(sums_group, sums_group_avx2, sums_group_avx512, sums_group_body, (
+    p: [*const f32; GROUP],
+    x: *const f32,
+    stride: usize,
+    n: usize,
+    o: [*mut f32; GROUP],
+    count: usize
+));
+
 /// [`weighted_sum_group`]'s kernel for `R` heads: 32 output values of each head at a time in
 /// registers (each value's multiply-adds in the order [`weighted_sum_avx2`] does them).
-#[cfg(target_arch = "x86_64")]
-unsafe fn sums_group<const R: usize>(
-    p: [*const f32; GROUP],
-    x: *const f32,
-    stride: usize,
-    n: usize,
-    o: [*mut f32; GROUP],
-    count: usize,
-) {
-    if crate::quant::use_vnni() {
-        sums_group_avx512::<R>(p, x, stride, n, o, count)
-    } else {
-        sums_group_avx2::<R>(p, x, stride, n, o, count)
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn sums_group_avx2<const R: usize>(
-    p: [*const f32; GROUP],
-    x: *const f32,
-    stride: usize,
-    n: usize,
-    o: [*mut f32; GROUP],
-    count: usize,
-) {
-    sums_group_body::<R>(p, x, stride, n, o, count)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-unsafe fn sums_group_avx512<const R: usize>(
-    p: [*const f32; GROUP],
-    x: *const f32,
-    stride: usize,
-    n: usize,
-    o: [*mut f32; GROUP],
-    count: usize,
-) {
-    sums_group_body::<R>(p, x, stride, n, o, count)
-}
-
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn sums_group_body<const R: usize>(
