@@ -26,7 +26,7 @@ pub(super) fn prefetch(p: *const f32) {
 }
 
 /// `scores[j] = scale * q · keys[j * stride..][..q.len()]`.
-pub(super) fn scaled_dots(q: &[f32], keys: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
+fn scaled_dots(q: &[f32], keys: &[f32], stride: usize, scale: f32, scores: &mut [f32]) {
     let n = q.len();
     assert!(scores.is_empty() || keys.len() >= (scores.len() - 1) * stride + n);
     #[cfg(target_arch = "x86_64")]
@@ -41,7 +41,7 @@ pub(super) fn scaled_dots(q: &[f32], keys: &[f32], stride: usize, scale: f32, sc
 }
 
 /// `out = Σ_j p[j] * x[j * stride..][..out.len()]`.
-pub(super) fn weighted_sum(p: &[f32], x: &[f32], stride: usize, out: &mut [f32]) {
+fn weighted_sum(p: &[f32], x: &[f32], stride: usize, out: &mut [f32]) {
     let n = out.len();
     assert!(p.is_empty() || x.len() >= (p.len() - 1) * stride + n);
     #[cfg(target_arch = "x86_64")]

@@ -8,9 +8,7 @@
 //! cores; and a dozen tensors were allocated. On SmolLM2 that was about 12% of a decode step's
 //! serial time, for some 80K multiply-adds per layer.
 
-use super::attention_kernels::{
-    prefetch, scaled_dots, scaled_dots_group, weighted_sum, weighted_sum_group, GROUP,
-};
+use super::attention_kernels::{prefetch, scaled_dots_group, weighted_sum_group, GROUP};
 use crate::error::Result;
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 
@@ -329,24 +327,19 @@ impl Shape {
         let (keys, vals) = (&kd[kl.row(g, first)..], &vd[vl.row(g, first)..]);
         let mut r0 = 0;
         while r0 < self.rep {
-            // Four heads go as two pairs: a single head runs the one-head kernels.
+            // Four heads go as two pairs (the group kernels run a lone head through the
+            // one-head ones).
             let left = self.rep - r0;
             let r = if left == 4 { 2 } else { left.min(GROUP) };
-            let heads = g * self.rep + r0..g * self.rep + r0 + r;
+            let h0 = g * self.rep + r0;
             let sc = &mut scores[..r * len];
-            let outs = &mut out[r0 * self.hd..(r0 + r) * self.hd];
-            if r == 1 {
-                scaled_dots(qh(heads.start), keys, kl.pos, scale, sc);
-                softmax_in_place(sc);
-                weighted_sum(sc, vals, vl.pos, outs);
-            } else {
-                let qs: [&[f32]; GROUP] = std::array::from_fn(|i| qh(heads.start + i.min(r - 1)));
-                scaled_dots_group(&qs[..r], keys, kl.pos, scale, sc);
-                if len > 0 {
-                    sc.chunks_exact_mut(len).for_each(softmax_in_place);
-                }
-                weighted_sum_group(sc, r, vals, vl.pos, outs);
+            let qs: [&[f32]; GROUP] = std::array::from_fn(|i| qh(h0 + i.min(r - 1)));
+            scaled_dots_group(&qs[..r], keys, kl.pos, scale, sc);
+            if len > 0 {
+                sc.chunks_exact_mut(len).for_each(softmax_in_place);
             }
+            let outs = &mut out[r0 * self.hd..(r0 + r) * self.hd];
+            weighted_sum_group(sc, r, vals, vl.pos, outs);
             r0 += r;
         }
     }
