@@ -164,7 +164,12 @@ fn batch(a: BatchBenchArgs) -> Result<()> {
         r.rows,
         a.max_tokens,
         r.rounds,
-        if r.int8_prompts { ", int8 prompts" } else { "" }
+        match (r.int8_prompts, r.quantized_head) {
+            (false, false) => "",
+            (true, false) => ", int8 prompts",
+            (false, true) => ", int8 head",
+            (true, true) => ", int8 prompts and head",
+        }
     );
     println!("sequential     {:.1} tok/s", r.sequential_tok_s);
     println!("batch of {:<5} {:.1} tok/s", r.batch, r.batched_tok_s);
@@ -266,10 +271,6 @@ pub struct GenerateBenchArgs {
     pub runs: usize,
     #[command(flatten)]
     pub load: crate::load_args::LoadArgs,
-    /// GGUF with tied embeddings: compute logits through the int8 Q8_0 kernel, rounding
-    /// activations to int8 as llama.cpp does (default: exact logits from the stored blocks).
-    #[arg(long)]
-    pub quantized_head: bool,
 }
 
 /// Runs a benchmark.
@@ -289,10 +290,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             };
             let r = tern::bench::generate::run(
                 &crate::resolve::model(&a.model)?,
-                &LoadOptions {
-                    quantized_head: a.quantized_head,
-                    ..a.load.options()?
-                },
+                &a.load.options()?,
                 &opts,
             )
             .with_context(|| format!("benchmarking {}", a.model.display()))?;

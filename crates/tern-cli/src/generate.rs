@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use std::io::Write;
 use std::path::PathBuf;
-use tern::{ChatMessage, GenerateRequest, LoadOptions, LoadedModel, Prompt, SamplingParams};
+use tern::{ChatMessage, GenerateRequest, LoadedModel, Prompt, SamplingParams};
 
 /// How tokens are printed.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -96,10 +96,6 @@ pub struct GenerateArgs {
     pub stop: Vec<String>,
     #[command(flatten)]
     pub load: crate::load_args::LoadArgs,
-    /// GGUF with tied embeddings: compute logits through the int8 Q8_0 kernel, rounding
-    /// activations to int8 as llama.cpp does (default: exact logits from the stored blocks).
-    #[arg(long)]
-    pub quantized_head: bool,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -117,14 +113,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     sampling.validate()?;
     let model = crate::resolve::model(&a.model)?;
-    let mut lm = LoadedModel::load(
-        &model,
-        &LoadOptions {
-            quantized_head: a.quantized_head,
-            ..a.load.options()?
-        },
-    )
-    .with_context(|| format!("loading {}", a.model.display()))?;
+    let mut lm = LoadedModel::load(&model, &a.load.options()?)
+        .with_context(|| format!("loading {}", a.model.display()))?;
     let adapter = match &a.adapter {
         Some(p) => {
             let p = crate::resolve::adapter(p)?;

@@ -1,4 +1,5 @@
-//! `--dtype`, `--quantize` and `--int8-prompts`: how every command that runs a model loads it.
+//! `--dtype`, `--quantize`, `--int8-prompts` and `--quantized-head`: how every command that
+//! runs a model loads it.
 
 use anyhow::Result;
 use clap::Args;
@@ -20,6 +21,10 @@ pub struct LoadArgs {
     /// prompts multiply exactly with the stored weights.
     #[arg(long)]
     pub int8_prompts: bool,
+    /// GGUF with tied embeddings: compute logits through the int8 Q8_0 kernel, rounding
+    /// activations to int8 as llama.cpp does (default: exact logits from the stored blocks).
+    #[arg(long)]
+    pub quantized_head: bool,
 }
 
 impl LoadArgs {
@@ -33,6 +38,7 @@ impl LoadArgs {
                 .transpose()?,
             quantize: self.quantize,
             int8_prompts: self.int8_prompts,
+            quantized_head: self.quantized_head,
             ..Default::default()
         })
     }

@@ -36,6 +36,8 @@ pub struct BatchBench {
     pub rounds: usize,
     /// Whether prompts ran through the int8 kernels ([`LoadOptions::int8_prompts`]).
     pub int8_prompts: bool,
+    /// Whether logits ran through the int8 head ([`LoadOptions::quantized_head`]).
+    pub quantized_head: bool,
     /// Tokens generated in all (each way).
     pub tokens: usize,
     /// One row at a time, tok/s (best round).
@@ -134,6 +136,7 @@ pub fn run(path: &Path, load: &LoadOptions, o: &BatchBenchOptions) -> Result<Bat
         batch: o.batch,
         rounds: o.rounds.max(1),
         int8_prompts: load.int8_prompts,
+        quantized_head: load.quantized_head,
         tokens,
         sequential_tok_s: seq,
         batched_tok_s: bat,
