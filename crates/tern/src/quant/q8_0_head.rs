@@ -1,11 +1,12 @@
 //! GGML `Q8_0` as the output head: exact products (f32 activations) over weight rows
-//! interleaved eight at a time by column.
+//! interleaved sixteen at a time by column.
 //!
 //! The head is multiplied exactly (see `q8_0.rs`), so its cost is f32 multiply-adds: 28M per
 //! activation row on SmolLM2, a quarter of a batched decode step. In the row layout each FMA
 //! also needed the activations loaded again and the sums reduced across lanes per row. Here
-//! byte `8e + r` of a group block is row `r`'s value `e`, so one widening load gives column
-//! `e` of eight rows and one FMA against a broadcast activation serves all eight. With few
+//! byte `16e + r` of a pair block is row `r`'s value `e`, so one widening load gives column
+//! `e` of sixteen rows (a 512-bit vector; 256-bit kernels take eight of them, a group) and
+//! one FMA against a broadcast activation serves all of them. With few
 //! activation rows, several groups run together so that enough independent FMA chains are in
 //! flight; every output sees the same operations in the same order however it is grouped, so
 //! a row gives the same bits batched or alone. Bytes are the format's own, only reordered.
@@ -16,10 +17,15 @@ use candle_core::{Device, Tensor};
 use half::f16;
 use std::ops::Range;
 
-/// Weight rows interleaved together.
+/// Weight rows of a group: one 256-bit vector of results.
 const ROWS: usize = 8;
-/// Bytes of one group block: eight f16 scales, then 32 columns of eight int8 values.
-const GROUP_BLOCK: usize = 2 * ROWS + BLOCK * ROWS;
+/// Rows interleaved together: two groups, one 512-bit vector.
+const PAIR_ROWS: usize = 2 * ROWS;
+/// Bytes of one pair block: sixteen f16 scales, then 32 columns of sixteen int8 values. (With
+/// each group's bytes on their own, a 512-bit kernel assembled every column from two 8-byte
+/// loads: one single-row decode step spent ~30% of its time in the head, at ~5 vector
+/// operations per 16 multiply-adds; one 16-byte widening load makes that 3.)
+const PAIR_BLOCK: usize = 2 * PAIR_ROWS + BLOCK * PAIR_ROWS;
 /// Groups per pool task (128 rows).
 const GROUPS_PER_TASK: usize = 16;
 /// How far ahead of the block being read the weights are prefetched, in bytes.
@@ -34,7 +40,8 @@ pub struct Q8_0Head {
 }
 
 impl Q8_0Head {
-    /// Repacks ggml Q8_0 bytes of a `[rows, cols]` matrix; `rows` must be a multiple of 8.
+    /// Repacks ggml Q8_0 bytes of a `[rows, cols]` matrix; `rows` must be a multiple of 8
+    /// (an odd last group is padded with zero rows whose results are never stored).
     pub fn new(rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
         let bb = super::q8_0::BLOCK_BYTES;
         let nb = cols / BLOCK;
@@ -47,14 +54,14 @@ impl Q8_0Head {
                 data.len()
             )));
         }
-        let mut out = vec![0u8; data.len()];
-        for (g, dst) in out.chunks_exact_mut(nb * GROUP_BLOCK).enumerate() {
-            for (b, gb) in dst.chunks_exact_mut(GROUP_BLOCK).enumerate() {
-                for r in 0..ROWS {
-                    let src = &data[((g * ROWS + r) * nb + b) * bb..][..bb];
-                    gb[2 * r..2 * r + 2].copy_from_slice(&src[..2]);
+        let mut out = vec![0u8; rows.div_ceil(PAIR_ROWS) * nb * PAIR_BLOCK];
+        for (pair, dst) in out.chunks_exact_mut(nb * PAIR_BLOCK).enumerate() {
+            for (b, pb) in dst.chunks_exact_mut(PAIR_BLOCK).enumerate() {
+                for r in 0..PAIR_ROWS.min(rows - pair * PAIR_ROWS) {
+                    let src = &data[((pair * PAIR_ROWS + r) * nb + b) * bb..][..bb];
+                    pb[2 * r..2 * r + 2].copy_from_slice(&src[..2]);
                     for e in 0..BLOCK {
-                        gb[2 * ROWS + ROWS * e + r] = src[2 + e];
+                        pb[2 * PAIR_ROWS + PAIR_ROWS * e + r] = src[2 + e];
                     }
                 }
             }
@@ -66,18 +73,23 @@ impl Q8_0Head {
         })
     }
 
-    /// The bytes of group `g` (rows `8g..8g+8`), block after block.
-    fn group(&self, g: usize) -> &[u8] {
-        let n = self.cols / BLOCK * GROUP_BLOCK;
-        &self.data[g * n..(g + 1) * n]
+    /// The bytes of the pair holding rows `16p..16p+16`, block after block.
+    fn pair(&self, p: usize) -> &[u8] {
+        let n = self.cols / BLOCK * PAIR_BLOCK;
+        &self.data[p * n..(p + 1) * n]
+    }
+
+    /// Group `g` (rows `8g..8g+8`): its pair's bytes and which half of each pair block.
+    fn group(&self, g: usize) -> Group<'_> {
+        (self.pair(g / 2), g % 2)
     }
 
     /// Row `r`'s value at column `c`, as the block stores it: `(scale, q)`.
     fn value(&self, r: usize, c: usize) -> (f32, i8) {
-        let gb = &self.group(r / ROWS)[c / BLOCK * GROUP_BLOCK..][..GROUP_BLOCK];
-        let i = r % ROWS;
-        let d = f16::from_le_bytes([gb[2 * i], gb[2 * i + 1]]).to_f32();
-        (d, gb[2 * ROWS + ROWS * (c % BLOCK) + i] as i8)
+        let pb = &self.pair(r / PAIR_ROWS)[c / BLOCK * PAIR_BLOCK..][..PAIR_BLOCK];
+        let i = r % PAIR_ROWS;
+        let d = f16::from_le_bytes([pb[2 * i], pb[2 * i + 1]]).to_f32();
+        (d, pb[2 * PAIR_ROWS + PAIR_ROWS * (c % BLOCK) + i] as i8)
     }
 
     /// Portable form of the kernel's arithmetic for row `r`.
@@ -127,7 +139,7 @@ impl Q8_0Head {
     }
 
     /// [`Self::sweep`] through [`cols16`]: `P` pairs of groups per call, the groups left
-    /// over through [`cols_avx512`].
+    /// over through [`cols_avx512`]. `gs` starts at an even group (a pair's first).
     ///
     /// # Safety
     /// As [`cols16`].
@@ -139,9 +151,10 @@ impl Q8_0Head {
         x: [&[f32]; N],
         at: &dyn Fn(usize, usize) -> *mut f32,
     ) {
+        debug_assert!(gs.start.is_multiple_of(2));
         let mut g = gs.start;
         while g + 2 * P <= gs.end {
-            let groups = std::array::from_fn(|i| [0, 1].map(|h| self.group(g + 2 * i + h)));
+            let groups = std::array::from_fn(|i| self.pair(g / 2 + i));
             let out = std::array::from_fn(|i| {
                 [0, 1].map(|h| std::array::from_fn(|k| at(k, g + 2 * i + h)))
             });
@@ -154,6 +167,9 @@ impl Q8_0Head {
     }
 }
 
+/// A group: its pair's bytes and its half of them (0: the pair's rows 0-7, 1: rows 8-15).
+type Group<'a> = (&'a [u8], usize);
+
 /// Eight weight rows of each of `G` groups times `N` activation rows:
 /// `out[i][k]` receives group `i`'s eight results for row `k`.
 ///
@@ -163,24 +179,27 @@ impl Q8_0Head {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn cols<const G: usize, const N: usize>(
-    groups: [&[u8]; G],
+    groups: [Group<'_>; G],
     x: [&[f32]; N],
     out: [[*mut f32; N]; G],
 ) {
     use std::arch::x86_64::*;
-    let nb = groups[0].len() / GROUP_BLOCK;
+    let nb = groups[0].0.len() / PAIR_BLOCK;
     let mut acc = [[_mm256_setzero_ps(); N]; G];
     for b in 0..nb {
-        let p: [*const u8; G] = std::array::from_fn(|i| groups[i].as_ptr().add(b * GROUP_BLOCK));
+        // Group `i`'s half of its pair block: scales at `p[i] + 16 h`, column `e` at
+        // `p[i] + 32 + 16 e + 8 h`.
+        let p: [*const u8; G] = std::array::from_fn(|i| groups[i].0.as_ptr().add(b * PAIR_BLOCK));
         for pi in p {
-            for l in 0..GROUP_BLOCK.div_ceil(64) {
+            for l in 0..PAIR_BLOCK.div_ceil(64) {
                 _mm_prefetch::<_MM_HINT_T0>(pi.wrapping_add(PREFETCH + 64 * l) as *const i8);
             }
         }
         let mut s = [[_mm256_setzero_ps(); N]; G];
         for e in 0..BLOCK {
             let w: [__m256; G] = std::array::from_fn(|i| {
-                let q = _mm_loadl_epi64(p[i].add(2 * ROWS + ROWS * e) as *const __m128i);
+                let at = p[i].add(2 * PAIR_ROWS + PAIR_ROWS * e + ROWS * groups[i].1);
+                let q = _mm_loadl_epi64(at as *const __m128i);
                 _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))
             });
             for k in 0..N {
@@ -191,7 +210,8 @@ unsafe fn cols<const G: usize, const N: usize>(
             }
         }
         for i in 0..G {
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(p[i] as *const __m128i));
+            let at = p[i].add(2 * ROWS * groups[i].1);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i));
             for k in 0..N {
                 acc[i][k] = _mm256_fmadd_ps(s[i][k], d, acc[i][k]);
             }
@@ -211,7 +231,7 @@ unsafe fn cols<const G: usize, const N: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn cols_avx2<const G: usize, const N: usize>(
-    groups: [&[u8]; G],
+    groups: [Group<'_>; G],
     x: [&[f32]; N],
     out: [[*mut f32; N]; G],
 ) {
@@ -225,44 +245,42 @@ unsafe fn cols_avx2<const G: usize, const N: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
 unsafe fn cols_avx512<const G: usize, const N: usize>(
-    groups: [&[u8]; G],
+    groups: [Group<'_>; G],
     x: [&[f32]; N],
     out: [[*mut f32; N]; G],
 ) {
     cols::<G, N>(groups, x, out)
 }
 
-/// [`cols`] with 512-bit vectors over `P` pairs of groups: lane `r` of pair `i` is row `r` of
-/// group `2i` for `r < 8`, row `r - 8` of group `2i + 1` above, and each lane runs
-/// [`cols`]' operations in its order, so the bits are the same. Intel cores run 512-bit FMAs at twice the 256-bit rate (two
-/// ports at full width, where 256-bit ones get two of three ports at half); AMD's Zen 4
-/// runs either at one rate.
+/// [`cols`] with 512-bit vectors over `P` pairs of groups: lane `r` of pair `i` is the pair's
+/// row `r` (group `2i`'s rows, then group `2i + 1`'s), and each lane runs [`cols`]'
+/// operations in its order, so the bits are the same. Intel cores run 512-bit FMAs at twice
+/// the 256-bit rate (two ports at full width, where 256-bit ones get two of three ports at
+/// half); AMD's Zen 4 runs either at one rate.
 ///
 /// # Safety
 /// As [`cols`], and the CPU must support avx512f.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
 unsafe fn cols16<const P: usize, const N: usize>(
-    groups: [[&[u8]; 2]; P],
+    pairs: [&[u8]; P],
     x: [&[f32]; N],
     out: [[[*mut f32; N]; 2]; P],
 ) {
     use std::arch::x86_64::*;
-    let nb = groups[0][0].len() / GROUP_BLOCK;
+    let nb = pairs[0].len() / PAIR_BLOCK;
     let mut acc = [[_mm512_setzero_ps(); N]; P];
     for b in 0..nb {
-        let p: [[*const u8; 2]; P] =
-            std::array::from_fn(|i| groups[i].map(|g| g.as_ptr().add(b * GROUP_BLOCK)));
-        for pi in p.into_iter().flatten() {
-            for l in 0..GROUP_BLOCK.div_ceil(64) {
+        let p: [*const u8; P] = std::array::from_fn(|i| pairs[i].as_ptr().add(b * PAIR_BLOCK));
+        for pi in p {
+            for l in 0..PAIR_BLOCK.div_ceil(64) {
                 _mm_prefetch::<_MM_HINT_T0>(pi.wrapping_add(PREFETCH + 64 * l) as *const i8);
             }
         }
         let mut s = [[_mm512_setzero_ps(); N]; P];
         for e in 0..BLOCK {
             let w: [__m512; P] = std::array::from_fn(|i| {
-                let at = |h: usize| p[i][h].add(2 * ROWS + ROWS * e) as *const i64;
-                let q = _mm_set_epi64x(at(1).read_unaligned(), at(0).read_unaligned());
+                let q = _mm_loadu_si128(p[i].add(2 * PAIR_ROWS + PAIR_ROWS * e) as *const __m128i);
                 _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q))
             });
             for k in 0..N {
@@ -273,7 +291,7 @@ unsafe fn cols16<const P: usize, const N: usize>(
             }
         }
         for i in 0..P {
-            let d = super::x8::load_f16_pair(p[i][0], p[i][1]);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(p[i] as *const __m256i));
             for k in 0..N {
                 acc[i][k] = _mm512_fmadd_ps(s[i][k], d, acc[i][k]);
             }
@@ -411,22 +429,28 @@ mod tests {
         crate::quant::tests::batch_equals_single_rows(&head);
         #[cfg(target_arch = "x86_64")]
         if use_vnni() {
-            // Pairs of groups in 512-bit vectors: the bits of the 256-bit kernel.
+            // Pairs of groups in 512-bit vectors: the bits of the 256-bit kernel, in its
+            // AVX-512 and AVX2 builds (37 groups: an odd one alone in the last pair).
             let x: [&[f32]; 8] = std::array::from_fn(|k| &xs[k * cols..(k + 1) * cols]);
-            let (mut a, mut b) = (vec![0f32; 8 * rows], vec![1f32; 8 * rows]);
-            for (o, pairs) in [(&mut a, false), (&mut b, true)] {
-                let p = o.as_mut_ptr() as usize;
-                let at = |k: usize, g: usize| (p as *mut f32).wrapping_add(k * rows + g * ROWS);
-                // SAFETY: the CPU has the features; groups and outputs are in bounds.
-                unsafe {
-                    if pairs {
-                        head.sweep16::<1, 8>(0..rows / ROWS, x, &at);
-                    } else {
-                        head.sweep::<1, 8>(0..rows / ROWS, x, &at, true);
+            let outs: Vec<Vec<f32>> = (0..3)
+                .map(|mode| {
+                    let mut o = vec![mode as f32; 8 * rows];
+                    let p = o.as_mut_ptr() as usize;
+                    let at = |k: usize, g: usize| (p as *mut f32).wrapping_add(k * rows + g * ROWS);
+                    let gs = 0..rows / ROWS;
+                    // SAFETY: the CPU has the features; groups and outputs are in bounds.
+                    unsafe {
+                        match mode {
+                            0 => head.sweep16::<1, 8>(gs, x, &at),
+                            1 => head.sweep::<1, 8>(gs, x, &at, true),
+                            _ => head.sweep::<1, 8>(gs, x, &at, false),
+                        }
                     }
-                }
-            }
-            assert_eq!(a, b);
+                    o
+                })
+                .collect();
+            assert_eq!(outs[0], outs[1]);
+            assert_eq!(outs[0], outs[2]);
         }
         assert!(Q8_0Head::new(4, 32, &[0; 4 * 34]).is_err());
         assert!(Q8_0Head::new(8, 30, &[0; 8 * 34]).is_err());
