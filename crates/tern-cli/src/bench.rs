@@ -421,6 +421,12 @@ fn adapters(a: AdapterBenchArgs) -> Result<()> {
 }
 
 fn train(a: TrainBenchArgs) -> Result<()> {
+    if a.load.int8_prompts || a.load.quantized_head {
+        anyhow::bail!(
+            "--int8-prompts and --quantized-head change how tern generates, not how it trains; \
+             drop them from `tern bench train`"
+        );
+    }
     let o = tern::bench::train::TrainBenchOptions {
         rank: a.rank,
         batch: a.batch,

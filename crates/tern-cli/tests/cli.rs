@@ -224,6 +224,10 @@ fn errors_are_one_clear_line() {
             "/no/such/model",
         ),
         (
+            vec!["bench", "train", "--model", llama, "--quantized-head"],
+            "not how it trains",
+        ),
+        (
             vec![
                 "generate",
                 "--model",
