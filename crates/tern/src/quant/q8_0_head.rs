@@ -190,7 +190,11 @@ unsafe fn cols<const G: usize, const N: usize>(
         // Group `i`'s half of its pair block: scales at `p[i] + 16 h`, column `e` at
         // `p[i] + 32 + 16 e + 8 h`.
         let p: [*const u8; G] = std::array::from_fn(|i| groups[i].0.as_ptr().add(b * PAIR_BLOCK));
-        for pi in p {
+        for (i, pi) in p.into_iter().enumerate() {
+            // A pair's two groups read one pair block: prefetch it once.
+            if i > 0 && pi == p[i - 1] {
+                continue;
+            }
             for l in 0..PAIR_BLOCK.div_ceil(64) {
                 _mm_prefetch::<_MM_HINT_T0>(pi.wrapping_add(PREFETCH + 64 * l) as *const i8);
             }
