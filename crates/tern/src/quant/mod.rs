@@ -267,6 +267,17 @@ pub(crate) fn use_avx2() -> bool {
     false
 }
 
+/// Whether AVX-512F kernels can run on this CPU (on top of [`use_avx2`]).
+pub(crate) fn use_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX512.get_or_init(|| use_avx2() && is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Whether the eight-row int8 kernels can use AVX512-VNNI (`vpdpbusd` on 256-bit vectors, and
 /// AVX-512's 32 vector registers): on top of [`use_avx2`].
 pub(crate) fn use_vnni() -> bool {
