@@ -225,6 +225,34 @@ fn prompts_run_together_equal_prompts_run_alone() {
 }
 
 #[test]
+fn prompts_past_the_few_row_product_give_each_prompt_its_bits_alone() {
+    // Together these prompts pass `dense::MAX_ROWS` rows, past which f32 products go to a GEMM
+    // whose sums differ in the last bits; each prompt must still get exactly what it gets
+    // alone. (The fixture's context, 256, is what keeps a single prompt under the limit.)
+    let lm = llama();
+    let max = tern::quant::dense::MAX_ROWS;
+    let prompts: Vec<Vec<u32>> = [max / 2, max / 3, 5, max - 10, max / 2]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (0..n as u32).map(|t| (t * 7 + i as u32) % 250).collect())
+        .collect();
+    let run = |ps: &[Vec<u32>]| {
+        let mut caches: Vec<_> = ps.iter().map(|_| lm.model.new_cache()).collect();
+        let mut refs: Vec<_> = caches.iter_mut().collect();
+        let ps: Vec<&[u32]> = ps.iter().map(Vec::as_slice).collect();
+        let out = lm.model.prefill_rows(&ps, &mut refs, &vec![None; ps.len()]);
+        let lens: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        (out.unwrap().to_vec2::<f32>().unwrap(), lens)
+    };
+    let (together, lens) = run(&prompts);
+    assert_eq!(lens, prompts.iter().map(Vec::len).collect::<Vec<_>>());
+    for (i, p) in prompts.iter().enumerate() {
+        let (alone, _) = run(std::slice::from_ref(p));
+        assert_eq!(together[i], alone[0], "prompt {i} ({} tokens)", p.len());
+    }
+}
+
+#[test]
 fn batch_file_lines_equal_single_runs_in_input_order() {
     use tern::generate::batch::{self, BatchDefaults};
     let lm = llama();

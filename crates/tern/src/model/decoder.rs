@@ -433,7 +433,8 @@ impl Model {
 
     /// Runs the prompts of several sequences at once, each after what its cache holds and
     /// with its own adapter: the weights are read once for all of them (attention stays per
-    /// sequence). Returns the logits of each prompt's last position, `[prompts, vocab]`.
+    /// sequence), in runs of at most [`crate::quant::dense::MAX_ROWS`] positions unless a
+    /// prompt is longer. Returns the logits of each prompt's last position, `[prompts, vocab]`.
     pub fn prefill_rows(
         &self,
         prompts: &[&[u32]],
@@ -455,6 +456,25 @@ impl Model {
         }
         let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
         let total: usize = lens.iter().sum();
+        let limit = crate::quant::dense::MAX_ROWS;
+        if n > 1 && total > limit {
+            // Float products of up to `limit` rows and longer ones take different kernels,
+            // whose sums differ in the last bits; runs of prompts that fit in `limit` (a longer
+            // one alone) keep each prompt on the product it gets alone.
+            let mut logits = Vec::new();
+            let mut start = 0;
+            while start < n {
+                let (mut end, mut rows) = (start + 1, lens[start]);
+                while end < n && rows + lens[end] <= limit {
+                    rows += lens[end];
+                    end += 1;
+                }
+                let run = &mut caches[start..end];
+                logits.push(self.prefill_rows(&prompts[start..end], run, &adapters[start..end])?);
+                start = end;
+            }
+            return Ok(Tensor::cat(&logits, 0)?);
+        }
         let offsets: Vec<usize> = caches.iter().map(|c| c.pos).collect();
         let per_token: Vec<Option<Arc<LoraAdapter>>> = adapters
             .iter()
