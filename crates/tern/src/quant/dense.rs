@@ -1,16 +1,19 @@
-//! f32 weights times a few activation rows: batched decode and short prompts on the CPU.
+//! Float weights times a few activation rows: batched decode and short prompts on the CPU.
 //!
 //! For 2–63 rows candle's GEMM packs the whole weight on every call and ran a batch of 2
 //! slower than two single rows (SmolLM2 f32: 23 vs 31 tok/s). Decode is bound by reading the
 //! weights, so this reads each weight row once and dots it with every activation row.
 //!
-//! With AVX-512 a pass holds a block of weight rows times up to eight activation rows in
-//! registers (`dots_avx512`): one load of each operand serves several multiply-adds, where
-//! the AVX2 pass spent five loads on four, and the weights are prefetched well ahead. On
-//! SmolLM2 f32 (2-core AVX-512 VM) that took eight decode rows from 50 to 29 ms a step and
-//! one row from 24 to 18.5 ms (the DRAM rate).
+//! A pass holds a block of weight rows times several activation rows in registers
+//! (`dense_kernels.rs`: 3-4 x 8 with AVX-512, 3 x 4 with AVX2), so one load of each operand
+//! serves several multiply-adds, and prefetches the weights 8 KB ahead. On SmolLM2 f32 (2-core
+//! AVX-512 VM) that took eight decode rows from 50 to 29 ms a step and one row from 24 to 18.5
+//! ms (the DRAM rate); the AVX2 pass alone, 36 and 19-20 ms (it had spent five loads on four
+//! multiply-adds, with no prefetch). bf16 and f16 weights widen to f32 as they load (AVX-512).
 
-use super::{fill_grouped, par_rows, use_avx2, ROW_GROUP};
+#[cfg(target_arch = "x86_64")]
+use super::dense_kernels::{dots_avx2, dots_avx512, Widen};
+use super::{par_rows, use_avx2};
 use crate::error::Result;
 use candle_core::{DType, Tensor};
 
@@ -30,200 +33,21 @@ fn dot_scalar(w: &[f32], x: &[f32]) -> f32 {
     w.iter().zip(x).map(|(a, b)| a * b).sum()
 }
 
+/// A pass's kernel: `R` weight rows (`w`, `w + cols`, ...) dotted with `N` activation rows.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot4_avx2(w: &[f32], x: [&[f32]; ROW_GROUP]) -> [f32; ROW_GROUP] {
-    use std::arch::x86_64::*;
-    let n = w.len() / 8 * 8;
-    let mut acc = [_mm256_setzero_ps(); ROW_GROUP];
-    for i in (0..n).step_by(8) {
-        let wv = _mm256_loadu_ps(w.as_ptr().add(i));
-        for k in 0..ROW_GROUP {
-            acc[k] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[k].as_ptr().add(i)), acc[k]);
-        }
-    }
-    std::array::from_fn(|k| super::hsum(acc[k]) + dot_scalar(&w[n..], &x[k][n..]))
-}
+type Dots<T, const R: usize, const N: usize> =
+    unsafe fn(*const T, usize, [*const f32; N]) -> [[f32; N]; R];
 
-/// One row, summed in the same order as [`dot4_avx2`], so a row gives the same bits batched
-/// or alone.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(w: &[f32], x: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = w.len() / 8 * 8;
-    let mut acc = _mm256_setzero_ps();
-    for i in (0..n).step_by(8) {
-        acc = _mm256_fmadd_ps(
-            _mm256_loadu_ps(w.as_ptr().add(i)),
-            _mm256_loadu_ps(x.as_ptr().add(i)),
-            acc,
-        );
-    }
-    super::hsum(acc) + dot_scalar(&w[n..], &x[n..])
-}
-
-/// A weight element type the AVX-512 pass widens to f32 as it loads it: f32, bf16 or f16
-/// weights all multiply in f32 (a bf16 or f16 model reads half the bytes per token).
-#[cfg(target_arch = "x86_64")]
-pub(crate) trait Widen: Copy + Send + Sync + 'static {
-    /// Zero in this type, to pad a partial last vector.
-    const ZERO: Self;
-    /// Elements in 8 KB, the weights' prefetch distance.
-    const AHEAD: usize = 8192 / std::mem::size_of::<Self>();
-    /// The 16 values at `p` as f32.
-    ///
-    /// # Safety
-    /// Sixteen values are readable at `p`; inlined only into functions that enable avx512f.
-    unsafe fn widen16(p: *const Self) -> std::arch::x86_64::__m512;
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Widen for f32 {
-    const ZERO: Self = 0.0;
-    #[inline(always)]
-    unsafe fn widen16(p: *const Self) -> std::arch::x86_64::__m512 {
-        std::arch::x86_64::_mm512_loadu_ps(p)
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Widen for half::bf16 {
-    const ZERO: Self = half::bf16::ZERO;
-    /// A bf16 is the top half of the f32 with the same value: widen and shift, exactly.
-    #[inline(always)]
-    unsafe fn widen16(p: *const Self) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        let h = _mm256_loadu_si256(p as *const __m256i);
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Widen for half::f16 {
-    const ZERO: Self = half::f16::ZERO;
-    #[inline(always)]
-    unsafe fn widen16(p: *const Self) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
-    }
-}
-
-/// The last `n < 16` values at `p` as f32, the missing lanes zero (so they add nothing).
+/// Rows `task` of the product, activation rows `j..j + N`: `R` weight rows per pass through
+/// `dots`, the rest one by one through `one`, written to `out[j * rows + r]`.
 ///
 /// # Safety
-/// As [`Widen::widen16`], for `n` values.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn widen_tail<T: Widen>(p: *const T, n: usize) -> std::arch::x86_64::__m512 {
-    let mut buf = [T::ZERO; 16];
-    std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
-    T::widen16(buf.as_ptr())
-}
-
-/// `R` weight rows (`w`, `w + cols`, ...) dotted with `N` activation rows: `acc[r][j]` sums
-/// `w[r] · x[j]` in 16 f32 lanes over the columns, the last partial vector zero-padded, then
-/// adds the lanes. Every (weight row, activation row) pair runs the same operations in the
-/// same order whatever `R` and `N` are, so a row gives the same bits batched or alone.
-///
-/// # Safety
-/// The CPU must support avx512f; `w` holds `R * cols` values and each `x[j]` `cols`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dots_avx512<T: Widen, const R: usize, const N: usize>(
-    w: *const T,
-    cols: usize,
-    x: [*const f32; N],
-) -> [[f32; N]; R] {
-    use std::arch::x86_64::*;
-    // One array of sums per weight row (at most four): with a two-dimensional array LLVM kept
-    // the sums on the stack, a store per multiply-add. No closures: a closure does not inherit
-    // `target_feature`, and LLVM left them as calls passing vectors through memory.
-    const { assert!(R >= 1 && R <= 4) };
-    let z = _mm512_setzero_ps();
-    let (mut a0, mut a1, mut a2, mut a3) = ([z; N], [z; N], [z; N], [z; N]);
-    macro_rules! columns {
-        ($i:expr, |$p:ident| $load:expr) => {{
-            let i = $i;
-            let w0 = {
-                let $p = w.add(i);
-                $load
-            };
-            let w1 = if R > 1 {
-                let $p = w.add(cols + i);
-                $load
-            } else {
-                z
-            };
-            let w2 = if R > 2 {
-                let $p = w.add(2 * cols + i);
-                $load
-            } else {
-                z
-            };
-            let w3 = if R > 3 {
-                let $p = w.add(3 * cols + i);
-                $load
-            } else {
-                z
-            };
-            for j in 0..N {
-                let xv = {
-                    let $p = x[j].add(i);
-                    $load
-                };
-                a0[j] = _mm512_fmadd_ps(w0, xv, a0[j]);
-                if R > 1 {
-                    a1[j] = _mm512_fmadd_ps(w1, xv, a1[j]);
-                }
-                if R > 2 {
-                    a2[j] = _mm512_fmadd_ps(w2, xv, a2[j]);
-                }
-                if R > 3 {
-                    a3[j] = _mm512_fmadd_ps(w3, xv, a3[j]);
-                }
-            }
-        }};
-    }
-    let full = cols / 16 * 16;
-    let mut i = 0;
-    while i < full {
-        // Each weight row's stream 8 KB ahead: at eight activation rows the hardware
-        // prefetcher alone left the step waiting on DRAM (SmolLM2 f32, 43.6 -> 33.8 ms).
-        for r in 0..R {
-            _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add(r * cols + i + T::AHEAD) as *const i8);
-        }
-        columns!(i, |p| Widen::widen16(p));
-        i += 16;
-    }
-    if full < cols {
-        columns!(full, |p| widen_tail(p, cols - full));
-    }
-    let mut sums = [[0f32; N]; R];
-    for j in 0..N {
-        sums[0][j] = _mm512_reduce_add_ps(a0[j]);
-        if R > 1 {
-            sums[1][j] = _mm512_reduce_add_ps(a1[j]);
-        }
-        if R > 2 {
-            sums[2][j] = _mm512_reduce_add_ps(a2[j]);
-        }
-        if R > 3 {
-            sums[3][j] = _mm512_reduce_add_ps(a3[j]);
-        }
-    }
-    sums
-}
-
-/// Rows `task` of the product, activation rows `j..j + N`, `R` weight rows per pass (the rest
-/// one by one), written to `out[j * rows + r]`.
-///
-/// # Safety
-/// The CPU must support avx512f; `out` has room for `[m, rows]` with `j + N <= m`, and no
-/// other thread writes these elements.
+/// The CPU must support what the kernels need; `out` has room for `[m, rows]` with
+/// `j + N <= m`, and no other thread writes these elements.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_avx512<T: Widen, const R: usize, const N: usize>(
+unsafe fn block<T, const R: usize, const N: usize>(
+    (dots, one): (Dots<T, R, N>, Dots<T, 1, N>),
     w: &[T],
     rows: usize,
     cols: usize,
@@ -233,27 +57,42 @@ unsafe fn block_avx512<T: Widen, const R: usize, const N: usize>(
     out: *mut f32,
 ) {
     let x: [*const f32; N] = std::array::from_fn(|k| xs.as_ptr().add((j + k) * cols));
+    let put = |r: usize, d: &[f32; N]| {
+        for (k, v) in d.iter().enumerate() {
+            *out.add((j + k) * rows + r) = *v;
+        }
+    };
     let mut r = task.start;
     while r < task.end {
-        let put = |r: usize, d: &[f32; N]| {
-            for (k, v) in d.iter().enumerate() {
-                *out.add((j + k) * rows + r) = *v;
-            }
-        };
         if r + R <= task.end {
-            let d = dots_avx512::<T, R, N>(w.as_ptr().add(r * cols), cols, x);
-            for (i, d) in d.iter().enumerate() {
+            for (i, d) in dots(w.as_ptr().add(r * cols), cols, x).iter().enumerate() {
                 put(r + i, d);
             }
             r += R;
         } else {
-            put(
-                r,
-                &dots_avx512::<T, 1, N>(w.as_ptr().add(r * cols), cols, x)[0],
-            );
+            put(r, &one(w.as_ptr().add(r * cols), cols, x)[0]);
             r += 1;
         }
     }
+}
+
+/// Runs `pass(n, j, task)` for every task of [`ROWS_PER_TASK`] weight rows and every run of
+/// `n <= width` activation rows starting at `j`, on candle's worker pool.
+#[cfg(target_arch = "x86_64")]
+fn par_passes(
+    rows: usize,
+    m: usize,
+    width: usize,
+    pass: impl Fn(usize, usize, std::ops::Range<usize>) + Sync,
+) {
+    super::par_ranges(rows, ROWS_PER_TASK, |task| {
+        let mut j = 0;
+        while j < m {
+            let n = (m - j).min(width);
+            pass(n, j, task.clone());
+            j += n;
+        }
+    });
 }
 
 /// [`matmul_rows`] with AVX-512: each task takes [`ROWS_PER_TASK`] weight rows and passes
@@ -273,29 +112,37 @@ fn matmul_rows_avx512<T: Widen>(
         (rows * cols, m * cols, rows * m)
     );
     let out_ptr = out.as_mut_ptr() as usize;
-    super::par_ranges(rows, ROWS_PER_TASK, |task| {
+    par_passes(rows, m, X_ROWS, |n, j, t| {
         let out = out_ptr as *mut f32;
-        let mut j = 0;
-        while j < m {
-            let n = (m - j).min(X_ROWS);
-            let t = task.clone();
-            // SAFETY: `use_avx512` said yes; tasks cover disjoint weight rows, so each output
-            // element has one writer, and `out` outlives `par_ranges`, which returns when every
-            // task is done. Four weight rows per pass up to six activation rows (24 sums and
-            // five operands in the 32 registers), three for seven or eight.
-            unsafe {
-                match n {
-                    1 => block_avx512::<T, 4, 1>(w, rows, cols, xs, j, t, out),
-                    2 => block_avx512::<T, 4, 2>(w, rows, cols, xs, j, t, out),
-                    3 => block_avx512::<T, 4, 3>(w, rows, cols, xs, j, t, out),
-                    4 => block_avx512::<T, 4, 4>(w, rows, cols, xs, j, t, out),
-                    5 => block_avx512::<T, 4, 5>(w, rows, cols, xs, j, t, out),
-                    6 => block_avx512::<T, 4, 6>(w, rows, cols, xs, j, t, out),
-                    7 => block_avx512::<T, 3, 7>(w, rows, cols, xs, j, t, out),
-                    _ => block_avx512::<T, 3, 8>(w, rows, cols, xs, j, t, out),
-                }
+        macro_rules! run {
+            ($r:literal, $n:literal) => {
+                block::<T, $r, $n>(
+                    (dots_avx512::<T, $r, $n>, dots_avx512::<T, 1, $n>),
+                    w,
+                    rows,
+                    cols,
+                    xs,
+                    j,
+                    t,
+                    out,
+                )
+            };
+        }
+        // SAFETY: `use_avx512` said yes; tasks cover disjoint weight rows, so each output
+        // element has one writer, and `out` outlives `par_passes`, which returns when every
+        // task is done. Four weight rows per pass up to six activation rows (24 sums and five
+        // operands in the 32 registers), three for seven or eight.
+        unsafe {
+            match n {
+                1 => run!(4, 1),
+                2 => run!(4, 2),
+                3 => run!(4, 3),
+                4 => run!(4, 4),
+                5 => run!(4, 5),
+                6 => run!(4, 6),
+                7 => run!(3, 7),
+                _ => run!(3, 8),
             }
-            j += n;
         }
     });
 }
@@ -311,23 +158,46 @@ pub fn matmul_rows(w: &[f32], rows: usize, cols: usize, xs: &[f32], m: usize, ou
     matmul_rows_avx2(w, rows, cols, xs, m, out)
 }
 
-/// [`matmul_rows`] without AVX-512: four activation rows per pass with AVX2, else scalar.
+/// [`matmul_rows`] without AVX-512: three weight rows times up to four activation rows per
+/// AVX2 pass (twelve sums and four operands fill the 16 registers; two weight rows ran eight
+/// SmolLM2 f32 rows 3% slower), else (no AVX2, or not x86) one scalar dot per pair.
 fn matmul_rows_avx2(w: &[f32], rows: usize, cols: usize, xs: &[f32], m: usize, out: &mut [f32]) {
-    let avx2 = use_avx2();
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        let out_ptr = out.as_mut_ptr() as usize;
+        par_passes(rows, m, 4, |n, j, t| {
+            let out = out_ptr as *mut f32;
+            macro_rules! run {
+                ($r:literal, $n:literal) => {
+                    block::<f32, $r, $n>(
+                        (dots_avx2::<$r, $n>, dots_avx2::<1, $n>),
+                        w,
+                        rows,
+                        cols,
+                        xs,
+                        j,
+                        t,
+                        out,
+                    )
+                };
+            }
+            // SAFETY: `use_avx2` said yes (avx2 and fma); tasks cover disjoint weight rows, so
+            // each output element has one writer, and `out` outlives `par_passes`.
+            unsafe {
+                match n {
+                    1 => run!(3, 1),
+                    2 => run!(3, 2),
+                    3 => run!(3, 3),
+                    _ => run!(3, 4),
+                }
+            }
+        });
+        return;
+    }
     par_rows(out, rows, m, ROWS_PER_TASK, |r, buf| {
         let w = &w[r * cols..(r + 1) * cols];
-        let x = |j: usize| &xs[j * cols..(j + 1) * cols];
-        #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: only taken when the CPU reports avx2 and fma.
-            let four = |j: usize| unsafe { dot4_avx2(w, std::array::from_fn(|k| x(j + k))) };
-            // SAFETY: as above.
-            let one = |j: usize| unsafe { dot_avx2(w, x(j)) };
-            return fill_grouped(buf, four, one);
-        }
-        let _ = avx2;
         for (j, o) in buf.iter_mut().enumerate() {
-            *o = dot_scalar(w, x(j));
+            *o = dot_scalar(w, &xs[j * cols..(j + 1) * cols]);
         }
     });
 }

@@ -3,6 +3,8 @@
 //! whole weight for a handful of rows (f32 batched decode, `dense.rs`).
 
 pub mod dense;
+#[cfg(target_arch = "x86_64")]
+mod dense_kernels;
 pub mod int8;
 pub mod q4_1;
 pub mod q4_1x8;
