@@ -12,7 +12,7 @@
 //! multiply-adds, with no prefetch). bf16 and f16 weights widen to f32 as they load (AVX-512).
 
 #[cfg(target_arch = "x86_64")]
-use super::dense_kernels::{dots_avx2, dots_avx512, Widen};
+use super::dense_kernels::{dots_avx2, dots_avx512, Weight, V512};
 use super::{par_rows, use_avx2};
 use crate::error::Result;
 use candle_core::{DType, Tensor};
@@ -38,58 +38,96 @@ fn dot_scalar(w: &[f32], x: &[f32]) -> f32 {
 type Dots<T, const R: usize, const N: usize> =
     unsafe fn(*const T, usize, [*const f32; N]) -> [[f32; N]; R];
 
-/// Rows `task` of the product, activation rows `j..j + N`: `R` weight rows per pass through
-/// `dots`, the rest one by one through `one`, written to `out[j * rows + r]`.
-///
-/// # Safety
-/// The CPU must support what the kernels need; `out` has room for `[m, rows]` with
-/// `j + N <= m`, and no other thread writes these elements.
+/// One task's share of the product: weight rows `task` times activation rows `j..`, written to
+/// `out[j * rows + r]`.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block<T, const R: usize, const N: usize>(
-    (dots, one): (Dots<T, R, N>, Dots<T, 1, N>),
-    w: &[T],
+struct Pass<'a, T> {
+    w: &'a [T],
     rows: usize,
     cols: usize,
-    xs: &[f32],
+    xs: &'a [f32],
     j: usize,
     task: std::ops::Range<usize>,
     out: *mut f32,
+}
+
+/// Runs `p` for activation rows `p.j..p.j + N`: `R` weight rows per call of `dots`, the rest
+/// one by one through `one`.
+///
+/// # Safety
+/// The CPU must support what the kernels need; `p.out` has room for `[m, rows]` with
+/// `p.j + N <= m`, and no other thread writes these elements.
+#[cfg(target_arch = "x86_64")]
+unsafe fn block<T, const R: usize, const N: usize>(
+    (dots, one): (Dots<T, R, N>, Dots<T, 1, N>),
+    p: &Pass<'_, T>,
 ) {
-    let x: [*const f32; N] = std::array::from_fn(|k| xs.as_ptr().add((j + k) * cols));
+    let (w, cols, j) = (p.w.as_ptr(), p.cols, p.j);
+    let x: [*const f32; N] = std::array::from_fn(|k| p.xs.as_ptr().add((j + k) * cols));
     let put = |r: usize, d: &[f32; N]| {
         for (k, v) in d.iter().enumerate() {
-            *out.add((j + k) * rows + r) = *v;
+            *p.out.add((j + k) * p.rows + r) = *v;
         }
     };
-    let mut r = task.start;
-    while r < task.end {
-        if r + R <= task.end {
-            for (i, d) in dots(w.as_ptr().add(r * cols), cols, x).iter().enumerate() {
+    let mut r = p.task.start;
+    while r < p.task.end {
+        if r + R <= p.task.end {
+            for (i, d) in dots(w.add(r * cols), cols, x).iter().enumerate() {
                 put(r + i, d);
             }
             r += R;
         } else {
-            put(r, &one(w.as_ptr().add(r * cols), cols, x)[0]);
+            put(r, &one(w.add(r * cols), cols, x)[0]);
             r += 1;
         }
     }
 }
 
-/// Runs `pass(n, j, task)` for every task of [`ROWS_PER_TASK`] weight rows and every run of
-/// `n <= width` activation rows starting at `j`, on candle's worker pool.
+/// [`block`] through kernel `$dots` with `$r` weight rows and `$n` activation rows per call.
 #[cfg(target_arch = "x86_64")]
-fn par_passes(
+macro_rules! run {
+    ($dots:ident::<$t:ty>, $p:expr, $r:literal, $n:literal) => {
+        block::<$t, $r, $n>(($dots::<$t, $r, $n>, $dots::<$t, 1, $n>), $p)
+    };
+}
+
+/// `out[j * rows + r] = w[r] · xs[j]`: runs `pass(n, p)` for every task of [`ROWS_PER_TASK`]
+/// weight rows and every run of `n <= width` activation rows, on candle's worker pool.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn par_passes<T: Sync>(
+    w: &[T],
     rows: usize,
+    cols: usize,
+    xs: &[f32],
     m: usize,
+    out: &mut [f32],
     width: usize,
-    pass: impl Fn(usize, usize, std::ops::Range<usize>) + Sync,
+    pass: impl Fn(usize, &Pass<'_, T>) + Sync,
 ) {
+    // The kernels read and write through raw pointers on these bounds.
+    assert_eq!(
+        (w.len(), xs.len(), out.len()),
+        (rows * cols, m * cols, rows * m)
+    );
+    let out_ptr = out.as_mut_ptr() as usize;
     super::par_ranges(rows, ROWS_PER_TASK, |task| {
         let mut j = 0;
         while j < m {
             let n = (m - j).min(width);
-            pass(n, j, task.clone());
+            let (out, task) = (out_ptr as *mut f32, task.clone());
+            pass(
+                n,
+                &Pass {
+                    w,
+                    rows,
+                    cols,
+                    xs,
+                    j,
+                    task,
+                    out,
+                },
+            );
             j += n;
         }
     });
@@ -98,7 +136,7 @@ fn par_passes(
 /// [`matmul_rows`] with AVX-512: each task takes [`ROWS_PER_TASK`] weight rows and passes
 /// over them once per [`X_ROWS`] activation rows.
 #[cfg(target_arch = "x86_64")]
-fn matmul_rows_avx512<T: Widen>(
+fn matmul_rows_avx512<T: Weight<V512>>(
     w: &[T],
     rows: usize,
     cols: usize,
@@ -106,42 +144,21 @@ fn matmul_rows_avx512<T: Widen>(
     m: usize,
     out: &mut [f32],
 ) {
-    // The kernels read and write through raw pointers on these bounds.
-    assert_eq!(
-        (w.len(), xs.len(), out.len()),
-        (rows * cols, m * cols, rows * m)
-    );
-    let out_ptr = out.as_mut_ptr() as usize;
-    par_passes(rows, m, X_ROWS, |n, j, t| {
-        let out = out_ptr as *mut f32;
-        macro_rules! run {
-            ($r:literal, $n:literal) => {
-                block::<T, $r, $n>(
-                    (dots_avx512::<T, $r, $n>, dots_avx512::<T, 1, $n>),
-                    w,
-                    rows,
-                    cols,
-                    xs,
-                    j,
-                    t,
-                    out,
-                )
-            };
-        }
+    par_passes(w, rows, cols, xs, m, out, X_ROWS, |n, p| {
         // SAFETY: `use_avx512` said yes; tasks cover disjoint weight rows, so each output
         // element has one writer, and `out` outlives `par_passes`, which returns when every
         // task is done. Four weight rows per pass up to six activation rows (24 sums and five
         // operands in the 32 registers), three for seven or eight.
         unsafe {
             match n {
-                1 => run!(4, 1),
-                2 => run!(4, 2),
-                3 => run!(4, 3),
-                4 => run!(4, 4),
-                5 => run!(4, 5),
-                6 => run!(4, 6),
-                7 => run!(3, 7),
-                _ => run!(3, 8),
+                1 => run!(dots_avx512::<T>, p, 4, 1),
+                2 => run!(dots_avx512::<T>, p, 4, 2),
+                3 => run!(dots_avx512::<T>, p, 4, 3),
+                4 => run!(dots_avx512::<T>, p, 4, 4),
+                5 => run!(dots_avx512::<T>, p, 4, 5),
+                6 => run!(dots_avx512::<T>, p, 4, 6),
+                7 => run!(dots_avx512::<T>, p, 3, 7),
+                _ => run!(dots_avx512::<T>, p, 3, 8),
             }
         }
     });
@@ -164,31 +181,15 @@ pub fn matmul_rows(w: &[f32], rows: usize, cols: usize, xs: &[f32], m: usize, ou
 fn matmul_rows_avx2(w: &[f32], rows: usize, cols: usize, xs: &[f32], m: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if use_avx2() {
-        let out_ptr = out.as_mut_ptr() as usize;
-        par_passes(rows, m, 4, |n, j, t| {
-            let out = out_ptr as *mut f32;
-            macro_rules! run {
-                ($r:literal, $n:literal) => {
-                    block::<f32, $r, $n>(
-                        (dots_avx2::<$r, $n>, dots_avx2::<1, $n>),
-                        w,
-                        rows,
-                        cols,
-                        xs,
-                        j,
-                        t,
-                        out,
-                    )
-                };
-            }
+        par_passes(w, rows, cols, xs, m, out, 4, |n, p| {
             // SAFETY: `use_avx2` said yes (avx2 and fma); tasks cover disjoint weight rows, so
             // each output element has one writer, and `out` outlives `par_passes`.
             unsafe {
                 match n {
-                    1 => run!(3, 1),
-                    2 => run!(3, 2),
-                    3 => run!(3, 3),
-                    _ => run!(3, 4),
+                    1 => run!(dots_avx2::<f32>, p, 3, 1),
+                    2 => run!(dots_avx2::<f32>, p, 3, 2),
+                    3 => run!(dots_avx2::<f32>, p, 3, 3),
+                    _ => run!(dots_avx2::<f32>, p, 3, 4),
                 }
             }
         });
