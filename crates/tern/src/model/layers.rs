@@ -425,9 +425,10 @@ impl Linear {
             LinearWeight::Candle(w @ QMatMul::QTensor(_)) if x.dtype() != DType::F32 => {
                 in_f32(&|x| Ok(w.forward(x)?))?
             }
-            // Decode rows and short prompts over an f32 weight: one pass over the weight for all
-            // of them (candle's GEMM packs the whole weight on every call, which cost a
-            // 13-token prompt 150 ms where this takes 36; its single-row path was also slower).
+            // Decode rows and short prompts over a float weight (f32; bf16 and f16 with
+            // AVX-512): one pass over the weight for all of them (candle's GEMM packs the whole
+            // weight on every call, which cost a 13-token f32 prompt 150 ms where this takes 36;
+            // its single-row path was also slower).
             LinearWeight::Candle(QMatMul::Tensor(w))
                 if !force_dense
                     && x.elem_count() <= crate::quant::dense::MAX_ROWS * w.dim(1)? =>

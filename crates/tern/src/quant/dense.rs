@@ -211,8 +211,8 @@ pub fn forward(w: &Tensor, x: &Tensor) -> Result<Option<Tensor>> {
     if w.dtype() != x.dtype() || !w.device().is_cpu() {
         return Ok(None);
     }
-    let half = matches!(w.dtype(), DType::BF16 | DType::F16);
-    if !(w.dtype() == DType::F32 || half && super::use_avx512()) {
+    let half_width = matches!(w.dtype(), DType::BF16 | DType::F16);
+    if !(w.dtype() == DType::F32 || half_width && super::use_avx512()) {
         return Ok(None);
     }
     let (rows, cols) = w.dims2()?;

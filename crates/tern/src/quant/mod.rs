@@ -1,6 +1,7 @@
 //! Weight kernels tern provides itself, where candle's CPU backend has no SIMD path (Q4_1),
 //! rounds activations where we need exact results (the Q8_0 output head), or re-packs the
-//! whole weight for a handful of rows (f32 batched decode, `dense.rs`).
+//! whole weight for a handful of rows (float weights times decode rows and short prompts,
+//! `dense.rs`).
 
 pub mod dense;
 #[cfg(target_arch = "x86_64")]
