@@ -77,19 +77,11 @@ impl Vector for V256 {
     }
 }
 
-impl Weight<V512> for f32 {
+impl<V: Vector> Weight<V> for f32 {
     const ZERO: Self = 0.0;
     #[inline(always)]
-    unsafe fn widen(p: *const Self) -> V512 {
-        V512::load(p)
-    }
-}
-
-impl Weight<V256> for f32 {
-    const ZERO: Self = 0.0;
-    #[inline(always)]
-    unsafe fn widen(p: *const Self) -> V256 {
-        V256::load(p)
+    unsafe fn widen(p: *const Self) -> V {
+        V::load(p)
     }
 }
 
@@ -113,21 +105,13 @@ impl Weight<V512> for half::f16 {
     }
 }
 
-/// The `n < V::LANES` values at `p` as `T::widen` gives them, the missing lanes zero (so they
-/// add nothing).
+/// The `n < V::LANES` values at `p` as `T::widen` gives them (weights, or f32 activations),
+/// the missing lanes zero (so they add nothing).
 #[inline(always)]
 unsafe fn widen_tail<V: Vector, T: Weight<V>>(p: *const T, n: usize) -> V {
     let mut buf = [T::ZERO; 16];
     std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
     T::widen(buf.as_ptr())
-}
-
-/// The `n < V::LANES` f32 values at `p`, the missing lanes zero.
-#[inline(always)]
-unsafe fn load_tail<V: Vector>(p: *const f32, n: usize) -> V {
-    let mut buf = [0f32; 16];
-    std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
-    V::load(buf.as_ptr())
 }
 
 /// `R` weight rows (`w`, `w + cols`, ...) dotted with `N` activation rows: `acc[r][j]` sums
@@ -214,7 +198,7 @@ unsafe fn dots<V: Vector, T: Weight<V>, const R: usize, const N: usize>(
     }
     if full < cols {
         let n = cols - full;
-        columns!(full, |p| widen_tail(p, n), |q| load_tail(q, n));
+        columns!(full, |p| widen_tail(p, n), |q| widen_tail::<V, f32>(q, n));
     }
     let mut sums = [[0f32; N]; R];
     for j in 0..N {
