@@ -14,7 +14,7 @@ pub struct QuantizeArgs {
     /// The GGUF file to write (it appears only when complete).
     #[arg(long)]
     pub out: PathBuf,
-    /// Storage of the linear layers: q8_0, q4_k, q4_0, q4_1, q5_0, or f16 / f32 (unquantized).
+    /// Storage of the linear layers: q8_0, q4_k, q4_0, q4_1, q5_0, or bf16 / f16 / f32 (float).
     #[arg(long = "type", value_name = "TYPE", default_value = "q8_0")]
     pub ty: ExportType,
     /// Replace --out if it exists.

@@ -97,7 +97,8 @@ pub struct TrainArgs {
     /// Compute dtype of the frozen base (f32, bf16, f16).
     #[arg(long)]
     pub dtype: Option<String>,
-    /// Quantize the frozen base while loading (QLoRA): q8_0, q4_k, q4_0, q4_1 or q5_0.
+    /// Quantize the frozen base while loading (QLoRA): q8_0, q4_k, q4_0, q4_1, q5_0, or bf16 / f16
+    /// (stored at half width, computed in f32).
     #[arg(long, value_name = "TYPE")]
     pub quantize: Option<String>,
     /// Recompute activations in backward to save memory.

@@ -279,3 +279,103 @@ fn a_gguf_converts_like_its_checkpoint_and_requantizing_needs_consent() {
     export_gguf(&path("via.gguf"), &path("q4.gguf"), &ok).unwrap();
     assert!(load(&path("q4.gguf"), None).model.is_quantized());
 }
+
+/// A copy of fixture `arch` whose 2-d tensors `pick` names are rounded to `dtype` (and stored
+/// back as f32): the f32 model a half-width load must reproduce.
+fn rounded_copy(
+    arch: &str,
+    dtype: candle_core::DType,
+    pick: fn(&str) -> bool,
+) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(fixture(arch)).unwrap() {
+        let f = f.unwrap().path();
+        let name = f.file_name().unwrap().to_str().unwrap().to_string();
+        if name == "model.safetensors" {
+            let dev = candle_core::Device::Cpu;
+            let mut ts = candle_core::safetensors::load(&f, &dev).unwrap();
+            for (n, t) in ts.iter_mut() {
+                if t.rank() == 2 && pick(n) {
+                    *t = t
+                        .to_dtype(dtype)
+                        .unwrap()
+                        .to_dtype(candle_core::DType::F32)
+                        .unwrap();
+                }
+            }
+            candle_core::safetensors::save(&ts, d.path().join(&name)).unwrap();
+        } else {
+            std::fs::copy(&f, d.path().join(&name)).unwrap();
+        }
+    }
+    d
+}
+
+/// Logits for `ids` as one row, and for a batch of two rows of 200 positions (400 rows: past
+/// the few-row product, where half-width weights multiply as a widened copy).
+fn short_and_long(lm: &LoadedModel, ids: &[u32]) -> (Vec<Vec<f32>>, Vec<f32>) {
+    let long: Vec<u32> = ids.iter().copied().cycle().take(200).collect();
+    let x = batch_of(&long, 2, lm.model.device());
+    let logits = lm
+        .model
+        .forward_all_with(
+            &x,
+            &mut lm.model.new_cache(),
+            &tern::lora::BatchAdapters::none(),
+        )
+        .unwrap();
+    let long = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    (prompt_logprobs(lm, ids), long)
+}
+
+/// `--quantize bf16` / `f16` stores the projections and the untied head at half width and
+/// multiplies them with f32 activations, widening each weight exactly: the logits must be,
+/// bit for bit, those of the f32 model whose weights hold the rounded values, for a short
+/// prompt and past the few-row product.
+#[test]
+fn half_width_storage_gives_the_f32_model_with_those_values() {
+    let proj = |n: &str| n.ends_with("_proj.weight") || n == "lm_head.weight";
+    for arch in ["llama", "qwen3"] {
+        let ids = reference(arch).input_ids;
+        for (q, dtype) in [
+            (QuantType::Bf16, candle_core::DType::BF16),
+            (QuantType::F16, candle_core::DType::F16),
+        ] {
+            let half = load(&fixture(arch), Some(q));
+            assert!(
+                half.model.is_quantized(),
+                "{arch} {q}: stored at half width"
+            );
+            let copy = rounded_copy(arch, dtype, proj);
+            let want = load(copy.path(), None);
+            let (a, b) = (short_and_long(&half, &ids), short_and_long(&want, &ids));
+            assert!(a.0 == b.0, "{arch} {q}: prompt logprobs differ");
+            assert!(a.1 == b.1, "{arch} {q}: batched 400-row logits differ");
+            // And the rounding is real (qwen3's fixture is stored in f16 already).
+            if !(arch == "qwen3" && q == QuantType::F16) {
+                let f32_model = prompt_logprobs(&load(&fixture(arch), None), &ids);
+                let d = worst_row_diff(&a.0, &f32_model);
+                assert!(d > 1e-4, "{arch} {q}: the same as the f32 model ({d})");
+            }
+        }
+    }
+}
+
+/// An F16 GGUF keeps its matrices at half width when loaded (the embedding table becomes f32
+/// for lookups) and gives the f32 model with those values, tied head (smollm) or not (llama).
+#[test]
+fn an_f16_gguf_runs_at_half_width_with_the_same_logits() {
+    for arch in ["llama", "smollm"] {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.gguf");
+        export_gguf(&fixture(arch), &p, &ExportOptions::new(ExportType::F16)).unwrap();
+        let lm = load(&p, None);
+        assert!(lm.model.is_quantized(), "{arch}: matrices kept at f16");
+        let copy = rounded_copy(arch, candle_core::DType::F16, |_| true);
+        let want = load(copy.path(), None);
+        let ids = reference(arch).input_ids;
+        let (a, b) = (short_and_long(&lm, &ids), short_and_long(&want, &ids));
+        assert!(a.0 == b.0, "{arch}: prompt logprobs differ");
+        assert!(a.1 == b.1, "{arch}: batched 400-row logits differ");
+    }
+}

@@ -123,7 +123,16 @@ impl Model {
             }
             other => {
                 let t = w.float("model.embed_tokens.weight", &[v, h])?;
-                let head = if tied && w.quantized_to().is_some() && w.device().is_cpu() {
+                let half = w.quantized_to().filter(|q| q.is_half_float());
+                let head = if let (true, Some(q), true) = (tied, half, w.device().is_cpu()) {
+                    // The head in the same half-width type as the layers, exact to it; the
+                    // lookups keep the float table.
+                    Linear::new(
+                        QMatMul::QTensor(Arc::new(QTensor::quantize(&t, q.ggml())?)),
+                        None,
+                    )
+                    .named("lm_head")
+                } else if tied && w.quantized_to().is_some() && w.device().is_cpu() {
                     // Quantized at load: lookups keep the float table, and the head gets a Q8_0
                     // copy like an untied head would (a quarter of the f32 table's bytes per
                     // token: SmolLM2's f32 head was 30% of its quantized decode time).

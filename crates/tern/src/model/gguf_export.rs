@@ -45,7 +45,7 @@ impl std::str::FromStr for ExportType {
             "f16" => Ok(ExportType::F16),
             _ => s.parse::<QuantType>().map(ExportType::Quant).map_err(|_| {
                 TernError::InvalidArgument(format!(
-                    "unknown GGUF type `{s}`; choose one of f32, f16, {}",
+                    "unknown GGUF type `{s}`; choose one of f32, {}",
                     QuantType::ALL.map(|t| t.name()).join(", ")
                 ))
             }),
@@ -136,6 +136,8 @@ pub(crate) fn target_type(ty: ExportType, name: &str, dims: &[usize], layers: us
     match (ty, dims.len()) {
         (_, 1) | (ExportType::F32, _) => GgmlDType::F32,
         (ExportType::F16, _) => GgmlDType::F16,
+        // Every matrix in the half-width type, the embedding too.
+        (ExportType::Quant(q), _) if q.is_half_float() => q.ggml(),
         // The embedding as llama.cpp stores it: Q8_0, which tern also multiplies by exactly
         // when it serves as the tied output head.
         (ExportType::Quant(_), _)
@@ -494,8 +496,12 @@ mod tests {
             "q4_k".parse::<ExportType>().unwrap(),
             ExportType::Quant(QuantType::Q4K)
         );
+        assert_eq!(
+            "bf16".parse::<ExportType>().unwrap(),
+            ExportType::Quant(QuantType::Bf16)
+        );
         let e = "int3".parse::<ExportType>().unwrap_err().to_string();
-        assert!(e.contains("f32, f16, q8_0"), "{e}");
+        assert!(e.contains("f32, q8_0") && e.ends_with("bf16, f16"), "{e}");
     }
 
     #[test]

@@ -9,10 +9,10 @@
 //! serves several multiply-adds, and prefetches the weights 8 KB ahead. On SmolLM2 f32 (2-core
 //! AVX-512 VM) that took eight decode rows from 50 to 29 ms a step and one row from 24 to 18.5
 //! ms (the DRAM rate); the AVX2 pass alone, 36 and 19-20 ms (it had spent five loads on four
-//! multiply-adds, with no prefetch). bf16 and f16 weights widen to f32 as they load (AVX-512).
+//! multiply-adds, with no prefetch). bf16 and f16 weights widen to f32 as they load.
 
 #[cfg(target_arch = "x86_64")]
-use super::dense_kernels::{dots_avx2, dots_avx512, Weight, V512};
+use super::dense_kernels::{dots_avx2, dots_avx512, Weight, V256, V512};
 use super::{par_rows, use_avx2};
 use crate::error::Result;
 use candle_core::{DType, Tensor};
@@ -29,8 +29,44 @@ const X_ROWS: usize = 8;
 /// tokens 409 vs 464 ms, 512 tokens 959 vs 719 ms).
 pub const MAX_ROWS: usize = 256;
 
-fn dot_scalar(w: &[f32], x: &[f32]) -> f32 {
-    w.iter().zip(x).map(|(a, b)| a * b).sum()
+/// A weight element the product takes: f32, or bf16 / f16 widened to f32 as it is read
+/// (exactly: every bf16 and f16 value is an f32 value).
+#[cfg(target_arch = "x86_64")]
+pub(crate) trait Element: Weight<V512> + Weight<V256> + Widen {}
+#[cfg(target_arch = "x86_64")]
+impl<T: Weight<V512> + Weight<V256> + Widen> Element for T {}
+/// A weight element the product takes: f32, or bf16 / f16 widened to f32 as it is read.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) trait Element: Widen {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T: Widen> Element for T {}
+
+/// One weight value as f32 (the scalar path).
+pub(crate) trait Widen: Copy + Send + Sync + 'static {
+    /// The value in f32.
+    fn f32(self) -> f32;
+}
+
+impl Widen for f32 {
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Widen for half::bf16 {
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Widen for half::f16 {
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+fn dot_scalar<T: Widen>(w: &[T], x: &[f32]) -> f32 {
+    w.iter().zip(x).map(|(a, b)| a.f32() * b).sum()
 }
 
 /// A pass's kernel: `R` weight rows (`w`, `w + cols`, ...) dotted with `N` activation rows.
@@ -165,7 +201,14 @@ fn matmul_rows_avx512<T: Weight<V512>>(
 }
 
 /// `out[j * rows + r] = w[r] · xs[j]` for `w` `[rows, cols]` and `xs` `[m, cols]`.
-pub fn matmul_rows(w: &[f32], rows: usize, cols: usize, xs: &[f32], m: usize, out: &mut [f32]) {
+pub(crate) fn matmul_rows<T: Element>(
+    w: &[T],
+    rows: usize,
+    cols: usize,
+    xs: &[f32],
+    m: usize,
+    out: &mut [f32],
+) {
     assert_eq!((w.len(), xs.len()), (rows * cols, m * cols));
     assert_eq!(out.len(), rows * m);
     #[cfg(target_arch = "x86_64")]
@@ -178,18 +221,25 @@ pub fn matmul_rows(w: &[f32], rows: usize, cols: usize, xs: &[f32], m: usize, ou
 /// [`matmul_rows`] without AVX-512: three weight rows times up to four activation rows per
 /// AVX2 pass (twelve sums and four operands fill the 16 registers; two weight rows ran eight
 /// SmolLM2 f32 rows 3% slower), else (no AVX2, or not x86) one scalar dot per pair.
-fn matmul_rows_avx2(w: &[f32], rows: usize, cols: usize, xs: &[f32], m: usize, out: &mut [f32]) {
+fn matmul_rows_avx2<T: Element>(
+    w: &[T],
+    rows: usize,
+    cols: usize,
+    xs: &[f32],
+    m: usize,
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if use_avx2() {
         par_passes(w, rows, cols, xs, m, out, 4, |n, p| {
-            // SAFETY: `use_avx2` said yes (avx2 and fma); tasks cover disjoint weight rows, so
+            // SAFETY: `use_avx2` said yes (avx2, fma, f16c); tasks cover disjoint weight rows, so
             // each output element has one writer, and `out` outlives `par_passes`.
             unsafe {
                 match n {
-                    1 => run!(dots_avx2::<f32>, p, 3, 1),
-                    2 => run!(dots_avx2::<f32>, p, 3, 2),
-                    3 => run!(dots_avx2::<f32>, p, 3, 3),
-                    _ => run!(dots_avx2::<f32>, p, 3, 4),
+                    1 => run!(dots_avx2::<T>, p, 3, 1),
+                    2 => run!(dots_avx2::<T>, p, 3, 2),
+                    3 => run!(dots_avx2::<T>, p, 3, 3),
+                    _ => run!(dots_avx2::<T>, p, 3, 4),
                 }
             }
         });
@@ -204,15 +254,15 @@ fn matmul_rows_avx2(w: &[f32], rows: usize, cols: usize, xs: &[f32], m: usize, o
 }
 
 /// `x W^T` on the CPU for a weight `[rows, cols]` and activations `[.., cols]` of the same
-/// dtype: f32, or bf16 / f16 where AVX-512 is present (multiplied in f32, the result rounded
-/// to that dtype once; candle's bf16 product decoded SmolLM2 at 7.5 tok/s). `None` for any
+/// dtype: f32, or bf16 / f16 where AVX2 is present (multiplied in f32, the result rounded to
+/// that dtype once; candle's bf16 product decoded SmolLM2 at 7.5 tok/s). `None` for any
 /// other kind of tensor.
 pub fn forward(w: &Tensor, x: &Tensor) -> Result<Option<Tensor>> {
     if w.dtype() != x.dtype() || !w.device().is_cpu() {
         return Ok(None);
     }
     let half_width = matches!(w.dtype(), DType::BF16 | DType::F16);
-    if !(w.dtype() == DType::F32 || half_width && super::use_avx512()) {
+    if !(w.dtype() == DType::F32 || half_width && use_avx2()) {
         return Ok(None);
     }
     let (rows, cols) = w.dims2()?;
@@ -226,23 +276,17 @@ pub fn forward(w: &Tensor, x: &Tensor) -> Result<Option<Tensor>> {
     let m = xs.len() / cols;
     let mut out = vec![0f32; m * rows];
     match w.dtype() {
-        DType::F32 => matmul_rows(
-            &cpu.as_slice::<f32>()?[start..end],
-            rows,
-            cols,
-            &xs,
-            m,
-            &mut out,
-        ),
-        #[cfg(target_arch = "x86_64")]
+        DType::F32 => {
+            let w = &cpu.as_slice::<f32>()?[start..end];
+            matmul_rows(w, rows, cols, &xs, m, &mut out)
+        }
         DType::BF16 => {
             let w = &cpu.as_slice::<half::bf16>()?[start..end];
-            matmul_rows_avx512(w, rows, cols, &xs, m, &mut out)
+            matmul_rows(w, rows, cols, &xs, m, &mut out)
         }
-        #[cfg(target_arch = "x86_64")]
         DType::F16 => {
             let w = &cpu.as_slice::<half::f16>()?[start..end];
-            matmul_rows_avx512(w, rows, cols, &xs, m, &mut out)
+            matmul_rows(w, rows, cols, &xs, m, &mut out)
         }
         _ => return Ok(None),
     }
@@ -258,15 +302,15 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// A product path: `matmul_rows`'s arguments.
-    type Path = fn(&[f32], usize, usize, &[f32], usize, &mut [f32]);
+    /// A product path: `matmul_rows`'s arguments, for weights of type `T`.
+    type Path<T> = fn(&[T], usize, usize, &[f32], usize, &mut [f32]);
 
     /// Every path this CPU can run: AVX-512 where present, and the AVX2 (or scalar) one.
-    fn paths() -> Vec<(&'static str, Path)> {
-        let mut p: Vec<(&'static str, Path)> = vec![("avx2", matmul_rows_avx2)];
+    fn paths<T: Element>() -> Vec<(&'static str, Path<T>)> {
+        let mut p: Vec<(&'static str, Path<T>)> = vec![("avx2", matmul_rows_avx2::<T>)];
         #[cfg(target_arch = "x86_64")]
         if crate::quant::use_avx512() {
-            p.push(("avx512", matmul_rows_avx512));
+            p.push(("avx512", matmul_rows_avx512::<T>));
         }
         p
     }
@@ -283,7 +327,7 @@ mod tests {
                 let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let want = x.matmul(&w.t().unwrap()).unwrap();
                 let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                for (name, path) in paths() {
+                for (name, path) in paths::<f32>() {
                     let mut got = vec![0f32; m * rows];
                     path(&wv, rows, cols, &xv, m, &mut got);
                     let d = got
@@ -304,15 +348,21 @@ mod tests {
         }
     }
 
-    /// bf16 and f16 weights widen exactly to f32, so their products must equal, bit for bit,
-    /// the f32 path's over the widened weights; `forward` then rounds once to the dtype.
-    #[test]
-    #[cfg(target_arch = "x86_64")]
-    fn half_weights_give_the_f32_paths_bits() {
-        if !crate::quant::use_avx512() {
-            eprintln!("skipped: no AVX-512 (bf16 and f16 weights stay on candle's product)");
-            return;
+    /// Each path's product over `w` (f32, or the half type it was rounded to) next to the f32
+    /// product over the widened values.
+    fn both<T: Element>(w: &[T], wide: &[f32], rows: usize, cols: usize, xs: &[f32], m: usize) {
+        for ((name, path), (_, f32_path)) in paths::<T>().into_iter().zip(paths::<f32>()) {
+            let (mut got, mut want) = (vec![0f32; m * rows], vec![0f32; m * rows]);
+            path(w, rows, cols, xs, m, &mut got);
+            f32_path(wide, rows, cols, xs, m, &mut want);
+            assert_eq!(got, want, "{name}");
         }
+    }
+
+    /// bf16 and f16 weights widen exactly to f32, so every path's products must equal, bit for
+    /// bit, its f32 products over the widened weights; `forward` then rounds once to the dtype.
+    #[test]
+    fn half_weights_give_the_f32_paths_bits() {
         let (rows, cols, m) = (37, 100, 11);
         let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu).unwrap();
         let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -323,20 +373,19 @@ mod tests {
                 .unwrap();
             let wide = w.to_dtype(DType::F32).unwrap();
             let widev = wide.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let mut want = vec![0f32; m * rows];
-            matmul_rows_avx512(&widev, rows, cols, &xv, m, &mut want);
-            let mut got = vec![0f32; m * rows];
             match dtype {
                 DType::BF16 => {
                     let wv = w.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap();
-                    matmul_rows_avx512(&wv, rows, cols, &xv, m, &mut got);
+                    both(&wv, &widev, rows, cols, &xv, m);
                 }
                 _ => {
                     let wv = w.flatten_all().unwrap().to_vec1::<half::f16>().unwrap();
-                    matmul_rows_avx512(&wv, rows, cols, &xv, m, &mut got);
+                    both(&wv, &widev, rows, cols, &xv, m);
                 }
             }
-            assert_eq!(got, want, "{dtype:?}");
+            if !use_avx2() {
+                continue; // `forward` leaves half weights to candle here
+            }
             // Through `forward`, in the dtype: the f32 sums rounded once.
             let xd = x.to_dtype(dtype).unwrap();
             let y = forward(&w, &xd).unwrap().expect("a half-width path");

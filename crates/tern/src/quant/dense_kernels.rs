@@ -7,7 +7,7 @@ use std::arch::x86_64::*;
 
 /// An f32 vector the passes accumulate in. Its methods are only inlined into functions that
 /// enable the instructions they use.
-pub(super) trait Vector: Copy {
+pub(crate) trait Vector: Copy {
     /// f32 lanes per vector.
     const LANES: usize;
     /// All lanes zero.
@@ -20,8 +20,8 @@ pub(super) trait Vector: Copy {
     unsafe fn sum(self) -> f32;
 }
 
-/// A weight element type that widens to f32 as a pass loads it: f32 in either width; bf16 and
-/// f16 (half the bytes per token) with AVX-512.
+/// A weight element type that widens to f32 as a pass loads it: f32, bf16 and f16 (half the
+/// bytes per token), in either width.
 pub(crate) trait Weight<V: Vector>: Copy + Send + Sync + 'static {
     /// Zero in this type, to pad a partial last vector.
     const ZERO: Self;
@@ -102,6 +102,25 @@ impl Weight<V512> for half::f16 {
     #[inline(always)]
     unsafe fn widen(p: *const Self) -> V512 {
         V512(_mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)))
+    }
+}
+
+impl Weight<V256> for half::bf16 {
+    const ZERO: Self = half::bf16::ZERO;
+    #[inline(always)]
+    unsafe fn widen(p: *const Self) -> V256 {
+        let h = _mm_loadu_si128(p as *const __m128i);
+        V256(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(
+            _mm256_cvtepu16_epi32(h),
+        )))
+    }
+}
+
+impl Weight<V256> for half::f16 {
+    const ZERO: Self = half::f16::ZERO;
+    #[inline(always)]
+    unsafe fn widen(p: *const Self) -> V256 {
+        V256(_mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)))
     }
 }
 
@@ -229,12 +248,12 @@ pub(super) unsafe fn dots_avx512<T: Weight<V512>, const R: usize, const N: usize
     dots::<V512, T, R, N>(w, cols, x)
 }
 
-/// [`dots`] in 256-bit vectors for f32 weights, up to three weight rows (AVX2 has 16
-/// registers).
+/// [`dots`] in 256-bit vectors, up to three weight rows (AVX2 has 16 registers).
 ///
 /// # Safety
-/// The CPU must support avx2 and fma; `w` holds `R * cols` values and each `x[j]` `cols`.
-#[target_feature(enable = "avx2,fma")]
+/// The CPU must support avx2, fma and f16c; `w` holds `R * cols` values and each `x[j]`
+/// `cols`.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dots_avx2<T: Weight<V256>, const R: usize, const N: usize>(
     w: *const T,
     cols: usize,

@@ -6,6 +6,7 @@
 pub mod dense;
 #[cfg(target_arch = "x86_64")]
 mod dense_kernels;
+pub mod half_float;
 pub mod int8;
 pub mod q4_1;
 pub mod q4_1x8;
@@ -170,8 +171,9 @@ fn apply_rows(
 }
 
 /// tern's kernel for a decoder layer's quantized CPU weight, where it has one (Q4_1, Q5_0 and
-/// Q8_0, whose candle paths are scalar or about half llama.cpp's speed); `None` leaves the
-/// weight to candle (the k-quants, whose SIMD paths candle has).
+/// Q8_0, whose candle paths are scalar or about half llama.cpp's speed; F16 and BF16, which
+/// candle widens to an f32 copy); `None` leaves the weight to candle (the k-quants, whose SIMD
+/// paths candle has).
 pub fn layer_kernel(q: &QTensor) -> Option<Arc<dyn RowKernel>> {
     // The kernels are CPU code; on a GPU the weight stays with candle's device kernels.
     if !q.device().is_cpu() {
@@ -194,6 +196,10 @@ pub fn layer_kernel(q: &QTensor) -> Option<Arc<dyn RowKernel>> {
             Arc::new(q8_0x8::Q8_0x8Matrix::new(rows, cols, &data).ok()?)
         }
         GgmlDType::Q8_0 => Arc::new(q8_0::Q8_0Matrix::rounding(rows, cols, data.to_vec()).ok()?),
+        // Half the bytes of the f32 copy candle would make, with the same results.
+        GgmlDType::BF16 | GgmlDType::F16 => {
+            Arc::new(half_float::HalfMatrix::from_ggml(q.dtype(), rows, cols, &data).ok()?)
+        }
         _ => return None,
     };
     Some(k)

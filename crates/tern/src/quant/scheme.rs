@@ -14,7 +14,8 @@ use candle_core::Tensor;
 use std::fmt;
 use std::str::FromStr;
 
-/// A quantization type users can ask for.
+/// A quantization type users can ask for, or a half-width float type (bf16, f16: projections
+/// stored in it and multiplied with f32 activations, see [`crate::quant::half_float`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QuantType {
     /// 8-bit, 32-element blocks with one f16 scale (8.5 bits per weight).
@@ -27,17 +28,28 @@ pub enum QuantType {
     Q4_1,
     /// 5-bit, 32-element blocks with one f16 scale (5.5 bits per weight).
     Q5_0,
+    /// bfloat16 (16 bits per weight; f32's range, 8 significant bits).
+    Bf16,
+    /// IEEE half precision (16 bits per weight; 11 significant bits, magnitudes up to 65504).
+    F16,
 }
 
 impl QuantType {
     /// Every type, in the order help texts list them.
-    pub const ALL: [QuantType; 5] = [
+    pub const ALL: [QuantType; 7] = [
         QuantType::Q8_0,
         QuantType::Q4K,
         QuantType::Q4_0,
         QuantType::Q4_1,
         QuantType::Q5_0,
+        QuantType::Bf16,
+        QuantType::F16,
     ];
+
+    /// Whether this is a half-width float type rather than GGML blocks.
+    pub fn is_half_float(self) -> bool {
+        matches!(self, QuantType::Bf16 | QuantType::F16)
+    }
 
     /// The GGML block type.
     pub fn ggml(self) -> GgmlDType {
@@ -47,6 +59,8 @@ impl QuantType {
             QuantType::Q4_0 => GgmlDType::Q4_0,
             QuantType::Q4_1 => GgmlDType::Q4_1,
             QuantType::Q5_0 => GgmlDType::Q5_0,
+            QuantType::Bf16 => GgmlDType::BF16,
+            QuantType::F16 => GgmlDType::F16,
         }
     }
 
@@ -58,6 +72,8 @@ impl QuantType {
             QuantType::Q4_0 => "q4_0",
             QuantType::Q4_1 => "q4_1",
             QuantType::Q5_0 => "q5_0",
+            QuantType::Bf16 => "bf16",
+            QuantType::F16 => "f16",
         }
     }
 
@@ -69,6 +85,8 @@ impl QuantType {
             QuantType::Q8_0 => 7,
             QuantType::Q5_0 => 8,
             QuantType::Q4K => 15, // MOSTLY_Q4_K_M
+            QuantType::F16 => 1,
+            QuantType::Bf16 => 32,
         }
     }
 
@@ -132,7 +150,13 @@ fn more_bits(layer: usize, layers: usize) -> bool {
 pub fn plan(q: QuantType, name: &str, dims: &[usize], layers: usize) -> Option<GgmlDType> {
     let &[_, cols] = dims else { return None };
     if name == "lm_head.weight" {
-        return QuantType::Q8_0.for_width(cols);
+        // A half-width type is already finer than Q8_0.
+        let head = if q.is_half_float() {
+            q
+        } else {
+            QuantType::Q8_0
+        };
+        return head.for_width(cols);
     }
     let rest = name.strip_prefix("model.layers.")?;
     let projection =
