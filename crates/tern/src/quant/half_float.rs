@@ -11,47 +11,74 @@
 use super::dense::{self, Element};
 use super::RowKernel;
 use crate::error::{Result, TernError};
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use std::sync::Arc;
 
-/// The stored values.
-#[derive(Debug)]
-enum Values {
-    Bf16(Vec<half::bf16>),
-    F16(Vec<half::f16>),
-}
-
-/// A `[rows, cols]` matrix of bf16 or f16 values.
+/// A `[rows, cols]` matrix of bf16 or f16 values, read in place from the loaded tensor (no
+/// copy: a second one had put the load's peak above the f32 model's).
 #[derive(Debug)]
 pub struct HalfMatrix {
     rows: usize,
     cols: usize,
-    values: Values,
+    q: Arc<QTensor>,
+}
+
+/// The stored values, borrowed.
+enum Values<'a> {
+    Bf16(&'a [half::bf16]),
+    F16(&'a [half::f16]),
 }
 
 impl HalfMatrix {
-    /// From GGML's little-endian bytes of a `[rows, cols]` F16 or BF16 tensor.
-    pub fn from_ggml(kind: GgmlDType, rows: usize, cols: usize, data: &[u8]) -> Result<Self> {
-        if data.len() != rows * cols * 2 {
-            return Err(TernError::InvalidArgument(format!(
-                "{kind:?} matrix [{rows}, {cols}] needs {} bytes, got {}",
-                rows * cols * 2,
-                data.len()
-            )));
+    /// Over a `[rows, cols]` F16 or BF16 tensor in CPU memory.
+    pub fn new(q: Arc<QTensor>) -> Result<Self> {
+        let bad = |what: String| TernError::InvalidArgument(format!("half-width matrix: {what}"));
+        if !matches!(q.dtype(), GgmlDType::F16 | GgmlDType::BF16) {
+            return Err(bad(format!("{:?} is not F16 or BF16", q.dtype())));
         }
-        let bits = data
-            .chunks_exact(2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]));
-        let values = match kind {
-            GgmlDType::BF16 => Values::Bf16(bits.map(half::bf16::from_bits).collect()),
-            GgmlDType::F16 => Values::F16(bits.map(half::f16::from_bits).collect()),
-            other => {
-                return Err(TernError::InvalidArgument(format!(
-                    "a half-width matrix is F16 or BF16, not {other:?}"
-                )))
+        if !q.device().is_cpu() {
+            return Err(bad("the weights must be in CPU memory".into()));
+        }
+        let (rows, cols) = q.shape().dims2()?;
+        let m = Self { rows, cols, q };
+        let n = match m.values()? {
+            Values::Bf16(v) => v.len(),
+            Values::F16(v) => v.len(),
+        };
+        if n != rows * cols {
+            return Err(bad(format!("[{rows}, {cols}] holds {n} values")));
+        }
+        Ok(m)
+    }
+
+    /// The values in place (CPU storage is a typed buffer, so whole and aligned).
+    fn values(&self) -> Result<Values<'_>> {
+        let std::borrow::Cow::Borrowed(bytes) = self.q.data()? else {
+            return Err(TernError::InvalidArgument(
+                "half-width matrix: the weights must be in CPU memory".into(),
+            ));
+        };
+        // SAFETY: bf16 and f16 are plain 16-bit words (any bit pattern is a value);
+        // `align_to` only hands out the aligned middle, and a ragged edge is refused below.
+        let (v, ok) = unsafe {
+            match self.q.dtype() {
+                GgmlDType::BF16 => {
+                    let (a, v, b) = bytes.align_to::<half::bf16>();
+                    (Values::Bf16(v), a.is_empty() && b.is_empty())
+                }
+                _ => {
+                    let (a, v, b) = bytes.align_to::<half::f16>();
+                    (Values::F16(v), a.is_empty() && b.is_empty())
+                }
             }
         };
-        Ok(Self { rows, cols, values })
+        if !ok {
+            return Err(TernError::InvalidArgument(
+                "half-width matrix: storage not aligned to 16-bit values".into(),
+            ));
+        }
+        Ok(v)
     }
 
     /// `out[j * rows + r] = W[r] · xs[j]`.
@@ -59,7 +86,8 @@ impl HalfMatrix {
         fn run<T: Element>(w: &[T], s: &HalfMatrix, xs: &[f32], m: usize, out: &mut [f32]) {
             dense::matmul_rows(w, s.rows, s.cols, xs, m, out)
         }
-        match &self.values {
+        // `new` read the values once, and CPU storage does not move or change.
+        match self.values().expect("checked by HalfMatrix::new") {
             Values::Bf16(w) => run(w, self, xs, m, out),
             Values::F16(w) => run(w, self, xs, m, out),
         }
@@ -76,12 +104,7 @@ impl RowKernel for HalfMatrix {
     }
 
     fn dequantize(&self, device: &Device) -> Result<Tensor> {
-        let shape = (self.rows, self.cols);
-        let t = match &self.values {
-            Values::Bf16(w) => Tensor::from_slice(w, shape, device)?,
-            Values::F16(w) => Tensor::from_slice(w, shape, device)?,
-        };
-        Ok(t.to_dtype(candle_core::DType::F32)?)
+        Ok(self.q.dequantize(device)?)
     }
 
     /// Already exact; past [`dense::MAX_ROWS`] rows the caller's GEMM over the widened copy
@@ -98,7 +121,6 @@ impl RowKernel for HalfMatrix {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::QTensor;
 
     /// Both types against the f32 product of the widened weight (the same kernel on the same
     /// values, so the same bits), for one row, a batch, and a prompt long enough to decline.
@@ -113,15 +135,17 @@ mod tests {
         )
         .unwrap();
         for kind in [GgmlDType::BF16, GgmlDType::F16] {
-            let q = QTensor::quantize(&w, kind).unwrap();
-            let h = HalfMatrix::from_ggml(kind, rows, cols, &q.data().unwrap()).unwrap();
+            let h = HalfMatrix::new(Arc::new(QTensor::quantize(&w, kind).unwrap())).unwrap();
+            // The widened values are the rounded ones.
+            let dtype = match kind {
+                GgmlDType::BF16 => candle_core::DType::BF16,
+                _ => candle_core::DType::F16,
+            };
+            let rounded = w.to_dtype(dtype).unwrap().to_dtype(candle_core::DType::F32);
             let wide = h.dequantize(&Device::Cpu).unwrap();
             assert_eq!(
                 wide.to_vec2::<f32>().unwrap(),
-                q.dequantize(&Device::Cpu)
-                    .unwrap()
-                    .to_vec2::<f32>()
-                    .unwrap()
+                rounded.unwrap().to_vec2::<f32>().unwrap()
             );
             let wide: Vec<f32> = wide.flatten_all().unwrap().to_vec1().unwrap();
             for m in [1, 8, 19] {
@@ -140,10 +164,10 @@ mod tests {
     }
 
     #[test]
-    fn a_wrong_size_or_type_is_refused_by_name() {
-        let e = HalfMatrix::from_ggml(GgmlDType::BF16, 2, 3, &[0; 10]).unwrap_err();
-        assert!(e.to_string().contains("needs 12 bytes"), "{e}");
-        let e = HalfMatrix::from_ggml(GgmlDType::Q8_0, 1, 1, &[0; 2]).unwrap_err();
-        assert!(e.to_string().contains("F16 or BF16"), "{e}");
+    fn a_block_type_is_refused_by_name() {
+        let w = Tensor::zeros((2, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap());
+        let e = HalfMatrix::new(q).unwrap_err();
+        assert!(e.to_string().contains("Q8_0 is not F16 or BF16"), "{e}");
     }
 }

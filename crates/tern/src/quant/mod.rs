@@ -174,7 +174,7 @@ fn apply_rows(
 /// Q8_0, whose candle paths are scalar or about half llama.cpp's speed; F16 and BF16, which
 /// candle widens to an f32 copy); `None` leaves the weight to candle (the k-quants, whose SIMD
 /// paths candle has).
-pub fn layer_kernel(q: &QTensor) -> Option<Arc<dyn RowKernel>> {
+pub fn layer_kernel(q: &Arc<QTensor>) -> Option<Arc<dyn RowKernel>> {
     // The kernels are CPU code; on a GPU the weight stays with candle's device kernels.
     if !q.device().is_cpu() {
         return None;
@@ -197,9 +197,7 @@ pub fn layer_kernel(q: &QTensor) -> Option<Arc<dyn RowKernel>> {
         }
         GgmlDType::Q8_0 => Arc::new(q8_0::Q8_0Matrix::rounding(rows, cols, data.to_vec()).ok()?),
         // Half the bytes of the f32 copy candle would make, with the same results.
-        GgmlDType::BF16 | GgmlDType::F16 => {
-            Arc::new(half_float::HalfMatrix::from_ggml(q.dtype(), rows, cols, &data).ok()?)
-        }
+        GgmlDType::BF16 | GgmlDType::F16 => Arc::new(half_float::HalfMatrix::new(q.clone()).ok()?),
         _ => return None,
     };
     Some(k)
