@@ -294,14 +294,10 @@ impl GgufFile {
         // F16 and BF16 matrices stay at half width on the CPU (tern's kernel widens them as
         // it multiplies; candle's path would keep an f32 copy); the embedding table becomes
         // float for its row lookups.
-        let half = matches!(info.ggml_dtype, GgmlDType::F16 | GgmlDType::BF16)
-            && device.is_cpu()
-            && name != "token_embd.weight";
-        let is_float = matches!(
-            info.ggml_dtype,
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
-        );
-        if dequantize.is_some() || dims.len() == 1 || is_float && !half {
+        let half = matches!(info.ggml_dtype, GgmlDType::F16 | GgmlDType::BF16);
+        let keep_half = half && device.is_cpu() && name != "token_embd.weight";
+        let float = info.ggml_dtype == GgmlDType::F32 || half && !keep_half;
+        if dequantize.is_some() || dims.len() == 1 || float {
             Ok(Weight::Float(q.dequantize(device)?.to_dtype(compute)?))
         } else {
             Ok(Weight::Quant(Arc::new(q)))

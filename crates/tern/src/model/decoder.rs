@@ -11,7 +11,8 @@ use super::rope::Rope;
 use crate::checkpoint::Weights;
 use crate::error::{Result, TernError};
 use crate::lora::{BatchAdapters, LoraAdapter, SlotTable};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use crate::quant::scheme::quantize_tensor;
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 use std::sync::Arc;
@@ -123,25 +124,23 @@ impl Model {
             }
             other => {
                 let t = w.float("model.embed_tokens.weight", &[v, h])?;
-                let half = w.quantized_to().filter(|q| q.is_half_float());
-                let head = if let (true, Some(q), true) = (tied, half, w.device().is_cpu()) {
-                    // The head in the same half-width type as the layers, exact to it; the
-                    // lookups keep the float table.
-                    Linear::new(
-                        QMatMul::QTensor(Arc::new(QTensor::quantize(&t, q.ggml())?)),
-                        None,
-                    )
-                    .named("lm_head")
-                } else if tied && w.quantized_to().is_some() && w.device().is_cpu() {
-                    // Quantized at load: lookups keep the float table, and the head gets a Q8_0
-                    // copy like an untied head would (a quarter of the f32 table's bytes per
-                    // token: SmolLM2's f32 head was 30% of its quantized decode time).
-                    let q = QTensor::quantize(&t, GgmlDType::Q8_0)?;
-                    Linear::exact_q8_0(v, h, q.data()?.to_vec())?
-                } else if tied {
-                    Linear::new(other, None).named("lm_head")
-                } else {
-                    Linear::load(w, "lm_head", v, h, false)?
+                // Quantized at load, the lookups keep the float table and a tied head gets its
+                // own copy, as an untied head would have been quantized.
+                let quantized_tied = w.quantized_to().filter(|_| tied && w.device().is_cpu());
+                let head = match quantized_tied {
+                    // In the same half-width type as the layers, exact to it.
+                    Some(q) if q.is_half_float() => {
+                        let q = quantize_tensor("lm_head.weight", &t, q.ggml())?;
+                        Linear::new(QMatMul::QTensor(Arc::new(q)), None).named("lm_head")
+                    }
+                    // Q8_0: a quarter of the f32 table's bytes per token (SmolLM2's f32 head
+                    // was 30% of its quantized decode time).
+                    Some(_) => {
+                        let q = quantize_tensor("lm_head.weight", &t, GgmlDType::Q8_0)?;
+                        Linear::exact_q8_0(v, h, q.data()?.to_vec())?
+                    }
+                    None if tied => Linear::new(other, None).named("lm_head"),
+                    None => Linear::load(w, "lm_head", v, h, false)?,
                 };
                 (Embedding::Float(t), head)
             }
