@@ -13,8 +13,9 @@ pub struct LoadArgs {
     #[arg(long)]
     pub dtype: Option<String>,
     /// Quantize a float checkpoint's linear layers while loading: q8_0, q4_k, q4_0, q4_1 or
-    /// q5_0; or bf16 / f16, stored at half width and multiplied with f32 activations (same
-    /// results as f32 weights holding those values). Embeddings and norms stay float.
+    /// q5_0 (embeddings and norms stay float); or bf16 / f16, the embedding table too, stored
+    /// at half width and multiplied with f32 activations (same results as f32 weights holding
+    /// those values).
     #[arg(long, value_name = "TYPE")]
     pub quantize: Option<QuantType>,
     /// Run prompts through the int8 kernels as decode does (activations rounded to 8 bits,

@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use tern::checkpoint::GgufFile;
 use tern::model::gguf_export::{export_gguf, ExportOptions, ExportType};
+use tern::model::layers::Embedding;
 use tern::quant::QuantType;
 use tern::{LoadOptions, LoadedModel, Prompt};
 
@@ -311,6 +312,15 @@ fn rounded_copy(
     d
 }
 
+/// The embedding's storage, named.
+fn kind(e: &Embedding) -> &'static str {
+    match e {
+        Embedding::Float(_) => "float",
+        Embedding::Quant(_) => "GGML blocks",
+        Embedding::Half(_) => "half width",
+    }
+}
+
 /// Logits for `ids` as one row, and for a batch of two rows of 200 positions (400 rows: past
 /// the few-row product, where half-width weights multiply as a widened copy).
 fn short_and_long(lm: &LoadedModel, ids: &[u32]) -> (Vec<Vec<f32>>, Vec<f32>) {
@@ -328,14 +338,16 @@ fn short_and_long(lm: &LoadedModel, ids: &[u32]) -> (Vec<Vec<f32>>, Vec<f32>) {
     (prompt_logprobs(lm, ids), long)
 }
 
-/// `--quantize bf16` / `f16` stores the projections and the untied head at half width and
-/// multiplies them with f32 activations, widening each weight exactly: the logits must be,
-/// bit for bit, those of the f32 model whose weights hold the rounded values, for a short
-/// prompt and past the few-row product.
+/// `--quantize bf16` / `f16` stores the projections, the embedding table and an untied head at
+/// half width (a tied head multiplies by the table) and multiplies them with f32 activations,
+/// widening each weight exactly: the logits must be, bit for bit, those of the f32 model whose
+/// weights hold the rounded values, for a short prompt and past the few-row product.
 #[test]
 fn half_width_storage_gives_the_f32_model_with_those_values() {
-    let proj = |n: &str| n.ends_with("_proj.weight") || n == "lm_head.weight";
-    for arch in ["llama", "qwen3"] {
+    let matrix = |n: &str| {
+        n.ends_with("_proj.weight") || n == "lm_head.weight" || n == "model.embed_tokens.weight"
+    };
+    for arch in ["llama", "qwen3", "smollm"] {
         let ids = reference(arch).input_ids;
         for (q, dtype) in [
             (QuantType::Bf16, candle_core::DType::BF16),
@@ -346,7 +358,13 @@ fn half_width_storage_gives_the_f32_model_with_those_values() {
                 half.model.is_quantized(),
                 "{arch} {q}: stored at half width"
             );
-            let copy = rounded_copy(arch, dtype, proj);
+            let table = half.model.embedding();
+            assert!(
+                matches!(table, Embedding::Half(_)),
+                "{arch} {q}: the table at half width, not {}",
+                kind(table)
+            );
+            let copy = rounded_copy(arch, dtype, matrix);
             let want = load(copy.path(), None);
             let (a, b) = (short_and_long(&half, &ids), short_and_long(&want, &ids));
             assert!(a.0 == b.0, "{arch} {q}: prompt logprobs differ");
@@ -361,8 +379,8 @@ fn half_width_storage_gives_the_f32_model_with_those_values() {
     }
 }
 
-/// An F16 GGUF keeps its matrices at half width when loaded (the embedding table becomes f32
-/// for lookups) and gives the f32 model with those values, tied head (smollm) or not (llama).
+/// An F16 GGUF keeps its matrices, the embedding table included, at half width when loaded and
+/// gives the f32 model with those values, tied head (smollm) or not (llama).
 #[test]
 fn an_f16_gguf_runs_at_half_width_with_the_same_logits() {
     for arch in ["llama", "smollm"] {
@@ -371,6 +389,12 @@ fn an_f16_gguf_runs_at_half_width_with_the_same_logits() {
         export_gguf(&fixture(arch), &p, &ExportOptions::new(ExportType::F16)).unwrap();
         let lm = load(&p, None);
         assert!(lm.model.is_quantized(), "{arch}: matrices kept at f16");
+        let table = lm.model.embedding();
+        assert!(
+            matches!(table, Embedding::Half(_)),
+            "{arch}: table {}",
+            kind(table)
+        );
         let copy = rounded_copy(arch, candle_core::DType::F16, |_| true);
         let want = load(copy.path(), None);
         let ids = reference(arch).input_ids;

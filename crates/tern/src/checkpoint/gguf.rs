@@ -291,11 +291,11 @@ impl GgufFile {
                 detail: format!("tensor `{name}`: {e}"),
             }
         })?;
-        // F16 and BF16 matrices stay at half width on the CPU (tern's kernel widens them as
-        // it multiplies; candle's path would keep an f32 copy); the embedding table becomes
-        // float for its row lookups.
+        // F16 and BF16 matrices, the embedding table included, stay at half width on the CPU
+        // (tern's kernel widens them as it multiplies or looks a row up; candle's path would
+        // keep an f32 copy).
         let half = matches!(info.ggml_dtype, GgmlDType::F16 | GgmlDType::BF16);
-        let keep_half = half && device.is_cpu() && name != "token_embd.weight";
+        let keep_half = half && device.is_cpu();
         let float = info.ggml_dtype == GgmlDType::F32 || half && !keep_half;
         if dequantize.is_some() || dims.len() == 1 || float {
             Ok(Weight::Float(q.dequantize(device)?.to_dtype(compute)?))

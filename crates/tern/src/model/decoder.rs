@@ -11,6 +11,7 @@ use super::rope::Rope;
 use crate::checkpoint::Weights;
 use crate::error::{Result, TernError};
 use crate::lora::{BatchAdapters, LoraAdapter, SlotTable};
+use crate::quant::half_float::HalfMatrix;
 use crate::quant::scheme::quantize_tensor;
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Tensor};
@@ -101,6 +102,19 @@ impl Model {
         let stored = w.matmul("model.embed_tokens.weight", &[v, h])?;
         let tied = cfg.tie_word_embeddings && !w.contains("lm_head.weight");
         let (embed, lm_head) = match stored {
+            // bf16/f16 (`--quantize bf16|f16`, or a half-width GGUF): lookups widen the rows
+            // they need, and a tied head multiplies by the same tensor, exact (f32 sums), so
+            // the table is held once, at half width, instead of as f32 plus a head copy.
+            QMatMul::QTensor(q)
+                if matches!(q.dtype(), GgmlDType::BF16 | GgmlDType::F16) && w.device().is_cpu() =>
+            {
+                let head = if tied {
+                    Linear::new(QMatMul::QTensor(q.clone()), None).named("lm_head")
+                } else {
+                    Linear::load(w, "lm_head", v, h, false)?
+                };
+                (Embedding::Half(Arc::new(HalfMatrix::new(q)?)), head)
+            }
             QMatMul::QTensor(q) if tied && !quantized_head && q.dtype() != GgmlDType::Q8_0 => {
                 // No exact kernel for this block type: the float table serves both lookups and
                 // an exact head (int8 activation rounding flips near-tied greedy choices).
@@ -128,11 +142,6 @@ impl Model {
                 // own copy, as an untied head would have been quantized.
                 let quantized_tied = w.quantized_to().filter(|_| tied && w.device().is_cpu());
                 let head = match quantized_tied {
-                    // In the same half-width type as the layers, exact to it.
-                    Some(q) if q.is_half_float() => {
-                        let q = quantize_tensor("lm_head.weight", &t, q.ggml())?;
-                        Linear::new(QMatMul::QTensor(Arc::new(q)), None).named("lm_head")
-                    }
                     // Q8_0: a quarter of the f32 table's bytes per token (SmolLM2's f32 head
                     // was 30% of its quantized decode time).
                     Some(_) => {
@@ -227,6 +236,11 @@ impl Model {
         self.blocks
             .iter()
             .any(|b| b.attn.is_quantized() || b.mlp.is_quantized())
+    }
+
+    /// The token embedding (its storage: float, GGML blocks or half width).
+    pub fn embedding(&self) -> &Embedding {
+        &self.embed
     }
 
     /// The linear layers adapters can attach to, numbered.

@@ -7,7 +7,7 @@ use super::train_ops::linear::{Bf16Packs, WeightFn};
 use crate::checkpoint::Weights;
 use crate::error::{Result, TernError};
 use crate::lora::{BatchAdapters, LoraPair};
-use crate::quant::{q8_0::Q8_0Matrix, q8_0_head::Q8_0Head, RowKernel};
+use crate::quant::{half_float::HalfMatrix, q8_0::Q8_0Matrix, q8_0_head::Q8_0Head, RowKernel};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Tensor};
 use std::sync::Arc;
@@ -577,6 +577,9 @@ pub enum Embedding {
     Float(Tensor),
     /// GGML blocks, one row per token.
     Quant(Arc<candle_core::quantized::QTensor>),
+    /// bf16 or f16 rows widened as they are looked up (the tied head multiplies by the same
+    /// tensor, so the table is stored once at half width).
+    Half(Arc<HalfMatrix>),
 }
 
 impl Embedding {
@@ -584,6 +587,11 @@ impl Embedding {
     pub fn lookup(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
         match self {
             Embedding::Float(t) => Ok(t.index_select(ids, 0)?),
+            Embedding::Half(m) => {
+                let rows = m.rows(&ids.to_vec1::<u32>()?)?;
+                let n = rows.len() / m.dims().1;
+                Ok(Tensor::from_vec(rows, (n, m.dims().1), ids.device())?.to_dtype(dtype)?)
+            }
             Embedding::Quant(q) => {
                 let (vocab, hidden) = q.shape().dims2()?;
                 let row_bytes = hidden / q.dtype().block_size() * q.dtype().type_size();

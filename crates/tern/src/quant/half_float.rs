@@ -13,6 +13,7 @@ use super::RowKernel;
 use crate::error::{Result, TernError};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use half::slice::HalfFloatSliceExt;
 use std::sync::Arc;
 
 /// A `[rows, cols]` matrix of bf16 or f16 values, read in place from the loaded tensor (no
@@ -79,6 +80,28 @@ impl HalfMatrix {
             ));
         }
         Ok(v)
+    }
+
+    /// Rows `ids` widened to f32, one after another (the embedding's lookups: the same
+    /// values the head multiplies by, so a tied table is stored once).
+    pub fn rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; ids.len() * self.cols];
+        let values = self.values()?;
+        for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(self.cols)) {
+            let r = id as usize;
+            if r >= self.rows {
+                return Err(TernError::InvalidArgument(format!(
+                    "token id {id} is outside the embedding of {} rows",
+                    self.rows
+                )));
+            }
+            let span = r * self.cols..(r + 1) * self.cols;
+            match &values {
+                Values::Bf16(v) => v[span].convert_to_f32_slice(dst),
+                Values::F16(v) => v[span].convert_to_f32_slice(dst),
+            }
+        }
+        Ok(out)
     }
 
     /// `out[j * rows + r] = W[r] · xs[j]`.
@@ -160,6 +183,37 @@ mod tests {
             let m = dense::MAX_ROWS + 1;
             let xs = vec![0.5f32; m * cols];
             assert!(!h.matmul_exact_rows(&xs, m, &mut vec![0f32; m * rows]));
+        }
+    }
+
+    /// Looked-up rows are the widened table's rows; an id past the table is refused by value.
+    #[test]
+    fn rows_are_the_widened_rows() {
+        let (rows, cols) = (11, 40);
+        let w = Tensor::from_vec(
+            (0..rows * cols)
+                .map(|i| (i as f32 * 0.37).sin() * 3.0)
+                .collect(),
+            (rows, cols),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for kind in [GgmlDType::BF16, GgmlDType::F16] {
+            let h = HalfMatrix::new(Arc::new(QTensor::quantize(&w, kind).unwrap())).unwrap();
+            let wide = h
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let ids = [3u32, 0, 10, 3];
+            let got = h.rows(&ids).unwrap();
+            let want: Vec<f32> = ids.iter().flat_map(|&i| wide[i as usize].clone()).collect();
+            assert_eq!(got, want, "{kind:?}");
+            let e = h.rows(&[2, 11]).unwrap_err().to_string();
+            assert!(
+                e.contains("token id 11 is outside the embedding of 11 rows"),
+                "{e}"
+            );
         }
     }
 

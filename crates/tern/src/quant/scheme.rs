@@ -143,7 +143,7 @@ fn more_bits(layer: usize, layers: usize) -> bool {
 }
 
 /// What a weight of this Hugging Face name and shape becomes under `q` in a model of `layers`
-/// decoder layers: `None` keeps it float.
+/// decoder layers: `None` keeps it float. The half-width types also take the embedding table.
 ///
 /// Q4_K is llama.cpp's Q4_K_M mix: `v_proj` and `down_proj` of the [`more_bits`] layers get
 /// Q6_K (Q8_0 where 256-element blocks do not fit, as llama.cpp falls back).
@@ -157,6 +157,11 @@ pub fn plan(q: QuantType, name: &str, dims: &[usize], layers: usize) -> Option<G
             QuantType::Q8_0
         };
         return head.for_width(cols);
+    }
+    // A half-width table loses no more than the layers do, is read a row per token, and a
+    // tied head multiplies by it in place: half the bytes, and no f32 copy beside the head's.
+    if name == "model.embed_tokens.weight" && q.is_half_float() {
+        return q.for_width(cols);
     }
     let rest = name.strip_prefix("model.layers.")?;
     let projection =
@@ -218,7 +223,7 @@ mod tests {
     }
 
     #[test]
-    fn only_projections_and_untied_head_are_quantized() {
+    fn only_projections_untied_head_and_half_width_tables_are_quantized() {
         let q = QuantType::Q4K;
         let p = "model.layers.3.self_attn.q_proj.weight";
         assert_eq!(plan(q, p, &[512, 512], 30), Some(GgmlDType::Q4K));
@@ -228,6 +233,11 @@ mod tests {
         let head = plan(q, "lm_head.weight", &[100, 576], 30);
         assert_eq!(head, Some(GgmlDType::Q8_0));
         assert_eq!(plan(q, "model.embed_tokens.weight", &[100, 576], 30), None);
+        // Half width takes the table too (lookups widen rows; a tied head shares it).
+        for h in [QuantType::Bf16, QuantType::F16] {
+            let e = plan(h, "model.embed_tokens.weight", &[100, 576], 30);
+            assert_eq!(e, Some(h.ggml()));
+        }
         let norm = "model.layers.0.input_layernorm.weight";
         assert_eq!(plan(q, norm, &[576], 30), None);
         assert_eq!(
