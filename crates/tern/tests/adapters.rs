@@ -163,6 +163,39 @@ fn merge_keeps_stored_dtype_and_refuses_to_clobber() {
     assert!(cfg.to_string().contains("bfloat16"), "{cfg}");
 }
 
+/// `--force` replaces the output, never an input: not the adapter, not a directory holding
+/// the base. Both are refused by name before anything is written, and both inputs survive.
+#[test]
+fn force_never_replaces_what_merge_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let parent = tmp.path().join("work");
+    let (base, adapter) = (parent.join("base"), parent.join("adapter"));
+    copy_dir(&fixture("qwen2"), &base);
+    copy_dir(&adapter_dir("qwen2_qv_bf16"), &adapter);
+    let force = MergeOptions {
+        force: true,
+        ..Default::default()
+    };
+    for (out, how, input) in [(&parent, "contains", &base), (&adapter, "is", &adapter)] {
+        let e = merge_checkpoint(&base, &adapter, out, &force)
+            .unwrap_err()
+            .to_string();
+        let want = format!(
+            "--out {} {how} the input {}",
+            out.display(),
+            input.display()
+        );
+        assert!(
+            e.contains(&want) && e.contains("choose another --out"),
+            "{e}"
+        );
+    }
+    assert!(base.join("model.safetensors").is_file() && base.join("config.json").is_file());
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    // A new directory inside the base's parent is fine.
+    merge_checkpoint(&base, &adapter, &parent.join("merged"), &force).unwrap();
+}
+
 #[test]
 fn in_memory_merge_and_unmerge() {
     let r = adapter_ref("llama_rslora_all");

@@ -229,6 +229,20 @@ fn convert_writes_safetensors_twins_atomically() {
     assert!(stray.is_empty(), "{stray:?}");
 }
 
+/// `convert --force` into a directory that holds its source is refused; the source survives.
+#[test]
+fn convert_never_replaces_its_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("work/smollm");
+    copy_dir(&bin("smollm"), &src);
+    let parent = tmp.path().join("work");
+    let e = convert_dir(&src, &parent, true).unwrap_err().to_string();
+    assert!(e.contains("contains the input"), "{e}");
+    let e = convert_dir(&src, &src, true).unwrap_err().to_string();
+    assert!(e.contains("is the input"), "{e}");
+    assert!(src.join("pytorch_model.bin").is_file());
+}
+
 /// A Hugging Face cache with `org/llama` (main and tag v1 -> one commit) and `org/lora`.
 fn hub_cache(root: &Path) -> (PathBuf, String) {
     let commit = "0123456789abcdef0123456789abcdef01234567".to_string();

@@ -192,6 +192,32 @@ fn bad_requests_are_refused_by_name_and_write_nothing() {
     assert!(e.contains("--quantize q8_0") && e.contains("GGUF"), "{e}");
     let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
     assert_eq!(names.len(), 1, "no temp files left behind");
+    // --force never writes over a file the checkpoint is read from, nor over a directory.
+    let copy = d.path().join("model");
+    copy_dir(&fixture("qwen2"), &copy);
+    let weights = copy.join("model.safetensors");
+    let force = ExportOptions {
+        force: true,
+        ..ExportOptions::new(ExportType::F16)
+    };
+    let e = export_gguf(&copy, &weights, &force)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("is the input") && e.contains("choose another --out"),
+        "{e}"
+    );
+    let e = export_gguf(&copy, d.path(), &force)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is a directory"), "{e}");
+    let e = export_gguf(&p, &p, &force).unwrap_err().to_string();
+    assert!(e.contains("is the input"), "{e}");
+    assert!(LoadedModel::load(&copy, &LoadOptions::default()).is_ok());
+    // A missing parent directory is made, as the directory writers do.
+    let nested = d.path().join("new/dir/m.gguf");
+    export_gguf(&copy, &nested, &force).unwrap();
+    assert!(nested.is_file());
 }
 
 #[test]

@@ -46,7 +46,7 @@ pub fn convert_dir(src: &Path, out: &Path, force: bool) -> Result<ConvertReport>
             src.display()
         )));
     }
-    let staged = StagedDir::new(out, src, force)?;
+    let staged = StagedDir::new(out, &[src], force)?;
     let adapter = src.join("adapter_config.json").is_file();
     let files: Vec<TensorFile> = if adapter {
         let w = ["adapter_model.safetensors", "adapter_model.bin"]

@@ -20,15 +20,11 @@ pub struct StagedDir {
 }
 
 impl StagedDir {
-    /// Prepares to write `out` from what is read at `source`; refuses `out == source` (it is
-    /// read while the output is written) and an existing `out` unless `force`.
-    pub fn new(out: &Path, source: &Path, force: bool) -> Result<Self> {
-        if out.canonicalize().ok() == source.canonicalize().ok() {
-            return Err(TernError::InvalidArgument(format!(
-                "--out must differ from {}: it is read while the output is written",
-                source.display()
-            )));
-        }
+    /// Prepares to write `out` from what is read at `inputs`; refuses an `out` whose
+    /// replacement would destroy an input (see [`refuse_replacing_inputs`]) and an existing
+    /// `out` unless `force`.
+    pub fn new(out: &Path, inputs: &[&Path], force: bool) -> Result<Self> {
+        refuse_replacing_inputs(out, inputs)?;
         if out.exists() && !force {
             return Err(TernError::InvalidArgument(format!(
                 "{} already exists; pass --force to replace it, or choose another --out",
@@ -83,6 +79,29 @@ impl StagedDir {
             let _ = std::fs::remove_dir_all(&staged);
         })
     }
+}
+
+/// Refuses an `out` that is one of `inputs` or a directory holding one: replacing it (with
+/// `--force`) would delete what the command reads.
+pub fn refuse_replacing_inputs(out: &Path, inputs: &[&Path]) -> Result<()> {
+    // A path that does not exist yet holds nothing.
+    let Ok(target) = out.canonicalize() else {
+        return Ok(());
+    };
+    for input in inputs {
+        let Ok(read) = input.canonicalize() else {
+            continue;
+        };
+        if read.starts_with(&target) {
+            let how = if read == target { "is" } else { "contains" };
+            return Err(TernError::InvalidArgument(format!(
+                "--out {} {how} the input {}: writing there would destroy it; choose another --out",
+                out.display(),
+                input.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Files of a model or adapter directory that hold weights in some format.
@@ -255,6 +274,10 @@ pub fn write_file_atomic<T>(
     let tmp = temp_beside(path);
     let result = (|| -> Result<T> {
         let io = |e| TernError::io(path, e);
+        // As the directory writers do: a missing parent is made, not an error.
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| TernError::io(parent, e))?;
+        }
         let file = std::fs::File::create(&tmp).map_err(io)?;
         let mut f = std::io::BufWriter::with_capacity(1 << 20, file);
         let out = body(&mut f)?;

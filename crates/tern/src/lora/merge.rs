@@ -119,7 +119,7 @@ pub fn merge_checkpoint(
         )));
     }
     // Before any work: a clobbered or impossible destination fails at once.
-    let staged = StagedDir::new(out, model, opts.force)?;
+    let staged = StagedDir::new(out, &[model, adapter], opts.force)?;
     let base = HfDir::open(model)?;
     let files = base
         .weight_files

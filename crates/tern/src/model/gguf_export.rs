@@ -12,6 +12,7 @@ use super::config::{id_list, Family, ModelConfig, RopeScaling};
 use crate::checkpoint::gguf::gguf_name;
 use crate::checkpoint::gguf_write::{write_gguf, TensorPlan};
 use crate::checkpoint::tensor_file::TensorFile;
+use crate::checkpoint::writer::refuse_replacing_inputs;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Result, TernError};
 use crate::quant::scheme::{plan, quantize_tensor, QuantType};
@@ -116,6 +117,23 @@ impl ExportOptions {
 /// a GGUF file at `out`.
 pub fn export_gguf(src: &Path, out: &Path, o: &ExportOptions) -> Result<ExportReport> {
     let start = Instant::now();
+    if out.is_dir() {
+        return Err(TernError::InvalidArgument(format!(
+            "--out {} is a directory; name the .gguf file to write",
+            out.display()
+        )));
+    }
+    // The files a checkpoint directory is read from (a GGUF written beside them is not one).
+    let mut inputs = vec![src.to_path_buf()];
+    if src.is_dir() {
+        for e in std::fs::read_dir(src).map_err(|e| TernError::io(src, e))? {
+            let p = e.map_err(|e| TernError::io(src, e))?.path();
+            if p.extension().is_none_or(|x| x != "gguf") {
+                inputs.push(p);
+            }
+        }
+    }
+    refuse_replacing_inputs(out, &inputs.iter().map(|p| p.as_path()).collect::<Vec<_>>())?;
     if out.exists() && !o.force {
         return Err(TernError::InvalidArgument(format!(
             "{} already exists; pass --force to replace it, or choose another --out",

@@ -135,3 +135,12 @@ pub fn rel(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .unwrap();
     d / m.max(1e-12)
 }
+
+/// A copy of the flat directory `from` at `to` (fixture models and adapters have no subdirectories).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+}
