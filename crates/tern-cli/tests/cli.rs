@@ -485,3 +485,44 @@ fn serve_answers_over_http_and_exits_cleanly_on_sigterm() {
         "{err}"
     );
 }
+
+#[test]
+fn train_says_why_examples_are_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d.jsonl");
+    let long = "word ".repeat(40);
+    std::fs::write(
+        &data,
+        [
+            r#"{"text": "The quick brown fox jumps over the lazy dog"}"#.to_string(),
+            r#"{"messages": [{"role": "user", "content": "Hi"}]}"#.to_string(),
+            format!(r#"{{"messages": [{{"role": "user", "content": "{long}"}}, {{"role": "assistant", "content": "ok"}}]}}"#),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let out = tmp.path().join("o");
+    let o = tern(&[
+        "train",
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "1",
+        "--max-seq-len",
+        "16",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("1 example has no assistant turn or completion"),
+        "{err}"
+    );
+    assert!(
+        err.contains("1 example has no target tokens left after truncation to 16"),
+        "{err}"
+    );
+}

@@ -336,3 +336,25 @@ fn eval_keeps_the_best_adapter_and_stops_early() {
     let t2 = Trainer::from_adapter(&lm, cfg(serde_json::json!({})), &out).unwrap();
     assert!((t2.eval_loss(&eval).unwrap() - best).abs() < 1e-4);
 }
+
+#[test]
+fn chat_roles_are_checked_and_a_bom_is_skipped() {
+    let lm = load(&fixture("llama"));
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("d.jsonl");
+    std::fs::write(&p, "\u{feff}{\"text\": \"The quick brown fox\"}\n").unwrap();
+    assert_eq!(load_jsonl(&p, &lm, 512, false).unwrap().len(), 1);
+    for role in ["wizard", "User", "Assistant"] {
+        let line = format!(
+            r#"{{"messages": [{{"role": "{role}", "content": "Hi"}}, {{"role": "assistant", "content": "Hello"}}]}}"#
+        );
+        std::fs::write(&p, format!("{{\"text\": \"ok then\"}}\n{line}\n")).unwrap();
+        let e = load_jsonl(&p, &lm, 512, false).unwrap_err().to_string();
+        assert!(
+            e.contains("line 2")
+                && e.contains(&format!("`{role}`"))
+                && e.contains("system, user, assistant"),
+            "{e}"
+        );
+    }
+}

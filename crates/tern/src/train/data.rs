@@ -51,6 +51,10 @@ fn alpaca_prompt(instruction: &str, input: &str) -> String {
     }
 }
 
+/// Roles a chat line may use: what chat templates render (`tool` for a tool's output);
+/// the loss is on `assistant` turns.
+const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
 /// Tokenises one line.
 fn example(lm: &LoadedModel, line: Line, train_on_prompt: bool) -> Result<Example> {
     let tok = &lm.tokenizer;
@@ -84,6 +88,18 @@ fn example(lm: &LoadedModel, line: Line, train_on_prompt: bool) -> Result<Exampl
             push(c, true);
         }
         Line::Chat { messages } => {
+            // An unknown role would render as the template pleases (or not at all) and its
+            // turn would silently not be learned; `User` for `user` is the usual slip.
+            if let Some(m) = messages
+                .iter()
+                .find(|m| !CHAT_ROLES.contains(&m.role.as_str()))
+            {
+                return Err(TernError::InvalidArgument(format!(
+                    "unknown chat role `{}` (roles are {}, lowercase)",
+                    m.role,
+                    CHAT_ROLES.join(", ")
+                )));
+            }
             let tmpl = lm.chat_template.as_ref().ok_or_else(|| {
                 TernError::InvalidArgument(
                     "chat `messages` need a model with a chat template".into(),
@@ -122,8 +138,10 @@ pub fn load_jsonl(
     train_on_prompt: bool,
 ) -> Result<Vec<Example>> {
     let text = std::fs::read_to_string(path).map_err(|e| TernError::io(path, e))?;
+    // Editors on Windows start UTF-8 files with a byte-order mark; JSON does not allow one.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut out = Vec::new();
-    let mut dropped = 0;
+    let (mut nothing_to_learn, mut truncated_away) = (0, 0);
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -140,20 +158,35 @@ pub fn load_jsonl(
             })
         })?;
         let mut ex = example(lm, parsed, train_on_prompt).map_err(|e| bad(e.to_string()))?;
-        ex.ids.truncate(max_len);
-        ex.target.truncate(max_len);
         // The first token has no prediction; a target there would never be scored.
         if let Some(t) = ex.target.first_mut() {
             *t = false;
         }
+        if !ex.target.iter().any(|&t| t) {
+            nothing_to_learn += 1;
+            continue;
+        }
+        ex.ids.truncate(max_len);
+        ex.target.truncate(max_len);
         if ex.target.iter().any(|&t| t) {
             out.push(ex);
         } else {
-            dropped += 1;
+            truncated_away += 1;
         }
     }
-    if dropped > 0 {
-        tracing::warn!("{}: {dropped} examples have no target tokens left after truncation to {max_len}; skipped", path.display());
+    if nothing_to_learn > 0 {
+        tracing::warn!(
+            "{}: {} no assistant turn or completion to learn; skipped",
+            path.display(),
+            examples_have(nothing_to_learn)
+        );
+    }
+    if truncated_away > 0 {
+        tracing::warn!(
+            "{}: {} no target tokens left after truncation to {max_len}; skipped (raise max_seq_len)",
+            path.display(),
+            examples_have(truncated_away)
+        );
     }
     if out.is_empty() {
         return Err(TernError::Config {
@@ -163,6 +196,15 @@ pub fn load_jsonl(
         });
     }
     Ok(out)
+}
+
+/// `1 example has` / `N examples have`.
+fn examples_have(n: usize) -> String {
+    if n == 1 {
+        "1 example has".into()
+    } else {
+        format!("{n} examples have")
+    }
 }
 
 /// A padded batch: `ids` and `target` are `rows x len`, row-major.
