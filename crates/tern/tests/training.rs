@@ -358,3 +358,57 @@ fn chat_roles_are_checked_and_a_bom_is_skipped() {
         );
     }
 }
+
+/// A checkpoint resumed with other batches or data is refused by setting, with the old and
+/// new values, instead of indexing past the new data's batches; an old checkpoint that
+/// recorded no settings still resumes, and is still refused when its place in the data no
+/// longer exists.
+#[test]
+fn resume_refuses_other_settings() {
+    let lm = load(&fixture("llama"));
+    let data = load_jsonl(&train_fixture("memorise.jsonl"), &lm, 64, false).unwrap();
+    let c = serde_json::json!({"rank": 4, "max_steps": 3, "batch_size": 1, "save_every": 3});
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    Trainer::new(&lm, cfg(c.clone()))
+        .unwrap()
+        .run(&data, &[], &a, |_| {})
+        .unwrap();
+    let ck = a.join("checkpoint-3");
+    let resume = |c: serde_json::Value, data: &[tern::train::data::Example]| {
+        let mut t = Trainer::new(&lm, cfg(c)).unwrap();
+        t.resume_from(&ck).unwrap();
+        t.run(data, &[], &b, |_| {}).map(|r| r.steps)
+    };
+    let mut more = c.clone();
+    more["max_steps"] = 6.into();
+    let mut bigger = more.clone();
+    bigger["batch_size"] = 4.into();
+    let e = resume(bigger.clone(), &data).unwrap_err().to_string();
+    assert!(
+        e.contains("batch_size") && e.contains('1') && e.contains('4'),
+        "{e}"
+    );
+    let e = resume(more.clone(), &data[..2]).unwrap_err().to_string();
+    assert!(
+        e.contains("examples") && e.contains('4') && e.contains('2'),
+        "{e}"
+    );
+    let mut reordered = data.clone();
+    reordered.swap(0, 1);
+    let e = resume(more.clone(), &reordered).unwrap_err().to_string();
+    assert!(e.contains("data"), "{e}");
+    assert!(!b.exists(), "a refused resume wrote its output");
+    assert_eq!(resume(more.clone(), &data).unwrap(), 6);
+
+    // A checkpoint from before settings were recorded: three batches into an epoch that now
+    // has one.
+    let state = ck.join("trainer_state.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    v[0].as_object_mut().unwrap().remove("settings");
+    std::fs::write(&state, v.to_string()).unwrap();
+    let e = resume(bigger, &data).unwrap_err().to_string();
+    assert!(e.contains("other data or batch settings"), "{e}");
+    assert_eq!(resume(more, &data).unwrap(), 6);
+}

@@ -70,6 +70,10 @@ pub(super) struct State {
     pub(super) best_eval: Option<f64>,
     pub(super) bad_evals: usize,
     pub(super) tokens: usize,
+    /// What a resume must share with this run (`checkpoint::run_settings`); absent in
+    /// checkpoints written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) settings: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// A LoRA training run over one loaded base model.
@@ -83,6 +87,8 @@ pub struct Trainer<'a> {
     pub(super) adapter: Arc<LoraAdapter>,
     pub(super) opt: AdamW,
     pub(super) state: State,
+    /// The checkpoint this run resumed from, if any.
+    pub(super) resumed: Option<PathBuf>,
 }
 
 fn nan_error(step: usize, out: &Path) -> TernError {
@@ -201,6 +207,7 @@ impl<'a> Trainer<'a> {
             adapter,
             opt,
             state: State::default(),
+            resumed: None,
         })
     }
 
@@ -368,6 +375,9 @@ impl<'a> Trainer<'a> {
         out: &Path,
         mut on_step: impl FnMut(&StepReport),
     ) -> Result<TrainReport> {
+        self.check_resume(train)?;
+        let settings = super::checkpoint::run_settings(&self.cfg, train);
+        self.state.settings = Some(settings.into_iter().collect());
         std::fs::create_dir_all(out).map_err(|e| TernError::io(out, e))?;
         let metrics_path = out.join("metrics.jsonl");
         let mut metrics = std::fs::OpenOptions::new()
