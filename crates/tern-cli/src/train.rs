@@ -18,6 +18,11 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub resume: Option<String>,
+    /// Start over in an --out that holds an earlier run: its checkpoints, metrics, adapter and
+    /// loss.png are removed (other files are left alone).
+    #[arg(long)]
+    #[serde(skip)]
+    pub force: bool,
     /// Base model: directory, .gguf file or Hub id.
     #[arg(long)]
     pub model: Option<String>,
@@ -131,6 +136,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let report = tern::train::run::run(
         &cfg,
         a.resume.as_deref(),
+        a.force,
         |lm, t, n_train, n_eval| {
             let total = t.total_steps(n_train);
             eprintln!(

@@ -486,6 +486,124 @@ fn serve_answers_over_http_and_exits_cleanly_on_sigterm() {
     );
 }
 
+/// Every file under `dir` with its bytes, to tell whether a refused run touched anything.
+fn snapshot(dir: &std::path::Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            v.extend(snapshot(&p));
+        } else {
+            v.push((p.clone(), std::fs::read(&p).unwrap()));
+        }
+    }
+    v.sort();
+    v
+}
+
+/// A refused `tern train`: one line naming `needle`, no panic, nothing written where it ran.
+fn train_refused(args: &[&str], needle: &str) {
+    let cwd = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .arg("train")
+        .args(args)
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        std::fs::read_dir(cwd.path()).unwrap().count(),
+        0,
+        "{args:?} wrote to its cwd"
+    );
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(
+        !o.status.success() && err.contains(needle) && err.trim_end().lines().count() == 1,
+        "{args:?}: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn train_output_dirs_and_resume_are_guarded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("llama");
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tern/tests/fixtures/train/memorise.jsonl");
+    let out = tmp.path().join("run");
+    let other = tmp.path().join("other.jsonl");
+    std::fs::write(&other, "{\"text\": \"hello world\"}\n{\"text\": \"bye\"}\n").unwrap();
+    let (model, data, out_s, other) = (
+        model.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+        other.to_str().unwrap(),
+    );
+    let base = ["--model", model, "--out", out_s, "--rank", "4"];
+    let run = |extra: &[&str]| tern(&[&["train"], &base[..], &["--data", data], extra].concat());
+    let o = run(&["--batch-size", "2", "--max-steps", "4", "--save-every", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let before = snapshot(&out);
+
+    // A second run into the same --out would overwrite the first and prune its checkpoints.
+    let args = [&base[..], &["--data", data, "--batch-size", "2"]].concat();
+    train_refused(&args, "--force");
+    // A checkpoint at or past --max-steps has nothing left to train.
+    for steps in ["3", "4"] {
+        let a = [&args[..], &["--resume", "latest", "--max-steps", steps]].concat();
+        train_refused(&a, &format!("already reached --max-steps {steps}"));
+    }
+    // Resuming with other data or batches would not continue the same run.
+    let a = [
+        &base[..],
+        &["--data", data, "--resume", "latest", "--max-steps", "6"],
+    ]
+    .concat();
+    let a = [&a[..], &["--batch-size", "4"]].concat();
+    train_refused(&a, "batch_size");
+    let a = [&base[..], &["--data", other, "--batch-size", "2"]].concat();
+    train_refused(
+        &[&a[..], &["--resume", "latest", "--max-steps", "6"]].concat(),
+        "4 training examples, this run's data has 2",
+    );
+    let a = [
+        &args[..],
+        &["--resume", "latest", "--max-steps", "6", "--lr", "1e-3"],
+    ]
+    .concat();
+    train_refused(&a, "lr");
+    assert!(snapshot(&out) == before, "a refused run changed {out_s}");
+
+    // The same settings continue; --force starts over, removing only tern's own files.
+    let o = run(&[
+        "--batch-size",
+        "2",
+        "--resume",
+        "latest",
+        "--max-steps",
+        "6",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("6 steps"));
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let o = run(&["--force", "--max-steps", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 1);
+    assert!(!out.join("checkpoint-6").exists() && !out.join("checkpoint-4").exists());
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    train_refused(
+        &[
+            &base[..],
+            &["--data", data, "--force", "--resume", "latest"],
+        ]
+        .concat(),
+        "--force",
+    );
+}
+
 #[test]
 fn train_says_why_examples_are_skipped() {
     let tmp = tempfile::tempdir().unwrap();

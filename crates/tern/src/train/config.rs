@@ -233,6 +233,17 @@ impl TrainConfig {
                 "must not be negative".into(),
             ));
         }
+        for (k, v) in [
+            ("model", &self.model),
+            ("data", &self.data),
+            ("out", &self.out),
+            ("eval_data", &self.eval_data),
+        ] {
+            // An empty path is the current directory to the OS: never what was meant.
+            if v.as_deref().is_some_and(|p| p.trim().is_empty()) {
+                return Err(bad(k, "is empty; give a path".into()));
+            }
+        }
         if let Some(d) = &self.dtype {
             crate::device::parse_dtype(d)?;
         }

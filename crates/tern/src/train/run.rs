@@ -7,6 +7,7 @@ use super::data::{load_jsonl, pack, Example};
 use super::trainer::{StepReport, TrainReport, Trainer};
 use crate::checkpoint::hub::{resolve, HubOptions, RepoKind};
 use crate::error::{Result, TernError};
+use crate::lora::adapter::{CONFIG_FILE, WEIGHTS_FILE};
 use crate::model::{LoadOptions, LoadedModel};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -30,6 +31,16 @@ pub fn datasets(cfg: &TrainConfig, lm: &LoadedModel) -> Result<(Vec<Example>, Ve
         None => vec![],
     };
     if eval.is_empty() && cfg.eval_split > 0.0 {
+        if train.len() < 2 {
+            return Err(TernError::Config {
+                file: data.into(),
+                key: "eval_split".into(),
+                detail: format!(
+                    "holding out eval examples needs at least 2 examples, this file has {} usable; drop eval_split or pass eval_data",
+                    train.len()
+                ),
+            });
+        }
         train.shuffle(&mut StdRng::seed_from_u64(cfg.seed ^ 0x5eed));
         let n = ((train.len() as f64 * cfg.eval_split).round() as usize).clamp(1, train.len() - 1);
         eval = train.split_off(train.len() - n);
@@ -40,16 +51,64 @@ pub fn datasets(cfg: &TrainConfig, lm: &LoadedModel) -> Result<(Vec<Example>, Ve
     Ok((train, eval))
 }
 
+/// Refuses an `out` that holds files unless this run continues there (`resume`) or replaces
+/// the earlier run's outputs (`force`): otherwise two runs would mix their adapter, metrics
+/// and checkpoints, and pruning would delete the wrong run's.
+fn check_out(out: &Path, resume: bool, force: bool) -> Result<()> {
+    let bad = |detail: &str| TernError::Config {
+        file: out.to_path_buf(),
+        key: "out".into(),
+        detail: detail.into(),
+    };
+    if resume && force {
+        return Err(bad(
+            "--force starts a new run and --resume continues one; pass only one",
+        ));
+    }
+    if out.exists() && !out.is_dir() {
+        return Err(bad("is a file, not a directory; pass another --out"));
+    }
+    let occupied = out.is_dir()
+        && std::fs::read_dir(out)
+            .map_err(|e| TernError::io(out, e))?
+            .next()
+            .is_some();
+    if occupied && !resume && !force {
+        return Err(bad("already holds files (an earlier run?); pass --resume latest to continue it, --force to replace its outputs, or another --out"));
+    }
+    Ok(())
+}
+
+/// Removes an earlier run's outputs from `out`: its checkpoints, metrics, adapter and loss
+/// plot, and nothing else that may live there.
+fn clear_outputs(out: &Path) -> Result<()> {
+    for (_, dir) in checkpoints(out) {
+        std::fs::remove_dir_all(&dir).map_err(|e| TernError::io(&dir, e))?;
+    }
+    for f in [CONFIG_FILE, WEIGHTS_FILE, "metrics.jsonl", "loss.png"] {
+        let p = out.join(f);
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(TernError::io(&p, e)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Runs training as configured; `resume` is a checkpoint directory or `latest` (the newest
-/// under `out`).
+/// under `out`); `force` replaces an earlier run's outputs in `out`, which otherwise must
+/// be empty when not resuming.
 pub fn run(
     cfg: &TrainConfig,
     resume: Option<&str>,
+    force: bool,
     on_start: impl FnOnce(&LoadedModel, &Trainer, usize, usize),
     on_step: impl FnMut(&StepReport),
 ) -> Result<TrainReport> {
+    cfg.validate()?;
     let model = need(&cfg.model, "model", "pass --model PATH or a Hub id")?;
     let out = PathBuf::from(need(&cfg.out, "out", "pass --out DIR for the adapter")?);
+    check_out(&out, resume.is_some(), force)?;
     let path = resolve(model, RepoKind::Model, &HubOptions::from_env())?;
     let dtype = cfg
         .dtype
@@ -81,6 +140,10 @@ pub fn run(
             PathBuf::from(r)
         };
         t.resume_from(&dir)?;
+    }
+    t.check_resume(&train)?;
+    if force {
+        clear_outputs(&out)?;
     }
     on_start(&lm, &t, train.len(), eval.len());
     t.run(&train, &eval, &out, on_step)
