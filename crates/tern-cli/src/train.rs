@@ -1,6 +1,6 @@
 //! `tern train`: flags (or a YAML config) to `tern::train::run::run`, with a progress bar.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -33,30 +33,31 @@ pub struct TrainArgs {
     #[arg(long)]
     pub out: Option<String>,
     /// Peak learning rate [2e-4].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub lr: Option<f64>,
     /// Passes over the data [1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub epochs: Option<usize>,
     /// Stop after this many optimizer steps.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_steps: Option<usize>,
     /// Sequences per micro-batch [4].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub batch_size: Option<usize>,
     /// Micro-batches per optimizer step [1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub grad_accum: Option<usize>,
     /// LoRA rank [16].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub rank: Option<usize>,
     /// LoRA alpha [32].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub alpha: Option<f64>,
     /// LoRA dropout [0].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub dropout: Option<f64>,
-    /// Modules to adapt: `all-linear`, a comma-separated list, or a regex [all-linear].
+    /// Modules to adapt: `all-linear`, names (`q_proj` or `q_proj,v_proj`), or a regex over
+    /// whole module names (`.*\.(q|v)_proj`) [all-linear].
     #[arg(long)]
     #[serde(skip)]
     pub target_modules: Option<String>,
@@ -64,40 +65,40 @@ pub struct TrainArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub use_rslora: Option<bool>,
     /// Truncate longer examples [512].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_seq_len: Option<usize>,
     /// Share of steps warming up [0].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub warmup_ratio: Option<f64>,
     /// cosine, linear or constant [cosine].
     #[arg(long)]
     pub lr_schedule: Option<String>,
     /// AdamW decoupled weight decay [0].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub weight_decay: Option<f64>,
     /// Clip the global gradient norm (0 = off) [1].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub max_grad_norm: Option<f64>,
     /// Held-out jsonl for eval loss.
     #[arg(long)]
     pub eval_data: Option<String>,
     /// Share of --data held out for eval [0].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub eval_split: Option<f64>,
     /// Evaluate every N steps (0 = at the end).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub eval_every: Option<usize>,
     /// Stop after N evals without improvement (0 = never).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub early_stopping_patience: Option<usize>,
     /// Checkpoint every N steps (0 = none).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub save_every: Option<usize>,
     /// Checkpoints kept [2].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub keep_checkpoints: Option<usize>,
     /// Seed [42].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub seed: Option<u64>,
     /// Compute dtype of the frozen base (f32, bf16, f16).
     #[arg(long)]
@@ -122,9 +123,28 @@ pub struct TrainArgs {
 
 /// Runs `tern train`.
 pub fn run(a: TrainArgs) -> Result<()> {
+    // JSON has no NaN or infinity: serialising would turn them into "not given", the default.
+    for (flag, v) in [
+        ("--lr", a.lr),
+        ("--alpha", a.alpha),
+        ("--dropout", a.dropout),
+        ("--warmup-ratio", a.warmup_ratio),
+        ("--weight-decay", a.weight_decay),
+        ("--max-grad-norm", a.max_grad_norm),
+        ("--eval-split", a.eval_split),
+    ] {
+        if let Some(v) = v.filter(|v| !v.is_finite()) {
+            bail!("{flag} {v}: must be a finite number");
+        }
+    }
     let mut flags = serde_json::to_value(&a)?;
     if let Some(t) = &a.target_modules {
-        let v = if t == "all-linear" || !t.contains(',') {
+        // A plain name is that module (PEFT would read a lone string as a regex over whole
+        // names, which `q_proj` never matches); regex syntax keeps the regex.
+        let is_regex = t.contains([
+            '\\', '^', '$', '*', '+', '?', '(', ')', '[', ']', '{', '}', '|',
+        ]);
+        let v = if t == "all-linear" || is_regex {
             serde_json::json!(t)
         } else {
             serde_json::json!(t.split(',').map(str::trim).collect::<Vec<_>>())

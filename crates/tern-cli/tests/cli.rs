@@ -605,6 +605,80 @@ fn train_output_dirs_and_resume_are_guarded() {
 }
 
 #[test]
+fn train_refuses_bad_values_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("llama");
+    let model = model.to_str().unwrap();
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tern/tests/fixtures/train/memorise.jsonl");
+    let data = data.to_str().unwrap();
+    let out = tmp.path().join("o");
+    let out = out.to_str().unwrap();
+    let one = tmp.path().join("one.jsonl");
+    std::fs::write(&one, "{\"text\": \"hello world\"}").unwrap();
+    let base = ["--model", model, "--data", data, "--max-steps", "1"];
+    fn cat<'a>(a: &[&'a str], b: &[&'a str]) -> Vec<&'a str> {
+        [a, b].concat()
+    }
+    train_refused(&cat(&base, &["--out", ""]), "out");
+    let base = [&base[..], &["--out", out]].concat();
+    let cfg = tmp.path().join("c.yaml");
+    std::fs::write(&cfg, "out: \"\"\n").unwrap();
+    let c = cfg.to_str().unwrap();
+    train_refused(&["--model", model, "--data", data, "--config", c], "out");
+    train_refused(
+        &[
+            "--model",
+            model,
+            "--data",
+            one.to_str().unwrap(),
+            "--out",
+            out,
+            "--eval-split",
+            "0.5",
+        ],
+        "at least 2 examples",
+    );
+    for flag in [
+        "--lr",
+        "--alpha",
+        "--dropout",
+        "--warmup-ratio",
+        "--eval-split",
+        "--weight-decay",
+        "--max-grad-norm",
+    ] {
+        for v in ["nan", "inf", "-inf"] {
+            train_refused(&cat(&base, &[flag, v]), "finite");
+            train_refused(&cat(&base, &[&format!("{flag}={v}")]), flag);
+        }
+    }
+    train_refused(&cat(&base, &["--lr", "-1"]), "must be > 0");
+    train_refused(&cat(&base, &["--weight-decay", "-0.5"]), "negative");
+    train_refused(
+        &cat(&base, &["--target-modules", "q_prj"]),
+        "q_proj, k_proj",
+    );
+    train_refused(&cat(&base, &["--target-modules", "q_proj,v_prj"]), "v_prj");
+    assert!(
+        !std::path::Path::new(out).exists(),
+        "a refused run wrote {out}"
+    );
+
+    // One name is that module, as a list of one is.
+    let o = tern(&cat(
+        &["train"],
+        &cat(&base, &["--target-modules", "q_proj", "--rank", "4"]),
+    ));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let c: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(PathBuf::from(out).join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(c["target_modules"], serde_json::json!(["q_proj"]), "{c}");
+}
+
+#[test]
 fn train_says_why_examples_are_skipped() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("d.jsonl");

@@ -227,11 +227,16 @@ impl TrainConfig {
         unit("dropout", self.dropout, true)?;
         unit("warmup_ratio", self.warmup_ratio, false)?;
         unit("eval_split", self.eval_split, true)?;
-        if self.weight_decay < 0.0 || self.max_grad_norm < 0.0 {
-            return Err(bad(
-                "weight_decay/max_grad_norm",
-                "must not be negative".into(),
-            ));
+        for (k, v) in [
+            ("weight_decay", self.weight_decay),
+            ("max_grad_norm", self.max_grad_norm),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(bad(
+                    k,
+                    format!("must be a finite number, not negative, got {v}"),
+                ));
+            }
         }
         for (k, v) in [
             ("model", &self.model),

@@ -2,7 +2,7 @@
 //! cross-entropy, gradient accumulation, clipping, AdamW, the schedule, eval with early
 //! stopping, checkpoints that resume to the same result, and the PEFT adapter at the end.
 
-use super::config::TrainConfig;
+use super::config::{TargetModules, TrainConfig};
 use super::data::{epoch_batches, pad, Batch, Example};
 use super::optim::{clip_grad_norm, lr_at, AdamW, AdamWParams};
 use crate::error::{Result, TernError};
@@ -91,6 +91,18 @@ pub struct Trainer<'a> {
     pub(super) resumed: Option<PathBuf>,
 }
 
+/// The model's linear modules by their last name (`q_proj, k_proj, ...`), for errors.
+fn module_names(lm: &LoadedModel) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for s in lm.model.slots().iter() {
+        let n = s.name.rsplit('.').next().unwrap_or(&s.name);
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    names.join(", ")
+}
+
 fn nan_error(step: usize, out: &Path) -> TernError {
     TernError::InvalidArgument(format!(
         "loss became NaN/inf at step {step}; stopped without writing over the last good checkpoint in {} (lower --lr or --max-grad-norm)",
@@ -104,6 +116,24 @@ impl<'a> Trainer<'a> {
         let acfg = cfg.adapter_config()?;
         let dev = lm.model.device();
         let mut rng = StdRng::seed_from_u64(cfg.seed);
+        // PEFT drops a list entry that matches nothing as long as another matches; here a
+        // misspelt name would silently train fewer modules than asked, so it is refused.
+        if let TargetModules::List(l) = &cfg.target_modules {
+            let slots = lm.model.slots();
+            if let Some(t) = l.iter().find(|t| {
+                !slots
+                    .iter()
+                    .any(|s| s.name == **t || s.name.ends_with(&format!(".{t}")))
+            }) {
+                return Err(super::config::bad(
+                    "target_modules",
+                    format!(
+                        "`{t}` names no linear layer of this model (its modules: {})",
+                        module_names(lm)
+                    ),
+                ));
+            }
+        }
         let mut pairs = Vec::new();
         for s in lm.model.slots().iter() {
             if !acfg.targets(&s.name, s.is_head) {
@@ -121,10 +151,20 @@ impl<'a> Trainer<'a> {
             ));
         }
         if pairs.is_empty() {
-            return Err(TernError::InvalidArgument(format!(
-                "target_modules {:?} selects no linear layer of this model",
-                cfg.target_modules
-            )));
+            let (what, hint) = match &cfg.target_modules {
+                TargetModules::One(re) => (
+                    format!("regex `{re}`"),
+                    " (a string is a regex over whole names such as model.layers.0.self_attn.q_proj, as in PEFT; a list [q_proj] names modules)",
+                ),
+                TargetModules::List(l) => (format!("[{}]", l.join(", ")), ""),
+            };
+            return Err(super::config::bad(
+                "target_modules",
+                format!(
+                    "{what} selects no linear layer of this model (its modules: {}){hint}",
+                    module_names(lm)
+                ),
+            ));
         }
         Self::with_pairs(lm, cfg, acfg, pairs)
     }
