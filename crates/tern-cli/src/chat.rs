@@ -103,7 +103,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
                     p => match load(std::path::Path::new(p)) {
                         Ok(ad) => chat.set_adapter(Some(ad)),
                         Err(e) => {
-                            eprintln!("error: {e:#}");
+                            eprintln!("error: {}", crate::one_line(&e));
                             continue;
                         }
                     },

@@ -112,9 +112,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
     };
     sampling.validate()?;
-    let model = crate::resolve::model(&a.model)?;
-    let mut lm = LoadedModel::load(&model, &a.load.options()?)
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let mut lm = crate::resolve::load(&a.model, &a.load)?;
     let adapter = match &a.adapter {
         Some(p) => {
             let p = crate::resolve::adapter(p)?;

@@ -68,8 +68,20 @@ fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+}
+
+/// Ends the process quietly, as other command-line tools do, when what it prints to goes away
+/// (`tern generate ... | head -1`): Rust ignores SIGPIPE, so the next print panicked instead.
+/// Not for the server and benchmarks, whose sockets must not end the process.
+fn quiet_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restores the default action of one signal, before any other thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 /// Keeps freed memory in the process instead of handing it back to the kernel after every
@@ -84,8 +96,34 @@ fn tune_allocator() {
     }
 }
 
+/// The error and its causes joined by ": ", leaving out a cause the text already holds (an
+/// error that shows its source in its own message would otherwise print it twice).
+pub(crate) fn one_line(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if text.contains(&s) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&s);
+    }
+    text
+}
+
 fn main() -> ExitCode {
+    // candle attaches a backtrace to every error it makes when RUST_BACKTRACE is set (dozens
+    // of lines inside a one-line message, and a capture per error even when it is handled);
+    // panics still print theirs, which RUST_BACKTRACE alone governs.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_) | Command::Bench(_)) {
+        quiet_on_closed_pipe();
+    }
     if matches!(cli.command, Command::Train(_) | Command::Bench(_)) {
         tune_allocator();
     }
@@ -120,7 +158,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }

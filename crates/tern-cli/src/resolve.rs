@@ -22,7 +22,14 @@ pub fn adapter(p: &Path) -> Result<PathBuf> {
 
 /// Loads `--model` (a path or Hub id) as `--dtype`/`--quantize` say, naming it on failure.
 pub fn load(p: &Path, flags: &crate::load_args::LoadArgs) -> Result<tern::LoadedModel> {
-    use anyhow::Context;
-    tern::LoadedModel::load(&model(p)?, &flags.options()?)
-        .with_context(|| format!("loading {}", p.display()))
+    tern::LoadedModel::load(&model(p)?, &flags.options()?).map_err(|e| {
+        // Most load errors name their file already; the rest get the model's path.
+        let named = e.to_string().contains(&*p.to_string_lossy());
+        let e = anyhow::Error::from(e);
+        if named {
+            e
+        } else {
+            e.context(format!("loading {}", p.display()))
+        }
+    })
 }

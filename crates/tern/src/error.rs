@@ -10,12 +10,13 @@ pub type Result<T> = std::result::Result<T, TernError>;
 #[derive(Debug, thiserror::Error)]
 pub enum TernError {
     /// Reading or writing a file failed at the OS level.
-    #[error("{path}: {source}")]
+    #[error("{path}: {err}")]
     Io {
         /// The file involved.
         path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error (shown in the message, so not also a `source()`: a printed error
+        /// chain would repeat it).
+        err: std::io::Error,
     },
     /// A file the checkpoint needs is not there.
     #[error("{path}: file not found ({hint})")]
@@ -189,9 +190,38 @@ pub enum TernError {
     /// A caller passed a bad argument (e.g. a sampling parameter out of range).
     #[error("{0}")]
     InvalidArgument(String),
-    /// A tensor operation failed.
+    /// A tensor operation failed (shown in the message, not also a `source()`).
     #[error("tensor op: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for TernError {
+    fn from(e: candle_core::Error) -> Self {
+        TernError::Candle(without_backtrace(e))
+    }
+}
+
+/// The message of a candle error, without its backtrace (for errors that carry it as text).
+pub(crate) fn candle_message(e: candle_core::Error) -> String {
+    without_backtrace(e).to_string()
+}
+
+/// `e` without the backtrace candle attaches when `RUST_BACKTRACE` is set: it printed as dozens
+/// of lines inside what should be a one-line message.
+fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        E::WithPath { inner, path } => E::WithPath {
+            inner: Box::new(without_backtrace(*inner)),
+            path,
+        },
+        E::Context { inner, context } => E::Context {
+            inner: Box::new(without_backtrace(*inner)),
+            context,
+        },
+        e => e,
+    }
 }
 
 impl TernError {
@@ -199,7 +229,7 @@ impl TernError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         TernError::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
 }

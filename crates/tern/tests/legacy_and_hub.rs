@@ -305,6 +305,11 @@ fn hub_ids_resolve_from_the_cache_offline() {
             && e.contains("HF_HUB_OFFLINE"),
         "{e}"
     );
+    // A mistyped local path is told apart from a Hub id that is not cached.
+    assert!(
+        e.contains("no file or directory `org/missing` here, so it was taken as a Hub id"),
+        "{e}"
+    );
     let e = resolve("org/llama@v2", RepoKind::Model, &opts)
         .unwrap_err()
         .to_string();
@@ -335,7 +340,9 @@ fn hub_download_failure_names_the_id() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("org/unknown@main") && e.contains("models--org--unknown"),
+        e.contains("org/unknown@main")
+            && e.contains("models--org--unknown")
+            && e.contains("no file or directory `org/unknown` here"),
         "{e}"
     );
 }

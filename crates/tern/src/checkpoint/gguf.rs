@@ -60,7 +60,7 @@ impl GgufFile {
             });
         }
         let content = Content::read(&mut std::io::Cursor::new(&mmap[..])).map_err(|e| {
-            let detail = e.to_string();
+            let detail = crate::error::candle_message(e);
             if detail.contains("failed to fill whole buffer") || detail.contains("remaining") {
                 TernError::Truncated {
                     file: path.to_path_buf(),

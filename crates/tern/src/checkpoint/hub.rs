@@ -171,15 +171,25 @@ pub fn resolve(spec: &str, kind: RepoKind, opts: &HubOptions) -> Result<PathBuf>
             return Ok(dir.clone());
         }
     }
+    // A mistyped local path reads like a Hub id too: say first that nothing is here.
+    let here = |e: TernError| match e {
+        TernError::Hub { id, detail } => TernError::Hub {
+            id,
+            detail: format!(
+                "no file or directory `{spec}` here, so it was taken as a Hub id: {detail}"
+            ),
+        },
+        e => e,
+    };
     let looked = opts.cache_dir.join(id.folder());
     if opts.offline {
         let what = match snapshot {
             Some(d) => format!("{} lacks the {kind:?} files", d.display()),
             None => format!("{} has no snapshot for `{}`", looked.display(), id.revision),
         };
-        return Err(hub_err(&id, format!("not in the Hugging Face cache ({what}) and HF_HUB_OFFLINE is set; unset it to download, or pass a local path")));
+        return Err(here(hub_err(&id, format!("not in the Hugging Face cache ({what}) and HF_HUB_OFFLINE is set; unset it to download, or pass a local path"))));
     }
-    download(&id, kind, opts)
+    download(&id, kind, opts).map_err(here)
 }
 
 #[cfg(feature = "hub")]

@@ -1,0 +1,107 @@
+//! How the binary reports failure: one line whatever the environment says about backtraces,
+//! no cause printed twice, a mistyped local path told apart from a Hub id, and a closed output
+//! pipe ending the process quietly instead of a panic.
+
+mod common;
+
+use common::*;
+use std::process::{Command, Stdio};
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A GGUF cut short is one line even under RUST_BACKTRACE=1 (candle attached its backtrace,
+/// 40-odd lines, to the message).
+#[test]
+fn a_broken_file_is_one_line_with_backtraces_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("m.gguf");
+    let model = fixture("llama");
+    let o = tern(&[
+        "quantize",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        gguf.to_str().unwrap(),
+        "--type",
+        "f16",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(&gguf).unwrap();
+    std::fs::write(&gguf, &bytes[..200]).unwrap();
+    let path = gguf.to_str().unwrap();
+    for args in [
+        vec!["generate", "--model", path, "--prompt", "hi"],
+        vec!["inspect", path],
+    ] {
+        let o = tern_env(&args, &[("RUST_BACKTRACE", "1")]);
+        let e = stderr(&o);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(e.contains("truncated"), "{args:?}: {e}");
+        assert_eq!(e.trim_end().lines().count(), 1, "{args:?}: {e}");
+        // The file is named once, not by the caller's context and again by the error.
+        assert_eq!(e.matches(path).count(), 1, "{args:?}: {e}");
+    }
+}
+
+/// An OS error shows once (the error type printed it in its message and again as its cause).
+#[test]
+fn an_os_error_is_not_repeated() {
+    let model = fixture("llama");
+    let o = tern(&[
+        "quantize",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        "/proc/tern-test/m.gguf",
+        "--type",
+        "f16",
+    ]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("/proc/tern-test"), "{e}");
+    assert_eq!(e.matches("(os error").count(), 1, "{e}");
+    assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+}
+
+/// `models/nope` is a local path with a typo as often as a Hub id: the message says both.
+#[test]
+fn a_mistyped_local_path_is_named_as_one() {
+    let cache = tempfile::tempdir().unwrap();
+    let o = tern_env(
+        &["generate", "--model", "models/nope", "--prompt", "hi"],
+        &[
+            ("HF_HUB_OFFLINE", "1"),
+            ("HF_HUB_CACHE", cache.path().to_str().unwrap()),
+        ],
+    );
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("no file or directory `models/nope` here"),
+        "{e}"
+    );
+}
+
+/// `tern ... 2>&1 | head -c 100`: when the reader goes away the process ends by SIGPIPE, as
+/// other command-line tools do, not by a panic in the next print to stderr (exit 101).
+#[cfg(unix)]
+#[test]
+fn a_closed_output_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args([
+            "generate",
+            "--model",
+            "/nonexistent/model",
+            "--prompt",
+            "hi",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert_ne!(status.code(), Some(101), "panicked");
+    assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}");
+}
