@@ -82,12 +82,24 @@ impl From<TernError> for ApiError {
             TernError::InvalidArgument(_) | TernError::Template(_) | TernError::Tokenizer(_) => {
                 Self::bad_request("invalid_request", msg)
             }
+            // Every way an adapter's files can be missing, unreadable, corrupt or unfit for
+            // the base model: the files are the client's input (a path it named), so a 400,
+            // like a missing file; only faults of the server itself are 500s.
             TernError::Adapter { .. }
             | TernError::MissingFile { .. }
             | TernError::Io { .. }
             | TernError::Config { .. }
             | TernError::WrongShape { .. }
             | TernError::MissingTensor { .. }
+            | TernError::UnknownDtype { .. }
+            | TernError::Truncated { .. }
+            | TernError::HeaderPastEnd { .. }
+            | TernError::HeaderNotJson { .. }
+            | TernError::BadOffsets { .. }
+            | TernError::OverlappingTensors { .. }
+            | TernError::Pickle { .. }
+            | TernError::Gguf { .. }
+            | TernError::UnsupportedArchitecture { .. }
             | TernError::Hub { .. } => Self::bad_request("invalid_adapter", msg),
             _ => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -742,3 +742,76 @@ fn repeated_deterministic_requests_come_from_the_response_cache() {
     assert_eq!(hits(), 3);
     assert_eq!(a["choices"], b["choices"]);
 }
+
+/// Copies the fixture adapter into `dir` and lets `spoil` damage the copy.
+fn spoiled_adapter(dir: &std::path::Path, spoil: impl FnOnce(&std::path::Path)) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(adapter_a().join(f), dir.join(f)).unwrap();
+    }
+    spoil(dir);
+    dir.to_path_buf()
+}
+
+#[test]
+fn a_corrupt_adapter_file_is_the_clients_400() {
+    let server = TestServer::start(llama(), config(vec![]));
+    let adapters = format!("{}/v1/adapters", server.url);
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = |d: &std::path::Path| d.join("adapter_model.safetensors");
+    let truncate = |len: u64| {
+        move |d: &std::path::Path| {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(weights(d))
+                .unwrap();
+            f.set_len(len).unwrap();
+        }
+    };
+    let full = std::fs::metadata(weights(&adapter_a())).unwrap().len();
+    let cases: Vec<(&str, Box<dyn FnOnce(&std::path::Path)>)> = vec![
+        ("empty", Box::new(truncate(0))),
+        ("4 bytes", Box::new(truncate(4))),
+        ("100 bytes", Box::new(truncate(100))),
+        ("half", Box::new(truncate(full / 2))),
+        ("one byte short", Box::new(truncate(full - 1))),
+        (
+            "garbled header",
+            Box::new(|d: &std::path::Path| {
+                let mut b = std::fs::read(weights(d)).unwrap();
+                b[8..40].fill(b'#');
+                std::fs::write(weights(d), b).unwrap();
+            }),
+        ),
+        (
+            "bad config",
+            Box::new(|d: &std::path::Path| {
+                std::fs::write(d.join("adapter_config.json"), "{\"r\": ").unwrap();
+            }),
+        ),
+        (
+            "garbage pickle",
+            Box::new(|d: &std::path::Path| {
+                std::fs::remove_file(weights(d)).unwrap();
+                std::fs::write(d.join("adapter_model.bin"), b"PK\x03\x04 not a zip").unwrap();
+            }),
+        ),
+    ];
+    for (i, (what, spoil)) in cases.into_iter().enumerate() {
+        let dir = spoiled_adapter(&tmp.path().join(i.to_string()), spoil);
+        let (s, v, _) = post(&adapters, &json!({"name": "c", "path": dir}));
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (400, Some("invalid_adapter")),
+            "{what}: {v}"
+        );
+        let m = error_message(&v);
+        assert!(
+            !m.contains('\n') && m.contains(tmp.path().to_str().unwrap()),
+            "{what}: {m}"
+        );
+    }
+    // Nothing was registered, and the server still serves.
+    let (s, v) = get(&adapters);
+    assert_eq!((s, &v["data"]), (200, &json!([])));
+}
