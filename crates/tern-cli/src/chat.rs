@@ -26,10 +26,10 @@ pub struct ChatArgs {
     #[arg(long, default_value_t = 512)]
     pub max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Nucleus sampling threshold (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
     /// Random seed.
     #[arg(long, default_value_t = 0)]
@@ -57,6 +57,16 @@ pub fn run(a: ChatArgs) -> Result<()> {
         ..Default::default()
     };
     chat.sampling.validate()?;
+    // What would fail every turn fails once, here: no answer to give, or no chat template.
+    if a.max_tokens == 0 {
+        anyhow::bail!("--max-tokens must be at least 1");
+    }
+    lm.encode_prompt(&tern::Prompt::Chat(vec![tern::ChatMessage::new(
+        "user", "hi",
+    )]))
+    .context(
+        "tern chat needs the model's chat template (use `tern generate --prompt` for plain text)",
+    )?;
     let mut adapters: HashMap<PathBuf, Arc<tern::lora::LoraAdapter>> = HashMap::new();
     let mut load = |p: &std::path::Path| -> Result<Arc<tern::lora::LoraAdapter>> {
         let p = crate::resolve::adapter(p)?;
@@ -69,8 +79,10 @@ pub fn run(a: ChatArgs) -> Result<()> {
         adapters.insert(p, ad.clone());
         Ok(ad)
     };
+    let mut current = "none".to_string();
     if let Some(p) = &a.adapter {
         chat.set_adapter(Some(load(p)?));
+        current = p.display().to_string();
     }
     eprintln!("{HELP}");
     let stdin = std::io::stdin();
@@ -94,12 +106,20 @@ pub fn run(a: ChatArgs) -> Result<()> {
             }
             "/system" => {
                 chat.set_system((!rest.is_empty()).then(|| rest.to_string()));
-                eprintln!("(system message set)");
+                eprintln!(
+                    "(system message {})",
+                    if rest.is_empty() { "cleared" } else { "set" }
+                );
+                continue;
+            }
+            "/adapter" if rest.is_empty() => {
+                // A bare `/adapter` asks; it used to drop the adapter without being told to.
+                eprintln!("(adapter: {current}; /adapter PATH switches, /adapter none drops it)");
                 continue;
             }
             "/adapter" => {
                 match rest {
-                    "" | "none" => chat.set_adapter(None),
+                    "none" => chat.set_adapter(None),
                     p => match load(std::path::Path::new(p)) {
                         Ok(ad) => chat.set_adapter(Some(ad)),
                         Err(e) => {
@@ -108,7 +128,8 @@ pub fn run(a: ChatArgs) -> Result<()> {
                         }
                     },
                 }
-                eprintln!("(adapter: {})", if rest.is_empty() { "none" } else { rest });
+                current = rest.to_string();
+                eprintln!("(adapter: {current})");
                 continue;
             }
             c if c.starts_with('/') => {

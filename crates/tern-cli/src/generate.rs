@@ -80,13 +80,13 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
     /// Nucleus sampling threshold (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
     /// Drop tokens below this fraction of the best token's probability (0 = off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub min_p: f32,
     /// Penalise tokens already seen (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repetition_penalty: f32,
     /// Random seed.
     #[arg(long, default_value_t = 0)]
@@ -101,6 +101,36 @@ pub struct GenerateArgs {
     pub output: Output,
 }
 
+/// Flags that would otherwise be ignored or misread, refused before the model loads.
+fn check(a: &GenerateArgs) -> Result<()> {
+    if a.system.is_some() && a.chat.is_none() {
+        bail!("--system is the system message of --chat; a raw --prompt has none (put it in the prompt, or use --chat)");
+    }
+    if a.num_beams == 0 {
+        bail!("--num-beams must be at least 1 (1: no beam search)");
+    }
+    if a.num_return_sequences == 0 || a.num_return_sequences > a.num_beams.max(1) {
+        bail!(
+            "--num-return-sequences {} needs at least as many beams (--num-beams {}); without beam search there is one sequence",
+            a.num_return_sequences,
+            a.num_beams
+        );
+    }
+    if !a.length_penalty.is_finite() {
+        bail!(
+            "--length-penalty must be a finite number, got {}",
+            a.length_penalty
+        );
+    }
+    if a.stop.iter().any(|s| s.is_empty()) {
+        bail!("--stop must not be empty (it would match before the first token)");
+    }
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    Ok(())
+}
+
 /// Runs `tern generate`.
 pub fn run(a: GenerateArgs) -> Result<()> {
     let sampling = SamplingParams {
@@ -112,6 +142,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
     };
     sampling.validate()?;
+    check(&a)?;
     let mut lm = crate::resolve::load(&a.model, &a.load)?;
     let adapter = match &a.adapter {
         Some(p) => {

@@ -1,6 +1,7 @@
 //! How the binary reports failure: one line whatever the environment says about backtraces,
-//! no cause printed twice, a mistyped local path told apart from a Hub id, and a closed output
-//! pipe ending the process quietly instead of a panic.
+//! no cause printed twice, a mistyped local path told apart from a Hub id, a closed output
+//! pipe ending the process quietly instead of a panic, and `generate` / `chat` flags and
+//! commands that used to be ignored or misread.
 
 mod common;
 
@@ -104,4 +105,79 @@ fn a_closed_output_pipe_ends_quietly() {
     let status = child.wait().unwrap();
     assert_ne!(status.code(), Some(101), "panicked");
     assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}");
+}
+
+/// Flags `generate` used to ignore or misread are refused by name, before the model loads.
+#[test]
+fn generate_refuses_flags_it_would_ignore() {
+    let model = fixture("llama");
+    let model = model.to_str().unwrap();
+    for (extra, needle) in [
+        (
+            vec!["--system", "be brief"],
+            "--system is the system message of --chat",
+        ),
+        (vec!["--num-beams", "0"], "--num-beams must be at least 1"),
+        (
+            vec!["--num-return-sequences", "3"],
+            "--num-return-sequences 3 needs",
+        ),
+        (vec!["--stop", ""], "--stop must not be empty"),
+        (
+            vec!["--num-beams", "2", "--length-penalty", "NaN"],
+            "finite",
+        ),
+        // Negative values reach the range check instead of clap's "unexpected argument".
+        (vec!["--top-p", "-0.1"], "top_p must be in (0, 1]"),
+    ] {
+        let mut args = vec!["generate", "--model", model, "--prompt", "hi"];
+        args.extend(&extra);
+        let o = tern(&args);
+        let e = stderr(&o);
+        assert!(
+            !o.status.success() && e.contains(needle) && e.trim_end().lines().count() == 1,
+            "{extra:?}: {e}"
+        );
+    }
+}
+
+/// In `tern chat`, a bare `/adapter` reports the adapter instead of dropping it, and
+/// `--max-tokens 0` fails at start, not on every turn.
+#[test]
+fn chat_commands_do_what_they_say() {
+    use std::io::Write;
+    let model = fixture("llama");
+    let adapter = adapter_fixture("llama_rslora_all");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["chat", "--model", model.to_str().unwrap()])
+        .args(["--adapter", adapter.to_str().unwrap(), "--max-tokens", "2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"/adapter\n/system\n/exit\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    let want = format!("(adapter: {}; /adapter PATH switches", adapter.display());
+    assert!(e.contains(&want), "{e}");
+    assert!(e.contains("(system message cleared)"), "{e}");
+    let o = tern(&[
+        "chat",
+        "--model",
+        model.to_str().unwrap(),
+        "--max-tokens",
+        "0",
+    ]);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("--max-tokens must be at least 1"),
+        "{e}"
+    );
 }

@@ -57,3 +57,32 @@ fn turns_reuse_the_cache_and_answer_like_a_fresh_run() {
         assert_eq!(t.reused_tokens, 0);
     }
 }
+
+/// A conversation that outgrows the context is refused with the way out (reset), not as if
+/// the last message were too long; after a reset the session answers again.
+#[test]
+fn a_conversation_past_the_context_says_to_reset() {
+    let lm = LoadedModel::load(&fixture("smollm"), &LoadOptions::default()).unwrap();
+    let ctx = lm.model.config().max_position_embeddings;
+    let mut chat = ChatSession::new(&lm, None);
+    chat.max_tokens = 2;
+    let message = "tell me more about the river and the sea ".repeat(4);
+    let mut refused = None;
+    for _ in 0..ctx {
+        match chat.send(&message, |_| true) {
+            Ok(_) => continue,
+            Err(e) => {
+                refused = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let e = refused.expect("the conversation never reached the context");
+    assert!(
+        e.contains(&format!("the model's context is {ctx}"))
+            && e.contains("reset the conversation"),
+        "{e}"
+    );
+    chat.reset();
+    assert!(chat.send(&message, |_| true).is_ok());
+}

@@ -3,7 +3,7 @@
 //! then runs only the tokens after the longest prefix already in the cache.
 
 use super::{Completion, GenerateRequest, Prompt, SamplingParams, Sequence, StreamToken};
-use crate::error::Result;
+use crate::error::{Result, TernError};
 use crate::lora::{BatchAdapters, LoraAdapter};
 use crate::model::{Cache, LoadedModel};
 use crate::tokenizer::ChatMessage;
@@ -89,6 +89,14 @@ impl<'a> ChatSession<'a> {
         all.extend(self.messages.iter().cloned());
         all.push(ChatMessage::new("user", user));
         let ids = self.lm.encode_prompt(&Prompt::Chat(all))?;
+        // The usual cause is the conversation's length, not the message: say so.
+        let ctx = self.lm.model.config().max_position_embeddings;
+        if ids.len() >= ctx {
+            return Err(TernError::InvalidArgument(format!(
+                "the conversation with this message is {} tokens; the model's context is {ctx} (reset the conversation to go on)",
+                ids.len()
+            )));
+        }
         // The longest prefix already run, leaving enough tokens to run that the turn computes
         // what a fresh run would (see `prefix_cache::MIN_SUFFIX`).
         let reused = self
