@@ -25,7 +25,7 @@ ask
 echo
 echo "== LoRA training on data/demo/pirate.jsonl (rank 16, 3 epochs) =="
 "$TERN" train --model "$MODEL" --data data/demo/pirate.jsonl --out "$OUT" \
-  --epochs 3 --batch-size 4 --lr 1e-3 --rank 16 --warmup-ratio 0.1
+  --epochs 3 --batch-size 4 --lr 1e-3 --rank 16 --warmup-ratio 0.1 --force
 echo
 echo "== The same questions, with the adapter ($OUT) =="
 ask --adapter "$OUT"
