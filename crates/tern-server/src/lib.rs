@@ -305,7 +305,7 @@ fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/adapters/{name}", delete(routes::admin::unload_adapter))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
-    Router::new()
+    let app = Router::new()
         .merge(v1)
         .route("/health", get(routes::admin::health))
         .route("/metrics", get(routes::admin::metrics))
@@ -315,7 +315,12 @@ fn router(state: Arc<AppState>) -> Router {
             count_requests,
         ))
         .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
-        .with_state(state)
+        .with_state(state);
+    // `Router::layer` wraps each route's handlers inside the method router, which makes the
+    // 405 and its Allow header itself; only a router around the whole app sees that answer.
+    Router::new()
+        .fallback_service(app)
+        .layer(middleware::from_fn(json_errors))
 }
 
 async fn not_found(req: Request) -> ApiError {
@@ -325,6 +330,58 @@ async fn not_found(req: Request) -> ApiError {
         "not_found",
         format!("no route for {} {}", req.method(), req.uri().path()),
     )
+}
+
+/// Gives the error answers axum makes itself (405 for a wrong method, with an empty body;
+/// plain-text rejections such as a path segment that is not UTF-8) the OpenAI error body
+/// every other error has, so clients can parse every failure the same way.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let r = next.run(req).await;
+    let status = r.status();
+    let is_json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return r;
+    }
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        let allow = r.headers().get(header::ALLOW).cloned();
+        let allowed = allow
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(',').map(str::trim).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default();
+        let mut out = ApiError::new(
+            status,
+            "invalid_request_error",
+            "method_not_allowed",
+            format!("{method} {path} is not allowed; this route takes {allowed}"),
+        )
+        .into_response();
+        if let Some(a) = allow {
+            out.headers_mut().insert(header::ALLOW, a);
+        }
+        return out;
+    }
+    // axum's rejections are one short line of text; cap the read in case one is not.
+    let text = axum::body::to_bytes(r.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().replace('\n', " "))
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let (kind, code) = if status.is_server_error() {
+        ("server_error", "internal_error")
+    } else {
+        ("invalid_request_error", "invalid_request")
+    };
+    ApiError::new(status, kind, code, format!("{method} {path}: {message}")).into_response()
 }
 
 /// 401 unless the request carries the configured key.

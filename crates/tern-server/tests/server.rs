@@ -815,3 +815,47 @@ fn a_corrupt_adapter_file_is_the_clients_400() {
     let (s, v) = get(&adapters);
     assert_eq!((s, &v["data"]), (200, &json!([])));
 }
+
+#[test]
+fn wrong_methods_and_unknown_routes_get_json_errors() {
+    let server = TestServer::start(llama(), config(vec![]));
+    let u = |p: &str| format!("{}{p}", server.url);
+    for (method, path, allowed) in [
+        ("GET", "/v1/chat/completions", &["POST"][..]),
+        ("GET", "/v1/completions", &["POST"]),
+        ("PUT", "/v1/models", &["GET"]),
+        ("DELETE", "/v1/adapters", &["GET", "POST"]),
+        ("GET", "/v1/adapters/a", &["DELETE"]),
+        ("POST", "/health", &["GET"]),
+    ] {
+        let (s, v, _) = answer(ureq::request(method, &u(path)).call());
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (405, Some("method_not_allowed")),
+            "{method} {path}: {v}"
+        );
+        let m = error_message(&v);
+        assert!(
+            m.contains(&format!("{method} {path}")) && allowed.iter().all(|a| m.contains(a)),
+            "{method} {path}: {m}"
+        );
+    }
+    for (method, path) in [("GET", "/v1/nothing"), ("POST", "/v2/completions")] {
+        let (s, v, _) = answer(ureq::request(method, &u(path)).call());
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (404, Some("not_found")),
+            "{v}"
+        );
+        assert!(error_message(&v).contains(path), "{v}");
+    }
+    // A path segment that is not UTF-8 is answered in the same shape.
+    let (s, v, _) = answer(ureq::delete(&u("/v1/adapters/%FF")).call());
+    assert_eq!(s, 400, "{v}");
+    error_message(&v);
+    // The Allow header axum sets survives the rewrite.
+    match ureq::get(&u("/v1/chat/completions")).call() {
+        Err(ureq::Error::Status(405, r)) => assert_eq!(r.header("allow"), Some("POST")),
+        r => panic!("{r:?}"),
+    }
+}
