@@ -46,6 +46,8 @@ pub struct CommonParams {
     pub logit_bias: Option<Value>,
     /// Not supported when true.
     pub logprobs: Option<Value>,
+    /// Only `{"type": "text"}`: tern cannot constrain output to JSON.
+    pub response_format: Option<Value>,
 }
 
 /// `stream_options`.
@@ -63,6 +65,8 @@ pub struct ChatRequest {
     pub messages: Vec<InMessage>,
     /// Not supported when non-empty.
     pub tools: Option<Vec<Value>>,
+    /// Only valid with `logprobs: true`, which is itself refused.
+    pub top_logprobs: Option<Value>,
     /// Everything else.
     #[serde(flatten)]
     pub common: CommonParams,
@@ -87,6 +91,8 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     /// Not supported when set.
     pub suffix: Option<String>,
+    /// Candidates to pick the best from; only 1 is served.
+    pub best_of: Option<u64>,
     /// Everything else.
     #[serde(flatten)]
     pub common: CommonParams,
@@ -101,12 +107,39 @@ pub enum PromptInput {
     Ids(Vec<u32>),
 }
 
+/// The roles a chat message may have. `developer` is OpenAI's newer name for `system`
+/// and is passed to the template as `system` (as OpenAI does for models without a
+/// separate developer role), since chat templates do not know it.
+const ROLES: &str = "system, developer, user, assistant, tool";
+
 impl InMessage {
     /// The message as the chat template sees it.
     pub fn to_chat(&self, i: usize) -> Result<ChatMessage, ApiError> {
+        let role = match self.role.as_str() {
+            "system" | "user" | "assistant" | "tool" => self.role.as_str(),
+            "developer" => "system",
+            r => {
+                // A role the template does not know renders as it pleases, or not at all.
+                return Err(ApiError::bad_request(
+                    "invalid_messages",
+                    format!("messages[{i}].role `{r}` is not a chat role; use one of {ROLES}"),
+                ));
+            }
+        };
         let content = match &self.content {
             Value::String(s) => s.clone(),
-            Value::Null => String::new(),
+            // An assistant turn without content is a tool call in OpenAI's API, which tern
+            // does not serve; every other role needs text. Rendering it as "" would change
+            // the conversation silently.
+            Value::Null => {
+                return Err(ApiError::bad_request(
+                    "invalid_content",
+                    format!(
+                    "messages[{i}] ({}) has no content: give it a string or a list of text parts",
+                    self.role
+                ),
+                ))
+            }
             Value::Array(parts) => {
                 let mut text = String::new();
                 for p in parts {
@@ -133,7 +166,7 @@ impl InMessage {
             }
         };
         Ok(ChatMessage {
-            role: self.role.clone(),
+            role: role.to_string(),
             content,
         })
     }
@@ -150,6 +183,15 @@ impl ChatRequest {
         }
         if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
             return Err(unsupported("tools", "tool calling is not supported"));
+        }
+        // OpenAI refuses top_logprobs without logprobs; with it, logprobs is refused below.
+        if self.top_logprobs.as_ref().is_some_and(|v| !v.is_null())
+            && self.common.logprobs.as_ref() != Some(&Value::Bool(true))
+        {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                "top_logprobs is only valid with logprobs: true (and logprobs are not returned by this server)",
+            ));
         }
         let msgs = self
             .messages
@@ -169,6 +211,9 @@ impl CompletionRequest {
         }
         if self.suffix.is_some() {
             return Err(unsupported("suffix", "suffix is not supported"));
+        }
+        if self.best_of.is_some_and(|b| b != 1) {
+            return Err(unsupported("best_of", "only best_of=1 is served"));
         }
         let bad = || {
             ApiError::bad_request(
@@ -241,6 +286,23 @@ impl CommonParams {
         {
             return Err(unsupported("logprobs", "logprobs are not returned"));
         }
+        if let Some(f) = self.response_format.as_ref().filter(|f| !f.is_null()) {
+            match f.get("type").and_then(Value::as_str) {
+                Some("text") => {}
+                Some(t @ ("json_object" | "json_schema")) => {
+                    return Err(unsupported(
+                        "response_format",
+                        &format!("type `{t}` (output constrained to JSON) is not supported"),
+                    ))
+                }
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "invalid_parameter",
+                        "response_format must be {\"type\": \"text\"} (json_object and json_schema are not supported)",
+                    ))
+                }
+            }
+        }
         let top_k = match self.top_k {
             None | Some(-1) | Some(0) => 0,
             Some(k) if k > 0 => k as usize,
@@ -288,9 +350,18 @@ impl CommonParams {
         Ok(stops)
     }
 
-    /// The requested token budget, if any.
-    pub fn max_tokens(&self) -> Option<u64> {
-        self.max_completion_tokens.or(self.max_tokens)
+    /// The requested token budget, if any; `max_tokens` and `max_completion_tokens` may
+    /// both be given only with the same value (which one should win is a guess).
+    pub fn max_tokens(&self) -> Result<Option<u64>, ApiError> {
+        match (self.max_tokens, self.max_completion_tokens) {
+            (Some(a), Some(b)) if a != b => Err(ApiError::bad_request(
+                "invalid_parameter",
+                format!(
+                    "max_tokens ({a}) and max_completion_tokens ({b}) differ: give one of them"
+                ),
+            )),
+            (a, b) => Ok(b.or(a)),
+        }
     }
 }
 
@@ -326,5 +397,133 @@ impl Usage {
             completion_tokens: completion,
             total_tokens: prompt + completion,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn chat(body: Value) -> ChatRequest {
+        serde_json::from_value(body).unwrap()
+    }
+
+    fn refusal(r: Result<impl std::fmt::Debug, ApiError>) -> (&'static str, String) {
+        let e = r.unwrap_err();
+        assert_eq!(e.status, 400);
+        (e.code, e.message)
+    }
+
+    #[test]
+    fn a_role_the_template_does_not_know_is_refused_by_name() {
+        let r = chat(json!({"model": "m", "messages": [
+            {"role": "user", "content": "a"}, {"role": "function", "content": "b"}]}));
+        let (code, m) = refusal(r.prompt());
+        assert_eq!(code, "invalid_messages");
+        assert!(m.contains("messages[1].role `function`"), "{m}");
+        assert!(
+            m.contains("system, developer, user, assistant, tool"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn developer_is_sent_to_the_template_as_system() {
+        let r = chat(json!({"model": "m", "messages": [
+            {"role": "developer", "content": "rules"}, {"role": "user", "content": "q"}]}));
+        let Ok(PromptInput::Prompt(tern::Prompt::Chat(msgs))) = r.prompt() else {
+            panic!("not a chat");
+        };
+        assert_eq!(msgs[0].role, "system");
+        assert_eq!(msgs[0].content, "rules");
+    }
+
+    #[test]
+    fn a_message_without_content_is_refused() {
+        for m in [
+            json!({"role": "assistant"}),
+            json!({"role": "user", "content": null}),
+        ] {
+            let r = chat(json!({"model": "m", "messages": [m]}));
+            let (code, msg) = refusal(r.prompt());
+            assert_eq!(code, "invalid_content");
+            assert!(
+                msg.contains("messages[0]") && msg.contains("no content"),
+                "{msg}"
+            );
+        }
+        let r = chat(json!({"model": "m", "messages": [{"role": "assistant", "content": ""}]}));
+        assert!(r.prompt().is_ok(), "an empty string is content");
+    }
+
+    #[test]
+    fn top_logprobs_needs_logprobs() {
+        let r = chat(
+            json!({"model": "m", "messages": [{"role": "user", "content": "q"}],
+            "top_logprobs": 3}),
+        );
+        let (code, m) = refusal(r.prompt());
+        assert_eq!(code, "invalid_parameter");
+        assert!(
+            m.contains("top_logprobs") && m.contains("logprobs: true"),
+            "{m}"
+        );
+        // With logprobs: true the request gets past here and logprobs is refused by name.
+        let r = chat(
+            json!({"model": "m", "messages": [{"role": "user", "content": "q"}],
+            "top_logprobs": 3, "logprobs": true}),
+        );
+        assert!(r.prompt().is_ok());
+        let (code, m) = refusal(r.common.sampling());
+        assert_eq!(code, "unsupported_parameter");
+        assert!(m.starts_with("logprobs:"), "{m}");
+    }
+
+    #[test]
+    fn only_text_response_format_is_served() {
+        let with = |f: Value| {
+            chat(json!({"model": "m", "messages": [], "response_format": f}))
+                .common
+                .sampling()
+        };
+        assert!(with(json!({"type": "text"})).is_ok());
+        assert!(with(Value::Null).is_ok());
+        for t in ["json_object", "json_schema"] {
+            let (code, m) = refusal(with(json!({"type": t})));
+            assert_eq!(code, "unsupported_parameter");
+            assert!(m.starts_with("response_format:") && m.contains(t), "{m}");
+        }
+        let (code, _) = refusal(with(json!("json")));
+        assert_eq!(code, "invalid_parameter");
+    }
+
+    #[test]
+    fn best_of_above_one_is_refused_like_n() {
+        let r: CompletionRequest =
+            serde_json::from_value(json!({"model": "m", "prompt": "x", "best_of": 3})).unwrap();
+        let (code, m) = refusal(r.prompt());
+        assert_eq!(code, "unsupported_parameter");
+        assert!(m.starts_with("best_of:"), "{m}");
+    }
+
+    #[test]
+    fn two_different_token_budgets_are_refused_naming_both() {
+        let p = |a: Value, b: Value| {
+            serde_json::from_value::<CommonParams>(
+                json!({"model": "m", "max_tokens": a, "max_completion_tokens": b}),
+            )
+            .unwrap()
+            .max_tokens()
+        };
+        assert_eq!(p(json!(5), json!(5)).unwrap(), Some(5));
+        assert_eq!(p(json!(5), Value::Null).unwrap(), Some(5));
+        assert_eq!(p(Value::Null, json!(6)).unwrap(), Some(6));
+        let (code, m) = refusal(p(json!(5), json!(6)));
+        assert_eq!(code, "invalid_parameter");
+        assert!(
+            m.contains("max_tokens (5)") && m.contains("max_completion_tokens (6)"),
+            "{m}"
+        );
     }
 }

@@ -537,6 +537,70 @@ fn bad_input_gets_clear_errors_and_breaks_nothing() {
             400,
             "unsupported_parameter",
         ),
+        (
+            comp.as_str(),
+            json!({"model": "llama", "prompt": "x", "best_of": 2}).to_string(),
+            400,
+            "unsupported_parameter",
+        ),
+        (
+            chat.as_str(),
+            {
+                let mut m = msg("x");
+                m["response_format"] = json!({"type": "json_object"});
+                m.to_string()
+            },
+            400,
+            "unsupported_parameter",
+        ),
+        (
+            chat.as_str(),
+            {
+                let mut m = msg("x");
+                m["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "x"}});
+                m.to_string()
+            },
+            400,
+            "unsupported_parameter",
+        ),
+        (
+            chat.as_str(),
+            {
+                let mut m = msg("x");
+                m["top_logprobs"] = json!(2);
+                m.to_string()
+            },
+            400,
+            "invalid_parameter",
+        ),
+        (
+            chat.as_str(),
+            {
+                let mut m = msg("x");
+                m["max_completion_tokens"] = json!(5);
+                m.to_string()
+            },
+            400,
+            "invalid_parameter",
+        ),
+        (
+            chat.as_str(),
+            json!({"model": "llama", "messages": [{"role": "User", "content": "x"}]}).to_string(),
+            400,
+            "invalid_messages",
+        ),
+        (
+            chat.as_str(),
+            json!({"model": "llama", "messages": [{"role": "user", "content": null}]}).to_string(),
+            400,
+            "invalid_content",
+        ),
+        (
+            chat.as_str(),
+            json!({"model": "llama", "messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]}).to_string(),
+            400,
+            "invalid_content",
+        ),
     ];
     for (url, body, status, code) in &cases {
         let (s, v, _) = post_raw(url, body, None);
@@ -555,6 +619,17 @@ fn bad_input_gets_clear_errors_and_breaks_nothing() {
     let mut ok = msg("hello");
     ok["user"] = json!("someone");
     let (s, v, _) = post(&chat, &ok);
+    assert_eq!(s, 200, "{v}");
+    // Settings that change nothing are served: plain-text output, one candidate, the same
+    // budget under both names.
+    ok["response_format"] = json!({"type": "text"});
+    ok["max_completion_tokens"] = json!(4);
+    let (s, v, _) = post(&chat, &ok);
+    assert_eq!(s, 200, "{v}");
+    let (s, v, _) = post(
+        &comp,
+        &json!({"model": "llama", "prompt": "x", "best_of": 1, "max_tokens": 2}),
+    );
     assert_eq!(s, 200, "{v}");
     let (s, v) = get(&format!("{}/health", server.url));
     assert_eq!((s, &v["status"]), (200, &json!("ok")));

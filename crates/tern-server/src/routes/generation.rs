@@ -115,7 +115,7 @@ async fn generate(
         )));
     }
     let room = ctx - ids.len();
-    let max_tokens = match p.max_tokens() {
+    let max_tokens = match p.max_tokens()? {
         Some(0) => {
             return Err(ApiError::bad_request(
                 "invalid_parameter",
