@@ -395,6 +395,14 @@ fn adapters_load_and_unload_while_requests_run() {
     assert!(error_message(&v).contains("/nonexistent/adapter"), "{v}");
     let (s, v, _) = post(&adapters, &json!({"name": "base", "path": tmp.path()}));
     assert_eq!(s, 400, "{v}");
+    // The base model is not an adapter and cannot be unloaded, under either name.
+    for name in ["base", "llama"] {
+        let (s, v, _) = answer(ureq::delete(&format!("{adapters}/{name}")).call());
+        assert_eq!(s, 400, "{v}");
+        let m = error_message(&v);
+        assert!(m.contains("base model cannot be unloaded"), "{m}");
+        assert!(!m.contains("load it first"), "{m}");
+    }
     let m = ureq::get(&format!("{}/metrics", server.url))
         .call()
         .unwrap()

@@ -85,6 +85,13 @@ pub async fn unload_adapter(
     State(st): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    // The registry knows only adapters; its "unknown adapter, load it first" would mislead.
+    if name == "base" || name == st.cfg.model_name {
+        return Err(ApiError::bad_request(
+            "invalid_adapter_name",
+            format!("`{name}` is the base model, and the base model cannot be unloaded; DELETE /v1/adapters/NAME unloads an adapter"),
+        ));
+    }
     st.registry.unload(&name)?;
     Ok(Json(
         json!({ "name": name, "object": "adapter", "deleted": true }),
