@@ -23,7 +23,8 @@ pub struct ServeArgs {
     /// Port (0 picks a free one).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Require `Authorization: Bearer KEY` on /v1/* (default: env TERN_API_KEY, else none).
+    /// Require `Authorization: Bearer KEY` on /v1/* (default: env TERN_API_KEY, else none);
+    /// an empty key is refused, not taken as none.
     #[arg(long, env = "TERN_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// The name the base model is served under (default: the model's directory or file
@@ -71,8 +72,7 @@ fn parse_adapter(s: &str) -> Result<(String, PathBuf)> {
     let Some((name, path)) = s.split_once('=') else {
         bail!("--adapter `{s}`: give NAME=PATH, e.g. --adapter pirate=out/pirate");
     };
-    let path = crate::resolve::adapter(std::path::Path::new(path))?;
-    Ok((name.to_string(), path))
+    Ok((name.to_string(), PathBuf::from(path)))
 }
 
 /// Runs `tern serve` until SIGTERM or Ctrl-C.
@@ -94,11 +94,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
             .unwrap_or_else(|| "tern".into())
     });
-    let lm = crate::resolve::load(&a.model, &a.load)?;
-    let cfg = ServeConfig {
+    let mut cfg = ServeConfig {
         host: a.host,
         port: a.port,
-        api_key: a.api_key.filter(|k| !k.is_empty()),
+        // An empty key is refused by validate(), not taken as "no key": the operator asked
+        // for one (typically `--api-key "$KEY"` with KEY unset).
+        api_key: a.api_key,
         model_name,
         adapters,
         max_batch: a.max_batch,
@@ -112,6 +113,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
         response_cache_entries: a.response_cache,
         response_cache_bytes: tern::lora::merge::parse_size(&a.response_cache_bytes)? as usize,
     };
+    // Settings are checked before a model load or a Hub download that may take minutes.
+    cfg.validate()?;
+    for (_, path) in &mut cfg.adapters {
+        *path = crate::resolve::adapter(path)?;
+    }
+    let lm = crate::resolve::load(&a.model, &a.load)?;
     let keyed = cfg.api_key.is_some();
     let name = cfg.model_name.clone();
     tern_server::serve_until_signal(Arc::new(lm), cfg, |addr| {

@@ -86,6 +86,46 @@ impl Default for ServeConfig {
     }
 }
 
+impl ServeConfig {
+    /// Refuses settings that cannot serve as meant, naming the flag. [`Server::bind`] runs
+    /// it; `tern serve` runs it first, before the model loads.
+    pub fn validate(&self) -> Result<(), ServeError> {
+        let bad = |m: String| Err(ServeError::Config(m));
+        if self.max_batch == 0 || self.max_tokens_limit == 0 || self.max_prompt_tokens == 0 {
+            return bad(
+                "--max-batch, --max-tokens-limit and --max-prompt-tokens must be at least 1".into(),
+            );
+        }
+        if self.max_body_bytes == 0 {
+            return bad("--max-body-bytes must be at least 1 (0 refuses every request)".into());
+        }
+        if let Some(key) = &self.api_key {
+            // `--api-key "$KEY"` with KEY unset: the operator asked for a key, so serving
+            // without one would be open to anyone.
+            if key.is_empty() {
+                return bad("--api-key is empty (an unset variable?): give a non-empty key, or leave out both --api-key and TERN_API_KEY to serve without one".into());
+            }
+            // HTTP drops such characters from a header's ends, so no client could match.
+            if key.trim() != key || key.chars().any(char::is_control) {
+                return bad("--api-key starts or ends with whitespace or holds a control character, which no client can send in an Authorization header; remove them".into());
+            }
+        }
+        let mut seen = std::collections::HashMap::new();
+        for (name, path) in &self.adapters {
+            check_adapter_name(name, &self.model_name).map_err(ServeError::Config)?;
+            // The second would silently replace the first.
+            if let Some(first) = seen.insert(name, path) {
+                return bad(format!(
+                    "adapter name `{name}` is given twice ({} and {}); give each --adapter its own name",
+                    first.display(),
+                    path.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -156,14 +196,9 @@ pub(crate) fn check_adapter_name(name: &str, model_name: &str) -> Result<(), Str
 impl Server {
     /// Starts the engine, loads the configured adapters, and binds the socket.
     pub async fn bind(lm: Arc<LoadedModel>, cfg: ServeConfig) -> Result<Self, ServeError> {
-        if cfg.max_batch == 0 || cfg.max_tokens_limit == 0 || cfg.max_prompt_tokens == 0 {
-            return Err(ServeError::Config(
-                "--max-batch, --max-tokens-limit and --max-prompt-tokens must be at least 1".into(),
-            ));
-        }
+        cfg.validate()?;
         let registry = lm.adapter_registry(cfg.adapter_budget);
         for (name, path) in &cfg.adapters {
-            check_adapter_name(name, &cfg.model_name).map_err(ServeError::Config)?;
             registry
                 .load(name, path)
                 .map_err(|source| ServeError::Adapter {

@@ -942,3 +942,47 @@ fn wrong_methods_and_unknown_routes_get_json_errors() {
         r => panic!("{r:?}"),
     }
 }
+
+#[test]
+fn settings_that_cannot_serve_as_meant_are_refused_at_start() {
+    let lm = llama();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cases = [
+        (
+            ServeConfig {
+                api_key: Some(String::new()),
+                ..config(vec![])
+            },
+            "--api-key is empty",
+        ),
+        (
+            ServeConfig {
+                api_key: Some("key\n".into()),
+                ..config(vec![])
+            },
+            "--api-key starts or ends with whitespace",
+        ),
+        (
+            ServeConfig {
+                max_body_bytes: 0,
+                ..config(vec![])
+            },
+            "--max-body-bytes must be at least 1",
+        ),
+        (
+            config(vec![("a", adapter_a()), ("a", PathBuf::from("/elsewhere"))]),
+            "adapter name `a` is given twice",
+        ),
+    ];
+    for (cfg, want) in cases {
+        // ServeConfig::validate is what `tern serve` runs before loading the model.
+        let early = cfg.validate().map(|_| ()).unwrap_err().to_string();
+        let e = rt
+            .block_on(Server::bind(lm.clone(), cfg))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(early, e);
+        assert!(e.contains(want) && !e.contains('\n'), "{e}");
+    }
+}
