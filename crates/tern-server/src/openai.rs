@@ -344,8 +344,17 @@ impl CommonParams {
                 .collect::<Result<_, _>>()?,
             Some(_) => return Err(bad()),
         };
-        if stops.len() > 4 || stops.iter().any(String::is_empty) {
-            return Err(bad());
+        if stops.len() > 4 {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                format!("stop holds {} strings; at most 4 are allowed", stops.len()),
+            ));
+        }
+        if stops.iter().any(String::is_empty) {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                "stop strings must not be empty: give the text to stop at, or leave stop out",
+            ));
         }
         Ok(stops)
     }
@@ -505,6 +514,31 @@ mod tests {
         let (code, m) = refusal(r.prompt());
         assert_eq!(code, "unsupported_parameter");
         assert!(m.starts_with("best_of:"), "{m}");
+    }
+
+    #[test]
+    fn each_bad_stop_gets_its_own_reason() {
+        let stops = |v: Value| {
+            serde_json::from_value::<CommonParams>(json!({"model": "m", "stop": v}))
+                .unwrap()
+                .stops()
+        };
+        assert_eq!(stops(json!("x")).unwrap(), ["x"]);
+        assert_eq!(stops(Value::Null).unwrap(), Vec::<String>::new());
+        for (v, want) in [
+            (json!(""), "must not be empty"),
+            (json!(["a", ""]), "must not be empty"),
+            (
+                json!(["a", "b", "c", "d", "e"]),
+                "stop holds 5 strings; at most 4",
+            ),
+            (json!(7), "must be a string or a list"),
+            (json!(["a", 1]), "must be a string or a list"),
+        ] {
+            let (code, m) = refusal(stops(v.clone()));
+            assert_eq!(code, "invalid_parameter");
+            assert!(m.contains(want), "{v}: {m}");
+        }
     }
 
     #[test]
