@@ -852,7 +852,8 @@ fn a_corrupt_adapter_file_is_the_clients_400() {
         }
     };
     let full = std::fs::metadata(weights(&adapter_a())).unwrap().len();
-    let cases: Vec<(&str, Box<dyn FnOnce(&std::path::Path)>)> = vec![
+    type Spoil<'a> = Box<dyn FnOnce(&std::path::Path) + 'a>;
+    let cases: Vec<(&str, Spoil)> = vec![
         ("empty", Box::new(truncate(0))),
         ("4 bytes", Box::new(truncate(4))),
         ("100 bytes", Box::new(truncate(100))),
