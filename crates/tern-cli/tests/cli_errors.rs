@@ -12,22 +12,20 @@ fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `tern quantize` of the llama fixture to an F16 GGUF at `out`.
+fn quantize_llama(out: &str) -> std::process::Output {
+    let model = fixture("llama");
+    let model = model.to_str().unwrap();
+    tern(&["quantize", "--model", model, "--out", out, "--type", "f16"])
+}
+
 /// A GGUF cut short is one line even under RUST_BACKTRACE=1 (candle attached its backtrace,
 /// 40-odd lines, to the message).
 #[test]
 fn a_broken_file_is_one_line_with_backtraces_on() {
     let tmp = tempfile::tempdir().unwrap();
     let gguf = tmp.path().join("m.gguf");
-    let model = fixture("llama");
-    let o = tern(&[
-        "quantize",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        gguf.to_str().unwrap(),
-        "--type",
-        "f16",
-    ]);
+    let o = quantize_llama(gguf.to_str().unwrap());
     assert!(o.status.success(), "{}", stderr(&o));
     let bytes = std::fs::read(&gguf).unwrap();
     std::fs::write(&gguf, &bytes[..200]).unwrap();
@@ -49,16 +47,7 @@ fn a_broken_file_is_one_line_with_backtraces_on() {
 /// An OS error shows once (the error type printed it in its message and again as its cause).
 #[test]
 fn an_os_error_is_not_repeated() {
-    let model = fixture("llama");
-    let o = tern(&[
-        "quantize",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        "/proc/tern-test/m.gguf",
-        "--type",
-        "f16",
-    ]);
+    let o = quantize_llama("/proc/tern-test/m.gguf");
     let e = stderr(&o);
     assert!(!o.status.success() && e.contains("/proc/tern-test"), "{e}");
     assert_eq!(e.matches("(os error").count(), 1, "{e}");
@@ -145,24 +134,20 @@ fn generate_refuses_flags_it_would_ignore() {
 /// `--max-tokens 0` fails at start, not on every turn.
 #[test]
 fn chat_commands_do_what_they_say() {
-    use std::io::Write;
     let model = fixture("llama");
     let adapter = adapter_fixture("llama_rslora_all");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["chat", "--model", model.to_str().unwrap()])
-        .args(["--adapter", adapter.to_str().unwrap(), "--max-tokens", "2"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"/adapter\n/system\n/exit\n")
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = tern_with_stdin(
+        &[
+            "chat",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--max-tokens",
+            "2",
+        ],
+        b"/adapter\n/system\n/exit\n",
+    );
     let e = stderr(&o);
     assert!(o.status.success(), "{e}");
     let want = format!("(adapter: {}; /adapter PATH switches", adapter.display());

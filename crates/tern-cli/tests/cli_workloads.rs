@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use std::process::{Command, Output};
+use std::process::Output;
 
 #[test]
 fn generate_runs_a_jsonl_file_in_batches_in_input_order() {
@@ -78,10 +78,9 @@ fn generate_runs_a_jsonl_file_in_batches_in_input_order() {
 
 #[test]
 fn chat_through_a_pipe_keeps_the_conversation_in_the_cache() {
-    use std::io::Write;
     let model = fixture("smollm");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args([
+    let out = tern_with_stdin(
+        &[
             "chat",
             "--temperature",
             "0",
@@ -90,20 +89,10 @@ fn chat_through_a_pipe_keeps_the_conversation_in_the_cache() {
             "--system",
             "be terse",
             "--model",
-        ])
-        .arg(&model)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"hello\nwhat is two plus two\nthanks\n/exit\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+            model.to_str().unwrap(),
+        ],
+        b"hello\nwhat is two plus two\nthanks\n/exit\n",
+    );
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     // "[prompt N tokens: R from the cache, P run; ...]" per turn.

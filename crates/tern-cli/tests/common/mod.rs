@@ -17,6 +17,21 @@ pub fn tern_env(args: &[&str], env: &[(&str, &str)]) -> Output {
         .expect("run tern")
 }
 
+/// `tern` with `input` written to its stdin (then closed).
+pub fn tern_with_stdin(args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tern");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// `tern generate` greedy on `model` for `prompt`, as text or jsonl.
 pub fn greedy(model: &str, prompt: &str, max_tokens: usize, jsonl: bool) -> Output {
     greedy_with(model, prompt, max_tokens, jsonl, &[])
