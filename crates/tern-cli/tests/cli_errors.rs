@@ -77,8 +77,18 @@ fn a_mistyped_local_path_is_named_as_one() {
 #[cfg(unix)]
 #[test]
 fn a_closed_output_pipe_ends_quietly() {
+    use std::os::fd::FromRawFd;
     use std::os::unix::process::ExitStatusExt;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+    // The reading end is closed before the process starts, so its first write finds no
+    // reader (closing it after spawn raced the write into the pipe's buffer).
+    let mut fds = [0; 2];
+    // SAFETY: pipe() fills both descriptors on success; each is owned exactly once below.
+    let writer = unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        libc::close(fds[0]);
+        std::os::fd::OwnedFd::from_raw_fd(fds[1])
+    };
+    let status = Command::new(env!("CARGO_BIN_EXE_tern"))
         .args([
             "generate",
             "--model",
@@ -87,11 +97,9 @@ fn a_closed_output_pipe_ends_quietly() {
             "hi",
         ])
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
+        .stderr(writer)
+        .status()
         .unwrap();
-    drop(child.stderr.take());
-    let status = child.wait().unwrap();
     assert_ne!(status.code(), Some(101), "panicked");
     assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}");
 }
