@@ -31,6 +31,16 @@ enum Values<'a> {
     F16(&'a [half::f16]),
 }
 
+impl Values<'_> {
+    /// Widens the values at `span` into `dst` (exact; SIMD where the CPU has it).
+    fn widen(&self, span: std::ops::Range<usize>, dst: &mut [f32]) {
+        match self {
+            Values::Bf16(v) => v[span].convert_to_f32_slice(dst),
+            Values::F16(v) => v[span].convert_to_f32_slice(dst),
+        }
+    }
+}
+
 impl HalfMatrix {
     /// Over a `[rows, cols]` F16 or BF16 tensor in CPU memory.
     pub fn new(q: Arc<QTensor>) -> Result<Self> {
@@ -96,10 +106,7 @@ impl HalfMatrix {
                 )));
             }
             let span = r * self.cols..(r + 1) * self.cols;
-            match &values {
-                Values::Bf16(v) => v[span].convert_to_f32_slice(dst),
-                Values::F16(v) => v[span].convert_to_f32_slice(dst),
-            }
+            values.widen(span, dst);
         }
         Ok(out)
     }
@@ -140,10 +147,7 @@ impl RowKernel for HalfMatrix {
             let dst = unsafe {
                 std::slice::from_raw_parts_mut((dst as *mut f32).add(span.start), span.len())
             };
-            match &values {
-                Values::Bf16(v) => v[span].convert_to_f32_slice(dst),
-                Values::F16(v) => v[span].convert_to_f32_slice(dst),
-            }
+            values.widen(span, dst);
         });
         Ok(Tensor::from_vec(out, (self.rows, cols), device)?)
     }
