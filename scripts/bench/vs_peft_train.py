@@ -4,7 +4,12 @@ SmolLM2-135M-Instruct in f32 (the Q4_1 GGUF dequantized, as in vs_transformers.p
 on every linear layer, batch 4 x 128 tokens, AdamW, full-sequence loss; both sides train the
 same synthetic text. Prints tokens/s and peak RSS of each side and the ratios.
 
-    python scripts/bench/vs_peft_train.py [--threads 2] [--steps 3] [--rounds 3] [--bf16 [--peft-f32]]
+    python scripts/bench/vs_peft_train.py [--threads 2] [--steps 3] [--rounds 3] \
+        [--half bf16|f16 [--peft-f32]]
+
+`--half bf16` (or `--bf16`) runs tern with --bf16-matmul and PEFT under torch's bf16 CPU
+autocast; `--half f16`, tern with --f16-matmul and PEFT under fp16 autocast. `--peft-f32`
+keeps PEFT in f32, its default recipe.
 
 Each round runs PEFT and then tern, each in a fresh process; rounds interleave so that a
 shared machine's drift hits both sides alike. The ratio is taken per round and the median
@@ -21,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vs_transformers import ROOT, ensure_hf_dir  # noqa: E402
 
 
-def peft_side(hf_dir, threads, steps, rank, batch, seq, bf16):
+def peft_side(hf_dir, threads, steps, rank, batch, seq, half):
     import contextlib
     import torch
     from peft import LoraConfig, get_peft_model
@@ -38,9 +43,10 @@ def peft_side(hf_dir, threads, steps, rank, batch, seq, bf16):
     ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :seq].repeat(batch, 1)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-    # bf16: torch's CPU autocast, the Python stack's counterpart of --bf16-matmul (matmuls in
-    # bf16, weights, adapter and optimizer in f32).
-    cast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    # half: torch's CPU autocast, the Python stack's counterpart of --bf16-matmul and
+    # --f16-matmul (matmuls at half width; weights, adapter and optimizer in f32).
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16}.get(half)
+    cast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext
 
     def step():
         with cast():
@@ -64,28 +70,31 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--bf16", action="store_true",
-                    help="base products in bf16 on both sides: tern --bf16-matmul, PEFT under "
-                         "torch.autocast(cpu, bfloat16)")
+    ap.add_argument("--half", choices=["bf16", "f16"],
+                    help="base products at half width on both sides: tern --bf16-matmul or "
+                         "--f16-matmul, PEFT under torch.autocast(cpu, bfloat16 or float16)")
+    ap.add_argument("--bf16", action="store_const", const="bf16", dest="half",
+                    help="the same as --half bf16")
     ap.add_argument("--peft-f32", action="store_true",
-                    help="with --bf16: PEFT stays in f32 (its default recipe)")
+                    help="with --half: PEFT stays in f32 (its default recipe)")
     ap.add_argument("--tern", default=str(ROOT / "target/release/tern"))
     ap.add_argument("--peft-child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     rank, batch, seq = 16, 4, 128
     if a.peft_child:
-        print(json.dumps(peft_side(a.peft_child, a.threads, a.steps, rank, batch, seq, a.bf16)))
+        print(json.dumps(peft_side(a.peft_child, a.threads, a.steps, rank, batch, seq, a.half)))
         return 0
     hf_dir = ensure_hf_dir()
     rows = []
     for r in range(a.rounds):
         peft = json.loads(subprocess.check_output(
             [sys.executable, __file__, "--peft-child", str(hf_dir), "--threads", str(a.threads),
-             "--steps", str(a.steps)] + (["--bf16"] if a.bf16 and not a.peft_f32 else []), text=True, stderr=subprocess.DEVNULL).strip().splitlines()[-1])
+             "--steps", str(a.steps)] + (["--half", a.half] if a.half and not a.peft_f32 else []),
+            text=True, stderr=subprocess.DEVNULL).strip().splitlines()[-1])
         out = subprocess.check_output(
             [a.tern, "bench", "train", "--model", str(hf_dir), "--rank", str(rank), "--batch",
              str(batch), "--seq-len", str(seq), "--steps", str(a.steps)]
-            + (["--bf16-matmul"] if a.bf16 else []),
+            + ([f"--{a.half}-matmul"] if a.half else []),
             text=True, env={**os.environ, "RAYON_NUM_THREADS": str(a.threads)},
             stderr=subprocess.DEVNULL)
         tern = json.loads(out.strip().splitlines()[-1])

@@ -219,6 +219,9 @@ pub struct TrainBenchArgs {
     /// The frozen base's products in bf16 (CPUs with AVX512-BF16).
     #[arg(long)]
     pub bf16_matmul: bool,
+    /// The frozen base's products in fp16 (CPUs with AVX512-FP16).
+    #[arg(long)]
+    pub f16_matmul: bool,
     #[command(flatten)]
     pub load: crate::load_args::LoadArgs,
 }
@@ -434,6 +437,7 @@ fn train(a: TrainBenchArgs) -> Result<()> {
         steps: a.steps,
         grad_checkpointing: a.grad_checkpointing,
         bf16_matmul: a.bf16_matmul,
+        f16_matmul: a.f16_matmul,
     };
     let r = tern::bench::train::run(&crate::resolve::model(&a.model)?, &a.load.options()?, &o)
         .with_context(|| format!("benchmarking training on {}", a.model.display()))?;
@@ -454,6 +458,8 @@ fn train(a: TrainBenchArgs) -> Result<()> {
         },
         if r.bf16_matmul {
             ", base products in bf16"
+        } else if r.f16_matmul {
+            ", base products in fp16"
         } else {
             ""
         }

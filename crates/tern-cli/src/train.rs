@@ -113,6 +113,9 @@ pub struct TrainArgs {
     /// The frozen base's products in bf16 (CPUs with AVX512-BF16).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub bf16_matmul: Option<bool>,
+    /// The frozen base's products in fp16 (CPUs with AVX512-FP16).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub f16_matmul: Option<bool>,
     /// Pack short examples together.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub packing: Option<bool>,

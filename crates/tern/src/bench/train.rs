@@ -24,6 +24,8 @@ pub struct TrainBenchOptions {
     pub grad_checkpointing: bool,
     /// The frozen base's products in bf16.
     pub bf16_matmul: bool,
+    /// The frozen base's products in fp16.
+    pub f16_matmul: bool,
 }
 
 impl Default for TrainBenchOptions {
@@ -35,6 +37,7 @@ impl Default for TrainBenchOptions {
             steps: 3,
             grad_checkpointing: false,
             bf16_matmul: false,
+            f16_matmul: false,
         }
     }
 }
@@ -56,6 +59,8 @@ pub struct TrainBench {
     pub grad_checkpointing: bool,
     /// Whether the frozen base's products ran in bf16.
     pub bf16_matmul: bool,
+    /// Whether the frozen base's products ran in fp16.
+    pub f16_matmul: bool,
     /// Training tokens per second (forward, backward and optimizer).
     pub tokens_per_s: f64,
     /// Seconds per optimizer step.
@@ -80,6 +85,7 @@ pub fn run(path: &Path, load: &LoadOptions, o: &TrainBenchOptions) -> Result<Tra
         alpha: 2.0 * o.rank as f64,
         grad_checkpointing: o.grad_checkpointing,
         bf16_matmul: o.bf16_matmul,
+        f16_matmul: o.f16_matmul,
         ..Default::default()
     };
     let mut t = Trainer::new(&lm, cfg)?;
@@ -97,6 +103,7 @@ pub fn run(path: &Path, load: &LoadOptions, o: &TrainBenchOptions) -> Result<Tra
         seq_len: batch.len,
         grad_checkpointing: o.grad_checkpointing,
         bf16_matmul: o.bf16_matmul,
+        f16_matmul: o.f16_matmul,
         tokens_per_s: batch.tokens as f64 / step_s,
         step_s,
         peak_rss_mb: crate::bench::peak_rss_bytes().unwrap_or(0) as f64 / 1e6,

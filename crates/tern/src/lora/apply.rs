@@ -56,8 +56,18 @@ pub struct BatchAdapters {
     /// Rows are the positions of a flattened `[1, tokens, ..]` batch (several sequences'
     /// prompts run as one), not its first dimension.
     tokens: bool,
-    /// A training step's frozen-base products in bf16 (CPUs with AVX512-BF16).
-    bf16_base: bool,
+    /// A training step's frozen-base products at half width, if so.
+    half_base: Option<HalfProducts>,
+}
+
+/// Half-width products for a training step's frozen base (f32 activations, adapter, norms,
+/// attention and loss around them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HalfProducts {
+    /// bf16 operands summed in f32 (CPUs with AVX512-BF16).
+    Bf16,
+    /// fp16 operands, fp16 sums of at most 64 products added in f32 (CPUs with AVX512-FP16).
+    F16,
 }
 
 /// Gradients of variables collected outside the main backward pass (by checkpointed layers
@@ -100,7 +110,7 @@ impl BatchAdapters {
             dropout: None,
             checkpoint: None,
             tokens: false,
-            bf16_base: false,
+            half_base: None,
             groups: adapter
                 .into_iter()
                 .map(|adapter| Group {
@@ -137,7 +147,7 @@ impl BatchAdapters {
             dropout: None,
             checkpoint: None,
             tokens: false,
-            bf16_base: false,
+            half_base: None,
         })
     }
 
@@ -166,15 +176,15 @@ impl BatchAdapters {
         self
     }
 
-    /// The frozen base's products in bf16 while training (where the CPU has AVX512-BF16).
-    pub fn with_bf16_base(mut self, on: bool) -> Self {
-        self.bf16_base = on;
+    /// The frozen base's products at half width while training (`None`: f32).
+    pub fn with_half_base(mut self, kind: Option<HalfProducts>) -> Self {
+        self.half_base = kind;
         self
     }
 
-    /// Whether the frozen base's training products run in bf16.
-    pub fn bf16_base(&self) -> bool {
-        self.bf16_base && self.train
+    /// The half width the frozen base's training products run at, if any.
+    pub fn half_base(&self) -> Option<HalfProducts> {
+        self.half_base.filter(|_| self.train)
     }
 
     /// Recompute each decoder layer in backward instead of keeping its activations; the

@@ -10,6 +10,6 @@ pub mod merge;
 pub mod registry;
 
 pub use adapter::{LoraAdapter, LoraPair, Slot, SlotTable};
-pub use apply::{BatchAdapters, GradSink};
+pub use apply::{BatchAdapters, GradSink, HalfProducts};
 pub use config::{AdapterConfig, Excludes, Targets};
 pub use registry::{AdapterInfo, AdapterRegistry};

@@ -2,8 +2,7 @@
 //! and the gated MLP (RMSNorm lives in `norm.rs`).
 
 use super::config::ModelConfig;
-use super::train_ops::bf16::PackedB;
-use super::train_ops::linear::{Bf16Packs, WeightFn};
+use super::train_ops::linear::{HalfKind, HalfPacks, WeightFn};
 use crate::checkpoint::Weights;
 use crate::error::{Result, TernError};
 use crate::lora::{BatchAdapters, LoraPair};
@@ -82,8 +81,9 @@ pub struct Linear {
     name: String,
     /// Index in the model's slot table, once the model has numbered its layers.
     slot: Option<usize>,
-    /// The weight packed for bf16 training products, made on first use (shared by clones).
-    bf16: Arc<std::sync::OnceLock<Arc<Bf16Packs>>>,
+    /// The weight packed for half-width training products, made on first use (shared by
+    /// clones), one slot per kind.
+    half: Arc<[std::sync::OnceLock<Arc<HalfPacks>>; 2]>,
     /// Prompts go through the int8 kernels too (see [`Linear::set_int8_prompts`]).
     int8_prompts: bool,
 }
@@ -120,7 +120,7 @@ impl Linear {
             b: None,
             name: "lm_head".into(),
             slot: None,
-            bf16: Default::default(),
+            half: Default::default(),
             int8_prompts: false,
         })
     }
@@ -139,7 +139,7 @@ impl Linear {
             b,
             name: String::new(),
             slot: None,
-            bf16: Default::default(),
+            half: Default::default(),
             int8_prompts: false,
         }
     }
@@ -198,19 +198,17 @@ impl Linear {
         self.add_bias(y.reshape(dims)?)
     }
 
-    /// The weight packed for bf16 products (forward and backward), packed on first use.
-    fn bf16_packs(&self) -> Result<Arc<Bf16Packs>> {
-        if let Some(p) = self.bf16.get() {
+    /// The weight packed for `kind`'s products (forward and backward), packed on first use.
+    fn half_packs(&self, kind: HalfKind) -> Result<Arc<HalfPacks>> {
+        let slot = &self.half[kind as usize];
+        if let Some(p) = slot.get() {
             return Ok(p.clone());
         }
         let w = self.w.float(DType::F32, &candle_core::Device::Cpu)?;
         let (out, inp) = w.dims2()?;
         let v: Vec<f32> = w.flatten_all()?.to_vec1()?;
-        let packs = Arc::new(Bf16Packs {
-            fwd: PackedB::new(inp, out, |k, j| v[j * inp + k]),
-            bwd: PackedB::new(out, inp, |k, j| v[k * inp + j]),
-        });
-        Ok(self.bf16.get_or_init(|| packs).clone())
+        let packs = Arc::new(HalfPacks::new(kind, &v, out, inp));
+        Ok(slot.get_or_init(|| packs).clone())
     }
 
     /// A training step's layer as one op with its own backward (f32 on the CPU, one adapter
@@ -227,9 +225,9 @@ impl Linear {
         let rows = x.elem_count() / in_dim.max(1);
         // The ops take `x` at any rank: no reshapes (graph nodes) around them.
         let x2 = x.contiguous()?;
-        let (w, bf16) = self.train_weight(adapters)?;
+        let (w, half) = self.train_weight(adapters)?;
         let y = match pair {
-            None => x2.apply_op1(Frozen { w, bf16 })?,
+            None => x2.apply_op1(Frozen { w, half })?,
             Some((p, dropout)) => {
                 let mask = dropout.map(|(rate, seed)| {
                     crate::lora::apply::dropout_keep(
@@ -240,21 +238,23 @@ impl Linear {
                     )
                 });
                 let (a, bt) = (p.a.contiguous()?, p.bt.contiguous()?);
-                x2.apply_op3(&a, &bt, Lora::new(w, bf16, p.scale as f32, mask))?
+                x2.apply_op3(&a, &bt, Lora::new(w, half, p.scale as f32, mask))?
             }
         };
         Ok(Some(self.add_bias(y)?))
     }
 
     /// The frozen weight as a training op takes it: its f32 source (dequantizing when stored
-    /// quantized) and, with bf16 products on, its packs.
-    fn train_weight(&self, adapters: &BatchAdapters) -> Result<(WeightFn, Option<Arc<Bf16Packs>>)> {
+    /// quantized) and, with half-width products on, its packs.
+    fn train_weight(&self, adapters: &BatchAdapters) -> Result<(WeightFn, Option<Arc<HalfPacks>>)> {
         let w = self.w.clone();
         let w: WeightFn = Arc::new(move || w.float(DType::F32, &candle_core::Device::Cpu));
-        let bf16 = (adapters.bf16_base() && super::train_ops::bf16::available())
-            .then(|| self.bf16_packs())
+        let half = adapters
+            .half_base()
+            .filter(|&k| super::train_ops::linear::available(k))
+            .map(|k| self.half_packs(k))
             .transpose()?;
-        Ok((w, bf16))
+        Ok((w, half))
     }
 
     /// A training step's loss per row of `h` `[n, hidden]` through this layer as the output
@@ -273,9 +273,9 @@ impl Linear {
         {
             return Ok(None);
         }
-        let (w, bf16) = self.train_weight(adapters)?;
+        let (w, half) = self.train_weight(adapters)?;
         Ok(Some(super::train_ops::head_loss::head_nll(
-            h, targets, w, bf16, grad,
+            h, targets, w, half, grad,
         )?))
     }
 
@@ -376,7 +376,7 @@ impl Linear {
         let delta = (pair.delta_weight()?.to_device(w.device())? * sign)?;
         let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?;
         self.w = LinearWeight::Candle(QMatMul::Tensor(merged));
-        self.bf16 = Default::default(); // packed from the old weight
+        self.half = Default::default(); // packed from the old weight
         Ok(())
     }
 

@@ -6,7 +6,7 @@ use super::config::{TargetModules, TrainConfig};
 use super::data::{epoch_batches, pad, Batch, Example};
 use super::optim::{clip_grad_norm, lr_at, AdamW, AdamWParams};
 use crate::error::{Result, TernError};
-use crate::lora::{AdapterConfig, BatchAdapters, GradSink, LoraAdapter};
+use crate::lora::{AdapterConfig, BatchAdapters, GradSink, HalfProducts, LoraAdapter};
 use crate::model::LoadedModel;
 use candle_core::{DType, Tensor, Var, D};
 use rand::rngs::StdRng;
@@ -192,21 +192,30 @@ impl<'a> Trainer<'a> {
         acfg: AdapterConfig,
         pairs: Vec<(String, Tensor, Tensor)>,
     ) -> Result<Self> {
-        if cfg.bf16_matmul {
+        if cfg.bf16_matmul && cfg.f16_matmul {
+            return Err(super::config::bad(
+                "f16_matmul",
+                "bf16_matmul is on too; pick one of --bf16-matmul and --f16-matmul".into(),
+            ));
+        }
+        if let Some(kind) = cfg.half_products() {
+            let (key, flag, isa) = match kind {
+                HalfProducts::Bf16 => ("bf16_matmul", "--bf16-matmul", "AVX512-BF16"),
+                HalfProducts::F16 => ("f16_matmul", "--f16-matmul", "AVX512-FP16"),
+            };
             let m = &lm.model;
             let why = if !m.device().is_cpu() || m.dtype() != DType::F32 {
                 Some(format!(
                     "runs on the CPU over an f32 base, not {:?}",
                     m.dtype()
                 ))
-            } else if !crate::model::train_ops::bf16::available() {
-                Some("needs a CPU with AVX512-BF16, which this one lacks".into())
+            } else if !crate::model::train_ops::linear::available(kind) {
+                Some(format!("needs a CPU with {isa}, which this one lacks"))
             } else {
                 None
             };
             if let Some(detail) = why {
-                let detail = format!("{detail}; drop --bf16-matmul");
-                return Err(super::config::bad("bf16_matmul", detail));
+                return Err(super::config::bad(key, format!("{detail}; drop {flag}")));
             }
         }
         let mut vars = Vec::new();
@@ -281,8 +290,8 @@ impl<'a> Trainer<'a> {
         let model = &self.lm.model;
         let dev = model.device();
         let ids = Tensor::from_vec(b.ids.clone(), (b.rows, b.len), dev)?;
-        let mut ad =
-            BatchAdapters::uniform(Some(self.adapter.clone())).with_bf16_base(self.cfg.bf16_matmul);
+        let mut ad = BatchAdapters::uniform(Some(self.adapter.clone()))
+            .with_half_base(self.cfg.half_products());
         let mut sink = None;
         if train {
             ad = ad

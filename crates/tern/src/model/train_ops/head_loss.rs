@@ -9,7 +9,7 @@
 //! later in the step, so forward computes it from the chunk while it is at hand (as Liger
 //! Kernel's fused linear cross-entropy does) and backward only scales its rows.
 
-use super::linear::{base, base_grad, Bf16Packs, WeightFn};
+use super::linear::{base, base_grad, HalfPacks, WeightFn};
 use super::{cpu_f32, f32_of, like, par_for, SyncPtr};
 use crate::quant::vexp::{exp_affine, sum_exp};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
@@ -22,7 +22,7 @@ const CHUNK_ROWS: usize = 128;
 /// The op; see the module documentation.
 pub(crate) struct HeadNll {
     w: WeightFn,
-    bf16: Option<Arc<Bf16Packs>>,
+    half: Option<Arc<HalfPacks>>,
     targets: Vec<u32>,
     /// Whether forward computes the input gradient (training; not for eval loss).
     grad: bool,
@@ -38,12 +38,12 @@ pub(crate) fn head_nll(
     h: &Tensor,
     targets: &[u32],
     w: WeightFn,
-    bf16: Option<Arc<Bf16Packs>>,
+    half: Option<Arc<HalfPacks>>,
     grad: bool,
 ) -> candle_core::Result<Tensor> {
     h.contiguous()?.apply_op1(HeadNll {
         w,
-        bf16,
+        half,
         targets: targets.to_vec(),
         grad,
         chunk: 0,
@@ -85,7 +85,7 @@ impl CustomOp1 for HeadNll {
             )
         }
         // A quantized head is dequantized once here, not per chunk.
-        let (wf, vocab): (WeightFn, usize) = match &self.bf16 {
+        let (wf, vocab): (WeightFn, usize) = match &self.half {
             Some(p) => (self.w.clone(), p.fwd.dims().1),
             None => {
                 let t = self.w.as_ref()()?;
@@ -108,7 +108,7 @@ impl CustomOp1 for HeadNll {
         while r0 < n {
             let rows = per.min(n - r0);
             let xs = &x[r0 * hidden..(r0 + rows) * hidden];
-            let (logits, _) = base(xs, rows, &wf, &self.bf16)?;
+            let (logits, _) = base(xs, rows, &wf, &self.half)?;
             let targets = &self.targets[r0..r0 + rows];
             if self.grad {
                 d.resize(rows * vocab, 0.0);
@@ -127,7 +127,7 @@ impl CustomOp1 for HeadNll {
             });
             if self.grad {
                 drop(logits);
-                let g = base_grad(&d[..rows * vocab], rows, &wf, &self.bf16)?;
+                let g = base_grad(&d[..rows * vocab], rows, &wf, &self.half)?;
                 dh[r0 * hidden..(r0 + rows) * hidden].copy_from_slice(&g);
             }
             r0 += rows;
@@ -176,7 +176,7 @@ mod tests {
         let w = w.clone();
         HeadNll {
             w: Arc::new(move || Ok(w.clone())),
-            bf16: None,
+            half: None,
             targets: targets.to_vec(),
             grad,
             chunk,

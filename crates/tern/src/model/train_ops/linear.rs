@@ -5,7 +5,6 @@
 //! dequantizes it again in backward when it is quantized (QLoRA): no float copy lives from
 //! forward to backward. Besides the output only `scale (x∘m) A^T` (rank columns) is kept.
 
-use super::bf16::PackedB;
 use super::{cpu_f32, f32_of, gemm, like, product, Mat};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use std::sync::Arc;
@@ -14,29 +13,89 @@ use std::sync::Arc;
 /// quantized).
 pub(crate) type WeightFn = Arc<dyn Fn() -> candle_core::Result<Tensor> + Send + Sync>;
 
-/// A frozen weight packed for bf16 products: `W^T` for forward, `W` for backward.
+pub(crate) use crate::lora::apply::HalfProducts as HalfKind;
+
+/// Whether this CPU can run `kind`'s products.
+pub(crate) fn available(kind: HalfKind) -> bool {
+    match kind {
+        HalfKind::Bf16 => super::bf16::available(),
+        HalfKind::F16 => super::f16::available(),
+    }
+}
+
+/// A fixed right-hand operand packed for one kind of half-width product.
 #[derive(Debug)]
-pub(crate) struct Bf16Packs {
+pub(crate) enum Packed {
+    /// For `train_ops::bf16`.
+    Bf16(super::bf16::PackedB),
+    /// For `train_ops::f16`.
+    F16(super::f16::PackedB),
+}
+
+impl Packed {
+    /// Packs `b(k, j)` `[depth, cols]` for `kind`.
+    pub(crate) fn new(
+        kind: HalfKind,
+        depth: usize,
+        cols: usize,
+        b: impl Fn(usize, usize) -> f32 + Sync,
+    ) -> Self {
+        match kind {
+            HalfKind::Bf16 => Self::Bf16(super::bf16::PackedB::new(depth, cols, b)),
+            HalfKind::F16 => Self::F16(super::f16::PackedB::new(depth, cols, b)),
+        }
+    }
+
+    /// `(k, n)`.
+    pub(crate) fn dims(&self) -> (usize, usize) {
+        match self {
+            Self::Bf16(p) => p.dims(),
+            Self::F16(p) => p.dims(),
+        }
+    }
+
+    /// `a b` for a row-major `a` `[m, k]`, as a new row-major `[m, n]` buffer.
+    pub(crate) fn product(&self, a: &[f32], m: usize) -> Vec<f32> {
+        match self {
+            Self::Bf16(p) => super::bf16::product(a, m, p),
+            Self::F16(p) => super::f16::product(a, m, p),
+        }
+    }
+}
+
+/// A frozen weight packed for half-width products: `W^T` for forward, `W` for backward.
+#[derive(Debug)]
+pub(crate) struct HalfPacks {
     /// `[in, out]`.
-    pub(crate) fwd: PackedB,
+    pub(crate) fwd: Packed,
     /// `[out, in]`.
-    pub(crate) bwd: PackedB,
+    pub(crate) bwd: Packed,
+}
+
+impl HalfPacks {
+    /// Both packs of a row-major f32 weight `w` `[out, inp]`.
+    pub(crate) fn new(kind: HalfKind, w: &[f32], out: usize, inp: usize) -> Self {
+        Self {
+            fwd: Packed::new(kind, inp, out, |k, j| w[j * inp + k]),
+            bwd: Packed::new(kind, out, inp, |k, j| w[k * inp + j]),
+        }
+    }
 }
 
 /// `x W^T` with a frozen `W`: backward gives `dx` only.
 pub(crate) struct Frozen {
     /// The weight, `[out, in]`.
     pub(crate) w: WeightFn,
-    /// Set: the products in bf16 from these packs instead.
-    pub(crate) bf16: Option<Arc<Bf16Packs>>,
+    /// Set: the products at half width from these packs instead.
+    pub(crate) half: Option<Arc<HalfPacks>>,
 }
 
 /// `x W^T + scale (x∘mask) A^T B^T`, with arguments `(x, A, B^T)`.
 pub(crate) struct Lora {
     /// The frozen weight, `[out, in]`.
     pub(crate) w: WeightFn,
-    /// Set: the frozen weight's products in bf16 from these packs instead.
-    pub(crate) bf16: Option<Arc<Bf16Packs>>,
+    /// Set: the frozen weight's products at half width from these packs instead.
+    pub(crate) half: Option<Arc<HalfPacks>>,
     /// LoRA scale.
     pub(crate) scale: f32,
     /// Dropout keep-mask on the adapter's input (scaled by 1/(1-p)), one value per element of
@@ -51,14 +110,14 @@ impl Lora {
     /// The op for one forward (see the fields).
     pub(crate) fn new(
         w: WeightFn,
-        bf16: Option<Arc<Bf16Packs>>,
+        half: Option<Arc<HalfPacks>>,
         scale: f32,
         mask: Option<Vec<f32>>,
     ) -> Self {
         let t = Default::default();
         Self {
             w,
-            bf16,
+            half,
             scale,
             mask,
             t,
@@ -107,15 +166,15 @@ fn bottleneck(xm: &[f32], a: &[f32], rows: usize, r: usize, scale: f32) -> Vec<f
     product(Mat::new(xm, rows, inp), Mat::new(a, r, inp).t(), scale)
 }
 
-/// `x W^T` as a new `[rows, out]` buffer (in bf16 when packs are given).
+/// `x W^T` as a new `[rows, out]` buffer (at half width when packs are given).
 pub(super) fn base(
     x: &[f32],
     rows: usize,
     w: &WeightFn,
-    bf16: &Option<Arc<Bf16Packs>>,
+    half: &Option<Arc<HalfPacks>>,
 ) -> candle_core::Result<(Vec<f32>, usize)> {
-    if let Some(p) = bf16 {
-        return Ok((super::bf16::product(x, rows, &p.fwd), p.fwd.dims().1));
+    if let Some(p) = half {
+        return Ok((p.fwd.product(x, rows), p.fwd.dims().1));
     }
     let w = w()?;
     let (out, inp) = w.dims2()?;
@@ -124,15 +183,15 @@ pub(super) fn base(
     Ok((y, out))
 }
 
-/// `dy W` as a new `[rows, in]` buffer (in bf16 when packs are given).
+/// `dy W` as a new `[rows, in]` buffer (at half width when packs are given).
 pub(super) fn base_grad(
     g: &[f32],
     rows: usize,
     w: &WeightFn,
-    bf16: &Option<Arc<Bf16Packs>>,
+    half: &Option<Arc<HalfPacks>>,
 ) -> candle_core::Result<Vec<f32>> {
-    if let Some(p) = bf16 {
-        return Ok(super::bf16::product(g, rows, &p.bwd));
+    if let Some(p) = half {
+        return Ok(p.bwd.product(g, rows));
     }
     let w = w()?;
     let (out, inp) = w.dims2()?;
@@ -148,7 +207,7 @@ impl CustomOp1 for Frozen {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s, l)?;
         let (rows, _) = flat(l.dims())?;
-        let (y, out) = base(x, rows, &self.w, &self.bf16)?;
+        let (y, out) = base(x, rows, &self.w, &self.half)?;
         Ok((CpuStorage::F32(y), out_shape(l.dims(), out)))
     }
 
@@ -158,7 +217,7 @@ impl CustomOp1 for Frozen {
         }
         let (rows, _) = flat(x.dims())?;
         f32_of!(g = grad);
-        Ok(Some(like(x, base_grad(g, rows, &self.w, &self.bf16)?)?))
+        Ok(Some(like(x, base_grad(g, rows, &self.w, &self.half)?)?))
     }
 }
 
@@ -179,7 +238,7 @@ impl CustomOp3 for Lora {
         let (x, a, bt) = (cpu_f32(xs, xl)?, cpu_f32(a_s, al)?, cpu_f32(bs, bl)?);
         let (rows, inp) = flat(xl.dims())?;
         let (r, out) = dims2(bl)?;
-        let (mut y, wout) = base(x, rows, &self.w, &self.bf16)?;
+        let (mut y, wout) = base(x, rows, &self.w, &self.half)?;
         if wout != out || dims2(al)? != (r, inp) {
             candle_core::bail!(
                 "lora-linear: A {:?} / B^T {:?} do not fit the layer",
@@ -220,7 +279,7 @@ impl CustomOp3 for Lora {
         // The first layer's input (the frozen embedding's rows) needs no gradient: skip the
         // weight-sized product.
         let dx = if x.track_op() {
-            let mut dx = base_grad(g, rows, &self.w, &self.bf16)?;
+            let mut dx = base_grad(g, rows, &self.w, &self.half)?;
             match &self.mask {
                 Some(m) => {
                     let ua = product(Mat::new(&u, rows, r), Mat::new(av, r, inp), 1.0);
@@ -355,37 +414,41 @@ mod tests {
         assert!(rel(&da, &wa) < 1e-5 && rel(&db, &wb) < 1e-5);
     }
 
-    /// bf16 packs give the f32 product and input gradient within bf16 rounding.
+    /// Half-width packs (each kind this CPU has) give the f32 product and input gradient
+    /// within their rounding.
     #[test]
-    fn bf16_packs_track_the_f32_products() {
-        if !crate::model::train_ops::bf16::available() {
-            return;
+    fn half_packs_track_the_f32_products() {
+        for kind in [HalfKind::Bf16, HalfKind::F16] {
+            if !available(kind) {
+                eprintln!("{kind:?} products: not on this CPU; skipped");
+                continue;
+            }
+            let (out, inp) = (70, 90);
+            let w = rand(&[out, inp], 1);
+            let v: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+            let packs = Arc::new(HalfPacks::new(kind, &v, out, inp));
+            let x = rand(&[33, inp], 2);
+            let (want_y, want_g) = grads(
+                |t| t[0].matmul(&w.t().unwrap()).unwrap(),
+                std::slice::from_ref(&x),
+                3,
+            );
+            let op = || Frozen {
+                w: weight(&w),
+                half: Some(packs.clone()),
+            };
+            let (y, g) = grads(
+                |t| t[0].apply_op1(op()).unwrap(),
+                std::slice::from_ref(&x),
+                3,
+            );
+            let (ey, eg) = (rel(&y, &want_y), rel(&g[0], &want_g[0]));
+            assert!(
+                ey < 1e-2 && eg < 1e-2,
+                "{kind:?}: forward {ey}, backward {eg}"
+            );
+            assert!(ey > 0.0, "{kind:?}: the half-width products did not run");
         }
-        let (out, inp) = (70, 90);
-        let w = rand(&[out, inp], 1);
-        let v: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
-        let packs = Arc::new(Bf16Packs {
-            fwd: PackedB::new(inp, out, |k, j| v[j * inp + k]),
-            bwd: PackedB::new(out, inp, |k, j| v[k * inp + j]),
-        });
-        let x = rand(&[33, inp], 2);
-        let (want_y, want_g) = grads(
-            |t| t[0].matmul(&w.t().unwrap()).unwrap(),
-            std::slice::from_ref(&x),
-            3,
-        );
-        let op = || Frozen {
-            w: weight(&w),
-            bf16: Some(packs.clone()),
-        };
-        let (y, g) = grads(
-            |t| t[0].apply_op1(op()).unwrap(),
-            std::slice::from_ref(&x),
-            3,
-        );
-        let (ey, eg) = (rel(&y, &want_y), rel(&g[0], &want_g[0]));
-        assert!(ey < 1e-2 && eg < 1e-2, "forward {ey}, backward {eg}");
-        assert!(ey > 0.0, "the bf16 products did not run");
     }
 
     #[test]
@@ -401,7 +464,7 @@ mod tests {
             |t| {
                 t[0].apply_op1(Frozen {
                     w: weight(&w),
-                    bf16: None,
+                    half: None,
                 })
                 .unwrap()
             },

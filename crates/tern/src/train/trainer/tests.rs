@@ -1,4 +1,4 @@
-//! The training ops against candle's ops, and bf16 base products against f32, through whole
+//! The training ops against candle's ops, and half-width base products against f32, through whole
 //! training steps on the fixture models.
 
 use super::*;
@@ -27,29 +27,58 @@ fn test_batch(lm: &LoadedModel) -> Batch {
 /// step's; on a CPU without AVX512-BF16 the setting is refused by name.
 #[test]
 fn bf16_matmul_tracks_the_f32_step_or_is_refused() {
+    half_products_track_the_f32_step(HalfProducts::Bf16);
+}
+
+/// fp16 base products (64-term fp16 sums) do the same; without AVX512-FP16, refused by name.
+#[test]
+fn f16_matmul_tracks_the_f32_step_or_is_refused() {
+    half_products_track_the_f32_step(HalfProducts::F16);
+}
+
+/// Both half widths at once are refused, naming both flags.
+#[test]
+fn bf16_and_f16_matmul_together_are_refused() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
     let lm = LoadedModel::load(&root.join("llama"), &Default::default()).unwrap();
+    let cfg = TrainConfig {
+        bf16_matmul: true,
+        f16_matmul: true,
+        ..Default::default()
+    };
+    let err = Trainer::new(&lm, cfg).err().expect("refused").to_string();
+    assert!(
+        err.contains("--bf16-matmul") && err.contains("--f16-matmul"),
+        "{err}"
+    );
+}
+
+fn half_products_track_the_f32_step(kind: HalfProducts) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    let lm = LoadedModel::load(&root.join("llama"), &Default::default()).unwrap();
+    let (key, isa) = match kind {
+        HalfProducts::Bf16 => ("bf16_matmul", "AVX512-BF16"),
+        HalfProducts::F16 => ("f16_matmul", "AVX512-FP16"),
+    };
     let cfg = |on: bool| TrainConfig {
         rank: 4,
         alpha: 8.0,
-        bf16_matmul: on,
+        bf16_matmul: on && kind == HalfProducts::Bf16,
+        f16_matmul: on && kind == HalfProducts::F16,
         ..Default::default()
     };
-    if !train_ops::bf16::available() {
+    if !train_ops::linear::available(kind) {
         let err = Trainer::new(&lm, cfg(true))
             .err()
             .expect("refused")
             .to_string();
-        assert!(
-            err.contains("bf16_matmul") && err.contains("AVX512-BF16"),
-            "{err}"
-        );
+        assert!(err.contains(key) && err.contains(isa), "{err}");
         return;
     }
     let batch = test_batch(&lm);
     let b = std::slice::from_ref(&batch);
     // At initialisation B is zero: the loss is the base's alone, and dB carries the whole
-    // backward pass through the base's bf16 products.
+    // backward pass through the base's half-width products.
     let (l0, g0) = Trainer::new(&lm, cfg(false))
         .unwrap()
         .loss_and_grads(b)
@@ -58,11 +87,12 @@ fn bf16_matmul_tracks_the_f32_step_or_is_refused() {
         .unwrap()
         .loss_and_grads(b)
         .unwrap();
-    assert!(((l1 - l0) / l0).abs() < 1e-2, "loss {l1} vs {l0}");
-    assert!(l1 != l0, "the bf16 products did not run");
-    // bf16 rounding of activations and gradients, amplified by this fixture's large random
-    // weights (initializer range 0.2): most gradients land within 1-3% of the f32 ones,
-    // the worst (a small dB deep in the backward pass) ~7%. A wrong pack or transpose is O(1).
+    assert!(((l1 - l0) / l0).abs() < 1e-2, "{kind:?}: loss {l1} vs {l0}");
+    assert!(l1 != l0, "{kind:?}: the half-width products did not run");
+    // Rounding of activations and gradients, amplified by this fixture's large random
+    // weights (initializer range 0.2): with bf16 most gradients land within 1-3% of the f32
+    // ones, the worst (a small dB deep in the backward pass) ~7%. A wrong pack or transpose
+    // is O(1).
     let mut errs: Vec<f32> = g1
         .iter()
         .zip(&g0)
@@ -79,11 +109,19 @@ fn bf16_matmul_tracks_the_f32_step_or_is_refused() {
         .collect();
     errs.sort_by(f32::total_cmp);
     assert!(!errs.is_empty());
+    eprintln!(
+        "{kind:?}: loss {l1} vs {l0}; gradient errors median {} worst {}",
+        errs[errs.len() / 2],
+        errs[errs.len() - 1]
+    );
     assert!(
         errs[errs.len() / 2] < 3e-2,
-        "median gradient error {errs:?}"
+        "{kind:?}: median gradient error {errs:?}"
     );
-    assert!(errs[errs.len() - 1] < 0.15, "worst gradient error {errs:?}");
+    assert!(
+        errs[errs.len() - 1] < 0.15,
+        "{kind:?}: worst gradient error {errs:?}"
+    );
 }
 
 /// On every fixture architecture (GQA, qkv biases, per-head q/k norms, llama3 rope, a
