@@ -191,7 +191,7 @@ impl TrainConfig {
     }
 
     /// The half width the frozen base's products run at (`None`: f32); bf16 wins if both are
-    /// set, which [`crate::train::Trainer`] refuses.
+    /// set, which [`TrainConfig::validate`] refuses.
     pub fn half_products(&self) -> Option<crate::lora::HalfProducts> {
         use crate::lora::HalfProducts;
         (self.bf16_matmul.then_some(HalfProducts::Bf16))
@@ -200,6 +200,12 @@ impl TrainConfig {
 
     /// Checks ranges; errors name the key and what is allowed.
     pub fn validate(&self) -> Result<()> {
+        if self.bf16_matmul && self.f16_matmul {
+            return Err(bad(
+                "f16_matmul",
+                "bf16_matmul is on too; pick one of --bf16-matmul and --f16-matmul".into(),
+            ));
+        }
         let pos = |k: &str, v: f64| {
             if v > 0.0 && v.is_finite() {
                 Ok(())

@@ -192,12 +192,6 @@ impl<'a> Trainer<'a> {
         acfg: AdapterConfig,
         pairs: Vec<(String, Tensor, Tensor)>,
     ) -> Result<Self> {
-        if cfg.bf16_matmul && cfg.f16_matmul {
-            return Err(super::config::bad(
-                "f16_matmul",
-                "bf16_matmul is on too; pick one of --bf16-matmul and --f16-matmul".into(),
-            ));
-        }
         if let Some(kind) = cfg.half_products() {
             let (key, flag, isa) = match kind {
                 HalfProducts::Bf16 => ("bf16_matmul", "--bf16-matmul", "AVX512-BF16"),

@@ -225,7 +225,7 @@ mod tests {
             return;
         }
         let (m, k, n) = (19, 77, 101);
-        let f = |i: usize, s: u64| ((i as u64 * 2_654_435_761 + s) % 1000) as f32 / 500.0 - 1.0;
+        let f = crate::model::train_ops::tests::spread;
         let a: Vec<f32> = (0..m * k).map(|i| f(i, 1)).collect();
         let w: Vec<f32> = (0..n * k).map(|i| f(i, 7)).collect(); // [n, k]: b = w^T
         let b = PackedB::new(k, n, |kk, j| w[j * k + kk]);

@@ -358,7 +358,7 @@ mod tests {
             eprintln!("no AVX512-FP16 here; skipped");
             return;
         }
-        let f = |i: usize, s: u64| ((i as u64 * 2_654_435_761 + s) % 1000) as f32 / 500.0 - 1.0;
+        let f = crate::model::train_ops::tests::spread;
         for (m, k, n, sa, sb) in [(19, 77, 101, 3e3, 2e-4), (16, 300, 96, 1e-6, 40.0)] {
             let block = |i: usize| [1.0, 1e3, 1e-3][i / k / MR % 3];
             let a: Vec<f32> = (0..m * k).map(|i| f(i, 1) * sa * block(i)).collect();

@@ -333,6 +333,12 @@ pub(crate) mod tests {
     pub(crate) use crate::test_util::rel;
     use candle_core::{Device, Tensor, Var};
 
+    /// A spread of values in [-1, 1) for index `i` of stream `s`, without a generator (for
+    /// the product kernels' tests, which index operands directly).
+    pub(crate) fn spread(i: usize, s: u64) -> f32 {
+        ((i as u64 * 2_654_435_761 + s) % 1000) as f32 / 500.0 - 1.0
+    }
+
     /// Random f32 values in [-1, 1) from a fixed seed.
     pub(crate) fn rand(dims: &[usize], seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
