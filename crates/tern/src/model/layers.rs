@@ -2,10 +2,10 @@
 //! and the gated MLP (RMSNorm lives in `norm.rs`).
 
 use super::config::ModelConfig;
-use super::train_ops::linear::{HalfKind, HalfPacks, WeightFn};
+use super::train_ops::linear::{HalfPacks, WeightFn};
 use crate::checkpoint::Weights;
 use crate::error::{Result, TernError};
-use crate::lora::{BatchAdapters, LoraPair};
+use crate::lora::{BatchAdapters, HalfProducts, LoraPair};
 use crate::quant::{half_float::HalfMatrix, q8_0::Q8_0Matrix, q8_0_head::Q8_0Head, RowKernel};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Tensor};
@@ -199,7 +199,7 @@ impl Linear {
     }
 
     /// The weight packed for `kind`'s products (forward and backward), packed on first use.
-    fn half_packs(&self, kind: HalfKind) -> Result<Arc<HalfPacks>> {
+    fn half_packs(&self, kind: HalfProducts) -> Result<Arc<HalfPacks>> {
         let slot = &self.half[kind as usize];
         if let Some(p) = slot.get() {
             return Ok(p.clone());

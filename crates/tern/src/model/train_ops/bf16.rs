@@ -14,7 +14,7 @@
 //! keeps `MR x NR` sums in 24 registers; each depth pair costs 3 loads of `B`, 8 broadcasts
 //! of `A` and 24 `vdpbf16ps`.
 
-use super::{par_for, SyncPtr, Unfilled};
+use super::{par_for, tiled_product, SyncPtr, Unfilled};
 
 /// Rows of a tile.
 const MR: usize = 8;
@@ -110,36 +110,22 @@ pub(crate) fn product(a: &[f32], m: usize, b: &PackedB) -> Vec<f32> {
     // SAFETY: the padding and every row of `a` were written.
     let pa = unsafe { pa.written() };
     // Not zero-filled: the tiles cover every (row, column) of the product exactly once.
-    let mut c = Vec::<f32>::with_capacity(m * n);
-    let cp = SyncPtr(c.as_mut_ptr());
-    let panels = n.div_ceil(NR);
-    let tasks = candle_core::utils::get_num_threads().clamp(1, panels.max(1));
-    par_for(tasks, |t| {
-        let per = panels.div_ceil(tasks);
-        for p in t * per..((t + 1) * per).min(panels) {
-            let cols = NR.min(n - p * NR);
-            for blk in 0..blocks {
-                let rows = MR.min(m - blk * MR);
-                // SAFETY: `available()` holds; the tile's operands lie inside `pa` and
-                // `b.data`, and its outputs (rows x cols from (blk * MR, p * NR)) inside `c`,
-                // written by this task only (panels are split between tasks).
-                unsafe {
-                    tile(
-                        pa.as_ptr().add(blk * MR * k2),
-                        b.data.as_ptr().add(p * k2 * NR),
-                        k2,
-                        cp.at(blk * MR * n + p * NR),
-                        n,
-                        rows,
-                        cols,
-                    )
-                }
-            }
-        }
-    });
-    // SAFETY: every element was written above (row blocks x column panels tile the product).
-    unsafe { c.set_len(m * n) };
-    c
+    // SAFETY: `tile` writes exactly its rows x cols values.
+    unsafe {
+        tiled_product(m, n, (MR, NR), |p, blk, rows, cols, c| {
+            // SAFETY: `available()` holds; the tile's operands lie inside `pa` and `b.data`,
+            // and its outputs inside the product (`tiled_product`'s tile).
+            tile(
+                pa.as_ptr().add(blk * MR * k2),
+                b.data.as_ptr().add(p * k2 * NR),
+                k2,
+                c,
+                n,
+                rows,
+                cols,
+            )
+        })
+    }
 }
 
 /// `x` in bf16 as `ceil(len / 2)` pairs (the last one's high half zero for an odd length).

@@ -13,13 +13,13 @@ use std::sync::Arc;
 /// quantized).
 pub(crate) type WeightFn = Arc<dyn Fn() -> candle_core::Result<Tensor> + Send + Sync>;
 
-pub(crate) use crate::lora::apply::HalfProducts as HalfKind;
+use crate::lora::HalfProducts;
 
 /// Whether this CPU can run `kind`'s products.
-pub(crate) fn available(kind: HalfKind) -> bool {
+pub(crate) fn available(kind: HalfProducts) -> bool {
     match kind {
-        HalfKind::Bf16 => super::bf16::available(),
-        HalfKind::F16 => super::f16::available(),
+        HalfProducts::Bf16 => super::bf16::available(),
+        HalfProducts::F16 => super::f16::available(),
     }
 }
 
@@ -35,14 +35,14 @@ pub(crate) enum Packed {
 impl Packed {
     /// Packs `b(k, j)` `[depth, cols]` for `kind`.
     pub(crate) fn new(
-        kind: HalfKind,
+        kind: HalfProducts,
         depth: usize,
         cols: usize,
         b: impl Fn(usize, usize) -> f32 + Sync,
     ) -> Self {
         match kind {
-            HalfKind::Bf16 => Self::Bf16(super::bf16::PackedB::new(depth, cols, b)),
-            HalfKind::F16 => Self::F16(super::f16::PackedB::new(depth, cols, b)),
+            HalfProducts::Bf16 => Self::Bf16(super::bf16::PackedB::new(depth, cols, b)),
+            HalfProducts::F16 => Self::F16(super::f16::PackedB::new(depth, cols, b)),
         }
     }
 
@@ -74,7 +74,7 @@ pub(crate) struct HalfPacks {
 
 impl HalfPacks {
     /// Both packs of a row-major f32 weight `w` `[out, inp]`.
-    pub(crate) fn new(kind: HalfKind, w: &[f32], out: usize, inp: usize) -> Self {
+    pub(crate) fn new(kind: HalfProducts, w: &[f32], out: usize, inp: usize) -> Self {
         Self {
             fwd: Packed::new(kind, inp, out, |k, j| w[j * inp + k]),
             bwd: Packed::new(kind, out, inp, |k, j| w[k * inp + j]),
@@ -418,7 +418,7 @@ mod tests {
     /// within their rounding.
     #[test]
     fn half_packs_track_the_f32_products() {
-        for kind in [HalfKind::Bf16, HalfKind::F16] {
+        for kind in [HalfProducts::Bf16, HalfProducts::F16] {
             if !available(kind) {
                 eprintln!("{kind:?} products: not on this CPU; skipped");
                 continue;

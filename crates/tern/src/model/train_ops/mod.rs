@@ -299,6 +299,39 @@ pub(crate) fn par_for(n: usize, f: impl Fn(usize) + Sync) {
     candle_core::utils::barrier_pool().execute_chunked(n, |r| r.for_each(&f));
 }
 
+/// A row-major `[m, n]` product computed tile by tile on candle's pool: `tile(p, blk, rows,
+/// cols, c)` writes the `rows x cols` values of row block `blk` (blocks of `mr` rows) and
+/// column panel `p` (panels of `nr` columns) through `c`, which points at the tile's first
+/// value (row stride `n`). Panels are split between the pool's threads, so each value has
+/// one writer; the output is not zero-filled first.
+///
+/// # Safety
+/// Every call of `tile` must write all of its `rows x cols` values, and only those.
+pub(crate) unsafe fn tiled_product(
+    m: usize,
+    n: usize,
+    (mr, nr): (usize, usize),
+    tile: impl Fn(usize, usize, usize, usize, *mut f32) + Sync,
+) -> Vec<f32> {
+    let mut c = Vec::<f32>::with_capacity(m * n);
+    let cp = SyncPtr(c.as_mut_ptr());
+    let (panels, blocks) = (n.div_ceil(nr), m.div_ceil(mr));
+    let tasks = candle_core::utils::get_num_threads().clamp(1, panels.max(1));
+    par_for(tasks, |t| {
+        let per = panels.div_ceil(tasks);
+        for p in t * per..((t + 1) * per).min(panels) {
+            for blk in 0..blocks {
+                let (rows, cols) = (mr.min(m - blk * mr), nr.min(n - p * nr));
+                tile(p, blk, rows, cols, cp.at(blk * mr * n + p * nr));
+            }
+        }
+    });
+    // SAFETY: row blocks x column panels cover the product, and each tile wrote its values
+    // (the caller's promise).
+    unsafe { c.set_len(m * n) };
+    c
+}
+
 /// Shared mutable access to disjoint parts of one buffer from pool tasks.
 #[derive(Clone, Copy)]
 pub(crate) struct SyncPtr<T = f32>(*mut T);
