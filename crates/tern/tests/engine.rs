@@ -5,10 +5,10 @@
 mod common;
 
 use common::*;
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::time::Duration;
-use tern::generate::{Engine, EngineConfig, EngineEvent, SamplingParams};
+use tern::generate::{Engine, EngineConfig, EngineEvent, SamplingParams, TokenSink};
 use tern::{Completion, GenerateRequest, LoadOptions, LoadedModel, TernError};
 
 /// Log-probability tolerance between batched and solo runs (f32; the batch changes only
@@ -106,6 +106,23 @@ fn batched_requests_equal_the_same_requests_alone() {
     assert!(s.steps < s.generated_tokens / 2, "{s:?}");
 }
 
+/// A sink that says it has reached its gate, then waits there before delivering its first
+/// event.
+struct Gated {
+    gate: Option<(mpsc::Sender<()>, Receiver<()>)>,
+    tx: mpsc::Sender<EngineEvent>,
+}
+
+impl TokenSink for Gated {
+    fn send(&mut self, ev: EngineEvent) -> bool {
+        if let Some((arrived, open)) = self.gate.take() {
+            let _ = arrived.send(());
+            let _ = open.recv();
+        }
+        self.tx.send(ev).is_ok()
+    }
+}
+
 fn long_request() -> GenerateRequest {
     let mut r = GenerateRequest::new(vec![5, 6, 7], 100_000);
     r.stop_at_eos = false;
@@ -122,12 +139,23 @@ fn a_full_queue_is_refused_and_a_gone_caller_frees_its_row() {
         ..Default::default()
     };
     let engine = Engine::start(lm, cfg).unwrap();
-    // One running (it runs to the context length), one waiting, the third refused.
-    let first = engine.submit_channel(long_request()).unwrap();
+    // One running (it runs to the context length), one waiting, the third refused. The
+    // first request's sink holds the worker at its first token, between taking the request
+    // off the queue and counting it as running: the counts must hold there too.
+    let (gate_tx, gate) = mpsc::channel::<()>();
+    let (at_gate_tx, at_gate) = mpsc::channel::<()>();
+    let (first_tx, first) = mpsc::channel();
+    let sink = Gated {
+        gate: Some((at_gate_tx, gate)),
+        tx: first_tx,
+    };
+    engine.submit(long_request(), sink).unwrap();
+    at_gate.recv().unwrap();
     let second = engine.submit_channel(long_request()).unwrap();
     let err = engine.submit_channel(long_request()).unwrap_err();
     assert!(matches!(err, TernError::Busy { limit: 1, .. }), "{err}");
     assert!(err.to_string().contains("retry later"), "{err}");
+    gate_tx.send(()).unwrap();
     // The first caller goes away: its row is freed and the waiting one runs.
     first.recv().unwrap();
     drop(first);

@@ -427,13 +427,16 @@ impl Worker {
     fn admit(&mut self) -> usize {
         let mut spent = 0;
         let mut batch: Vec<Row> = Vec::new();
+        // Taken requests stay counted as queued until they are counted as running: `submit`
+        // reads both counts, and a gap between them would let the queue overfill by a batch.
+        let mut taken = 0;
         while self.running.len() + batch.len() < self.cfg.max_batch
             && (spent == 0 || spent < self.cfg.prefill_budget)
         {
             let Some(p) = self.waiting.pop_front() else {
                 break;
             };
-            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            taken += 1;
             if p.sink.is_closed() {
                 self.shared.aborted.fetch_add(1, Ordering::SeqCst);
                 continue;
@@ -447,6 +450,7 @@ impl Worker {
             }
         }
         if batch.is_empty() {
+            self.shared.queued.fetch_sub(taken, Ordering::SeqCst);
             return 0;
         }
         self.shared
@@ -480,6 +484,7 @@ impl Worker {
         self.shared
             .running
             .store(self.running.len(), Ordering::SeqCst);
+        self.shared.queued.fetch_sub(taken, Ordering::SeqCst);
         spent
     }
 
