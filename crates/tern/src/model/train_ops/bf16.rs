@@ -112,7 +112,7 @@ pub(crate) fn product(a: &[f32], m: usize, b: &PackedB) -> Vec<f32> {
     // Not zero-filled: the tiles cover every (row, column) of the product exactly once.
     // SAFETY: `tile` writes exactly its rows x cols values.
     unsafe {
-        tiled_product(m, n, (MR, NR), |p, blk, rows, cols, c| {
+        tiled_product(m, n, (MR, NR), 1, |p, blk, _, rows, cols, c| {
             // SAFETY: `available()` holds; the tile's operands lie inside `pa` and `b.data`,
             // and its outputs inside the product (`tiled_product`'s tile).
             tile(

@@ -108,7 +108,7 @@ impl CustomOp1 for HeadNll {
         while r0 < n {
             let rows = per.min(n - r0);
             let xs = &x[r0 * hidden..(r0 + rows) * hidden];
-            let (logits, _) = base(xs, rows, &wf, &self.half)?;
+            let (logits, _) = base(xs, rows, &wf, &self.half, None)?;
             let targets = &self.targets[r0..r0 + rows];
             if self.grad {
                 d.resize(rows * vocab, 0.0);
@@ -127,7 +127,7 @@ impl CustomOp1 for HeadNll {
             });
             if self.grad {
                 drop(logits);
-                let g = base_grad(&d[..rows * vocab], rows, &wf, &self.half)?;
+                let g = base_grad(&d[..rows * vocab], rows, &wf, &self.half, None)?;
                 dh[r0 * hidden..(r0 + rows) * hidden].copy_from_slice(&g);
             }
             r0 += rows;

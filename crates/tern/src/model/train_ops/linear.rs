@@ -5,7 +5,7 @@
 //! dequantizes it again in backward when it is quantized (QLoRA): no float copy lives from
 //! forward to backward. Besides the output only `scale (x∘m) A^T` (rank columns) is kept.
 
-use super::{cpu_f32, f32_of, gemm, like, product, Mat};
+use super::{cpu_f32, f32_of, like, product, Mat, RankUpdate};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
 use std::sync::Arc;
 
@@ -54,11 +54,17 @@ impl Packed {
         }
     }
 
-    /// `a b` for a row-major `a` `[m, k]`, as a new row-major `[m, n]` buffer.
-    pub(crate) fn product(&self, a: &[f32], m: usize) -> Vec<f32> {
+    /// `a b (+ up)` for a row-major `a` `[m, k]`, as a new row-major `[m, n]` buffer.
+    pub(crate) fn product(&self, a: &[f32], m: usize, up: Option<RankUpdate>) -> Vec<f32> {
         match self {
-            Self::Bf16(p) => super::bf16::product(a, m, p),
-            Self::F16(p) => super::f16::product(a, m, p),
+            Self::Bf16(p) => {
+                let mut c = super::bf16::product(a, m, p);
+                if let Some(up) = up {
+                    up.add_to(&mut c, m);
+                }
+                c
+            }
+            Self::F16(p) => super::f16::product(a, m, p, up),
         }
     }
 }
@@ -166,37 +172,46 @@ fn bottleneck(xm: &[f32], a: &[f32], rows: usize, r: usize, scale: f32) -> Vec<f
     product(Mat::new(xm, rows, inp), Mat::new(a, r, inp).t(), scale)
 }
 
-/// `x W^T` as a new `[rows, out]` buffer (at half width when packs are given).
+/// `x W^T (+ up)` as a new `[rows, out]` buffer (at half width when packs are given).
 pub(super) fn base(
     x: &[f32],
     rows: usize,
     w: &WeightFn,
     half: &Option<Arc<HalfPacks>>,
+    up: Option<RankUpdate>,
 ) -> candle_core::Result<(Vec<f32>, usize)> {
     if let Some(p) = half {
-        return Ok((p.fwd.product(x, rows), p.fwd.dims().1));
+        return Ok((p.fwd.product(x, rows, up), p.fwd.dims().1));
     }
     let w = w()?;
     let (out, inp) = w.dims2()?;
     f32_of!(wv = w);
-    let y = product(Mat::new(x, rows, inp), Mat::new(wv, out, inp).t(), 1.0);
+    let mut y = product(Mat::new(x, rows, inp), Mat::new(wv, out, inp).t(), 1.0);
+    if let Some(up) = up {
+        up.add_to(&mut y, rows);
+    }
     Ok((y, out))
 }
 
-/// `dy W` as a new `[rows, in]` buffer (at half width when packs are given).
+/// `dy W (+ up)` as a new `[rows, in]` buffer (at half width when packs are given).
 pub(super) fn base_grad(
     g: &[f32],
     rows: usize,
     w: &WeightFn,
     half: &Option<Arc<HalfPacks>>,
+    up: Option<RankUpdate>,
 ) -> candle_core::Result<Vec<f32>> {
     if let Some(p) = half {
-        return Ok(p.bwd.product(g, rows));
+        return Ok(p.bwd.product(g, rows, up));
     }
     let w = w()?;
     let (out, inp) = w.dims2()?;
     f32_of!(wv = w);
-    Ok(product(Mat::new(g, rows, out), Mat::new(wv, out, inp), 1.0))
+    let mut dx = product(Mat::new(g, rows, out), Mat::new(wv, out, inp), 1.0);
+    if let Some(up) = up {
+        up.add_to(&mut dx, rows);
+    }
+    Ok(dx)
 }
 
 impl CustomOp1 for Frozen {
@@ -207,7 +222,7 @@ impl CustomOp1 for Frozen {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s, l)?;
         let (rows, _) = flat(l.dims())?;
-        let (y, out) = base(x, rows, &self.w, &self.half)?;
+        let (y, out) = base(x, rows, &self.w, &self.half, None)?;
         Ok((CpuStorage::F32(y), out_shape(l.dims(), out)))
     }
 
@@ -217,7 +232,10 @@ impl CustomOp1 for Frozen {
         }
         let (rows, _) = flat(x.dims())?;
         f32_of!(g = grad);
-        Ok(Some(like(x, base_grad(g, rows, &self.w, &self.half)?)?))
+        Ok(Some(like(
+            x,
+            base_grad(g, rows, &self.w, &self.half, None)?,
+        )?))
     }
 }
 
@@ -238,8 +256,7 @@ impl CustomOp3 for Lora {
         let (x, a, bt) = (cpu_f32(xs, xl)?, cpu_f32(a_s, al)?, cpu_f32(bs, bl)?);
         let (rows, inp) = flat(xl.dims())?;
         let (r, out) = dims2(bl)?;
-        let (mut y, wout) = base(x, rows, &self.w, &self.half)?;
-        if wout != out || dims2(al)? != (r, inp) {
+        if dims2(al)? != (r, inp) || bt.len() != r * out {
             candle_core::bail!(
                 "lora-linear: A {:?} / B^T {:?} do not fit the layer",
                 al.dims(),
@@ -249,13 +266,14 @@ impl CustomOp3 for Lora {
         let mut buf = Vec::new();
         let xm = masked(x, &self.mask, &mut buf);
         let t = bottleneck(xm, a, rows, r, self.scale);
-        gemm(
-            &mut y,
-            Mat::new(&t, rows, r),
-            Mat::new(bt, r, out),
-            1.0,
-            true,
-        );
+        let up = RankUpdate { u: &t, v: bt, r };
+        let (y, wout) = base(x, rows, &self.w, &self.half, Some(up))?;
+        if wout != out {
+            candle_core::bail!(
+                "lora-linear: B^T {:?} does not fit the layer's {wout} outputs",
+                bl.dims()
+            )
+        }
         *self.t.lock().unwrap_or_else(|e| e.into_inner()) = t;
         Ok((CpuStorage::F32(y), out_shape(xl.dims(), out)))
     }
@@ -279,22 +297,20 @@ impl CustomOp3 for Lora {
         // The first layer's input (the frozen embedding's rows) needs no gradient: skip the
         // weight-sized product.
         let dx = if x.track_op() {
-            let mut dx = base_grad(g, rows, &self.w, &self.half)?;
-            match &self.mask {
+            let dx = match &self.mask {
                 Some(m) => {
+                    let mut dx = base_grad(g, rows, &self.w, &self.half, None)?;
                     let ua = product(Mat::new(&u, rows, r), Mat::new(av, r, inp), 1.0);
                     for ((d, p), k) in dx.iter_mut().zip(&ua).zip(m) {
                         *d += p * k;
                     }
+                    dx
                 }
-                None => gemm(
-                    &mut dx,
-                    Mat::new(&u, rows, r),
-                    Mat::new(av, r, inp),
-                    1.0,
-                    true,
-                ),
-            }
+                None => {
+                    let up = RankUpdate { u: &u, v: av, r };
+                    base_grad(g, rows, &self.w, &self.half, Some(up))?
+                }
+            };
             Some(like(x, dx)?)
         } else {
             None
@@ -448,6 +464,33 @@ mod tests {
                 "{kind:?}: forward {ey}, backward {eg}"
             );
             assert!(ey > 0.0, "{kind:?}: the half-width products did not run");
+            // With a LoRA pair as large as the base's part (its rank term is added where
+            // the half-width product stores its output), and with a dropout mask (added
+            // after).
+            let (r, s) = (5, 0.7);
+            let (a, bt) = (rand(&[r, inp], 4), rand(&[r, out], 5));
+            let keep = rand(&[33, inp], 6).ge(-0.5).unwrap();
+            let mask_t = (keep.to_dtype(candle_core::DType::F32).unwrap() * 1.5).unwrap();
+            for mask in [None, Some(&mask_t)] {
+                let args = [x.clone(), a.clone(), bt.clone()];
+                let (want_y, want_g) =
+                    grads(|t| reference(&t[0], &w, &t[1], &t[2], s, mask), &args, 7);
+                let op = || {
+                    let m = mask.map(|m| m.flatten_all().unwrap().to_vec1().unwrap());
+                    Lora::new(weight(&w), Some(packs.clone()), s as f32, m)
+                };
+                let (y, g) = grads(|t| t[0].apply_op3(&t[1], &t[2], op()).unwrap(), &args, 7);
+                let e = rel(&y, &want_y);
+                assert!(
+                    e < 1e-2,
+                    "{kind:?} lora, mask {}: forward {e}",
+                    mask.is_some()
+                );
+                for (i, (g, w)) in g.iter().zip(&want_g).enumerate() {
+                    let e = rel(g, w);
+                    assert!(e < 1e-2, "{kind:?} lora: gradient {i} {e}");
+                }
+            }
         }
     }
 
