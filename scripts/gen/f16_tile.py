@@ -14,7 +14,7 @@ lane sums more than SPAN products in fp16. Operands: `{a}` A (MR dwords a step),
     python3 scripts/gen/f16_tile.py > crates/tern/src/model/train_ops/f16_tile.s
 """
 
-MR, NV, SPAN = 8, 3, 64
+MR, NV, SPAN = 8, 3, 128
 LANES = 32 * NV
 
 

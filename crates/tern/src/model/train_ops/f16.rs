@@ -1,15 +1,17 @@
 //! The frozen base's products in fp16 on CPUs with AVX512-FP16 (`vfmadd231ph`: 32 fp16
 //! multiply-adds per instruction at the f32 FMA's issue rate, twice its work per cycle).
 //!
-//! fp16 sums lose precision and range as they grow, so no sum runs longer than 64 products in
-//! fp16: each tile widens its sums into an f32 tile every 64 depth steps (the
-//! precision of a 64-term fp16 sum, then f32 sums of those). Both operands are scaled by
-//! powers of two (exact) so that `|a| < 64` and `|b| < 8`: a product is then below 512 and
-//! 64 of them below 32768, so no fp16 sum can overflow, and small values keep fp16's 11
-//! significant bits down to 2^-19 of the largest. Measured on SmolLM2's shapes the products
-//! are within ~3e-4 relative (rms) of the f32 ones, against ~1e-4 for bf16-rounded operands
-//! summed in f32; torch's bf16 autocast also rounds each product's inputs to bf16.
-//!
+//! fp16 sums lose precision and range as they grow, so no sum runs longer than 128 products
+//! in fp16: each tile widens its sums into an f32 tile every 128 depth steps (the precision
+//! of a 128-term fp16 sum, then f32 sums of those). Both operands are scaled by powers of
+//! two (exact) so that `|a| < 64` and `|b| < 4`: a product is then below 256 and 128 of them
+//! below 32768, so no fp16 sum can overflow, and small values keep fp16's 11 significant
+//! bits down to 2^-18 of the largest. In this module's test the products (77 to 2561 deep)
+//! are within 3e-4 to 8e-4 relative (rms) of the exact ones, against ~1e-4 for bf16-rounded
+//! operands summed in f32; torch's bf16 autocast also rounds each product's inputs to bf16.
+//! Spans of 64 were ~1.5x as accurate and ~3% slower a training step (the widening is
+//! vector work on the FMA ports).
+
 //! On this repo's 2-core Emerald Rapids VM `vfmadd231ph` issues at the f32 FMA's rate (375
 //! against 175 GFLOP/s on one core); the tile runs at ~340 GFLOP/s a core.
 //!
@@ -35,7 +37,7 @@ const LANES: usize = 2 * NR;
 /// `A`'s scaled magnitude stays below `2^(A_TOP + 1)`.
 const A_TOP: i32 = 5;
 /// `B`'s scaled magnitude stays below `2^(B_TOP + 1)`.
-const B_TOP: i32 = 2;
+const B_TOP: i32 = 1;
 /// Most depth pairs a product runs in one chunk (a panel of 1024 pairs, 192 KB, is reused
 /// from L2); deeper ones go in chunks of at most [`KC`] pairs.
 const ONE_CHUNK: usize = 1024;
@@ -450,7 +452,7 @@ mod tests {
                 }
                 let rel = (err / norm).sqrt();
                 assert!(
-                    rel < 1e-3,
+                    rel < 2e-3,
                     "{m}x{k}x{n}+{r} row {i}: relative rms error {rel}"
                 );
                 assert!(rel > 0.0, "the fp16 products did not run");
