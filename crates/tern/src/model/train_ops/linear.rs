@@ -172,6 +172,19 @@ fn bottleneck(xm: &[f32], a: &[f32], rows: usize, r: usize, scale: f32) -> Vec<f
     product(Mat::new(xm, rows, inp), Mat::new(a, r, inp).t(), scale)
 }
 
+/// Refuses a rank term whose `v` is not `[r, cols]` (an adapter that does not fit the
+/// layer), before a product asserts on it.
+fn fits(up: &Option<RankUpdate>, cols: usize) -> candle_core::Result<()> {
+    match up {
+        Some(up) if up.v.len() != up.r * cols => candle_core::bail!(
+            "lora-linear: the adapter's rank-{} term has {} values, the layer {cols} columns",
+            up.r,
+            up.v.len()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// `x W^T (+ up)` as a new `[rows, out]` buffer (at half width when packs are given).
 pub(super) fn base(
     x: &[f32],
@@ -181,10 +194,12 @@ pub(super) fn base(
     up: Option<RankUpdate>,
 ) -> candle_core::Result<(Vec<f32>, usize)> {
     if let Some(p) = half {
+        fits(&up, p.fwd.dims().1)?;
         return Ok((p.fwd.product(x, rows, up), p.fwd.dims().1));
     }
     let w = w()?;
     let (out, inp) = w.dims2()?;
+    fits(&up, out)?;
     f32_of!(wv = w);
     let mut y = product(Mat::new(x, rows, inp), Mat::new(wv, out, inp).t(), 1.0);
     if let Some(up) = up {
@@ -202,10 +217,12 @@ pub(super) fn base_grad(
     up: Option<RankUpdate>,
 ) -> candle_core::Result<Vec<f32>> {
     if let Some(p) = half {
+        fits(&up, p.bwd.dims().1)?;
         return Ok(p.bwd.product(g, rows, up));
     }
     let w = w()?;
     let (out, inp) = w.dims2()?;
+    fits(&up, inp)?;
     f32_of!(wv = w);
     let mut dx = product(Mat::new(g, rows, out), Mat::new(wv, out, inp), 1.0);
     if let Some(up) = up {
@@ -492,6 +509,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A LoRA pair that does not fit the layer's weight is an error naming the pair, not a
+    /// panic in the product.
+    #[test]
+    fn a_pair_that_does_not_fit_the_weight_is_refused() {
+        let (w, x) = (rand(&[6, 10], 1), rand(&[5, 10], 2));
+        let (a, bt) = (rand(&[3, 10], 3), rand(&[3, 7], 4));
+        let op = Lora::new(weight(&w), None, 1.0, None);
+        let err = x.apply_op3(&a, &bt, op).unwrap_err().to_string();
+        assert!(
+            err.contains("lora-linear") && err.contains("rank-3"),
+            "{err}"
+        );
     }
 
     #[test]
