@@ -66,7 +66,7 @@ pub struct BatchAdapters {
 pub enum HalfProducts {
     /// bf16 operands summed in f32 (CPUs with AVX512-BF16).
     Bf16,
-    /// fp16 operands, fp16 sums of at most 64 products added in f32 (CPUs with AVX512-FP16).
+    /// fp16 operands, fp16 sums of at most 128 products added in f32 (CPUs with AVX512-FP16).
     F16,
 }
 

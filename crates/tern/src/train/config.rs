@@ -93,7 +93,7 @@ pub struct TrainConfig {
     /// torch's bf16 autocast; activations, attention, the loss and the adapter stay f32.
     pub bf16_matmul: bool,
     /// The frozen base's matrix products in fp16 on a CPU with AVX512-FP16 (fp16 sums of at
-    /// most 64 products, added in f32): twice the f32 FMA's work per cycle where that unit
+    /// most 128 products, added in f32): twice the f32 FMA's work per cycle where that unit
     /// runs at the f32 rate; activations, attention, the loss and the adapter stay f32.
     pub f16_matmul: bool,
     /// Pack several short examples into one sequence.

@@ -411,9 +411,9 @@ mod tests {
     use super::*;
 
     /// Against the f64 product, row by row: ragged rows, columns and depths (the packing's
-    /// tails and a short block), a depth past several 64-pair spans, one deep enough to go
-    /// in chunks, operands far from 1 and row blocks 10^6 apart in size (each block's own
-    /// scale); with and without a rank term.
+    /// tails and a short block), depths past one and several 128-pair spans, one deep
+    /// enough to go in chunks, operands far from 1 and row blocks 10^6 apart in size (each
+    /// block's own scale); with and without a rank term.
     #[test]
     fn f16_product_tracks_the_exact_product() {
         if !available() {
