@@ -541,7 +541,7 @@ fn train_output_dirs_and_resume_are_guarded() {
     let base = ["--model", model, "--out", out_s, "--rank", "4"];
     let run = |extra: &[&str]| tern(&[&["train"], &base[..], &["--data", data], extra].concat());
     let o = run(&["--batch-size", "2", "--max-steps", "4", "--save-every", "2"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{}", stderr(&o));
     let before = snapshot(&out);
 
     // A second run into the same --out would overwrite the first and prune its checkpoints.
@@ -582,11 +582,11 @@ fn train_output_dirs_and_resume_are_guarded() {
         "--max-steps",
         "6",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("6 steps"));
     std::fs::write(out.join("notes.txt"), "mine").unwrap();
     let o = run(&["--force", "--max-steps", "1"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{}", stderr(&o));
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 1);
     assert!(!out.join("checkpoint-6").exists() && !out.join("checkpoint-4").exists());
@@ -670,7 +670,7 @@ fn train_refuses_bad_values_by_name() {
         &["train"],
         &cat(&base, &["--target-modules", "q_proj", "--rank", "4"]),
     ));
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{}", stderr(&o));
     let c: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(PathBuf::from(out).join("adapter_config.json")).unwrap(),
     )
@@ -707,7 +707,7 @@ fn train_says_why_examples_are_skipped() {
         "--max-seq-len",
         "16",
     ]);
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert!(
         err.contains("1 example has no assistant turn or completion"),

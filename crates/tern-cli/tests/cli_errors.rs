@@ -8,10 +8,6 @@ mod common;
 use common::*;
 use std::process::{Command, Stdio};
 
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// `tern quantize` of the llama fixture to an F16 GGUF at `out`.
 fn quantize_llama(out: &str) -> std::process::Output {
     let model = fixture("llama");

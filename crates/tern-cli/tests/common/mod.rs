@@ -8,6 +8,11 @@ pub fn tern(args: &[&str]) -> Output {
     tern_env(args, &[])
 }
 
+/// A run's stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 /// `tern` with extra environment variables.
 pub fn tern_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tern"))
