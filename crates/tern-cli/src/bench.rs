@@ -6,6 +6,18 @@ use std::path::PathBuf;
 use tern::bench::generate::GenerateBenchOptions;
 use tern::LoadOptions;
 
+/// A count flag that must be at least `min`: clap refuses less, naming the flag and the
+/// bound (a zero had run a default silently, or failed deep inside with an unrelated error).
+pub(crate) fn at_least(
+    min: usize,
+) -> impl Fn(&str) -> std::result::Result<usize, String> + Clone + Send + Sync + 'static {
+    move |s| match s.parse::<usize>() {
+        Ok(n) if n >= min => Ok(n),
+        Ok(_) => Err(format!("must be at least {min}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// What to measure.
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -39,7 +51,7 @@ pub struct QualityBenchArgs {
     #[arg(long)]
     pub gguf: Vec<PathBuf>,
     /// Tokens per scoring window (windows overlap by half).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = at_least(2))]
     pub ctx: usize,
     /// Compute dtype.
     #[arg(long)]
@@ -102,7 +114,7 @@ pub struct PrefixBenchArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Tokens in the shared prefix.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = at_least(1))]
     pub prefix_tokens: usize,
     #[command(flatten)]
     pub load: crate::load_args::LoadArgs,
@@ -131,13 +143,13 @@ pub struct BatchBenchArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Prompts.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least(1))]
     pub rows: usize,
     /// Rows decoded together.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least(1))]
     pub batch: usize,
     /// Tokens per row.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = at_least(1))]
     pub max_tokens: usize,
     /// Rounds of both ways, interleaved; the speedup is the median of each round's own ratio
     /// (a shared machine's speed drifts between runs), tok/s the best round of each way.
@@ -202,16 +214,16 @@ pub struct TrainBenchArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// LoRA rank.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least(1))]
     pub rank: usize,
     /// Sequences per step.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least(1))]
     pub batch: usize,
     /// Tokens per sequence.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = at_least(2))]
     pub seq_len: usize,
     /// Timed steps.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = at_least(1))]
     pub steps: usize,
     /// Recompute each layer in backward (less memory, more compute).
     #[arg(long)]
@@ -236,19 +248,19 @@ pub struct AdapterBenchArgs {
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Rank of the random adapters.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least(1))]
     pub rank: usize,
     /// Prompt length in tokens.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = at_least(1))]
     pub prompt_tokens: usize,
-    /// Tokens to decode per run.
-    #[arg(long, default_value_t = 64)]
+    /// Tokens to decode per run (at least 2: the first comes from the prompt's pass).
+    #[arg(long, default_value_t = 64, value_parser = at_least(2))]
     pub gen_tokens: usize,
     /// Timed runs (best kept).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = at_least(1))]
     pub runs: usize,
     /// Rows of the batched comparison.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least(1))]
     pub batch: usize,
     #[command(flatten)]
     pub load: crate::load_args::LoadArgs,
@@ -264,13 +276,13 @@ pub struct GenerateBenchArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Prompt length in tokens.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = at_least(1))]
     pub prompt_tokens: usize,
-    /// Tokens to decode per run.
-    #[arg(long, default_value_t = 64)]
+    /// Tokens to decode per run (at least 2: the first comes from the prompt's pass).
+    #[arg(long, default_value_t = 64, value_parser = at_least(2))]
     pub gen_tokens: usize,
     /// Timed runs (best kept).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = at_least(1))]
     pub runs: usize,
     #[command(flatten)]
     pub load: crate::load_args::LoadArgs,

@@ -1,6 +1,7 @@
 //! `tern bench serve`: serving throughput and latency under a bounded load, in-process
 //! (`--model`) or against a server already running on this machine (`--url`).
 
+use crate::bench::at_least;
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -26,13 +27,13 @@ pub struct ServeBenchArgs {
     #[arg(long, env = "TERN_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Client concurrencies (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32", value_parser = at_least(1))]
     pub concurrency: Vec<usize>,
     /// Requests per measurement.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = at_least(1))]
     pub requests: usize,
     /// Tokens per request.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = at_least(1))]
     pub max_tokens: usize,
     /// Cap on each measurement, in seconds (requests not sent by then are reported).
     #[arg(long, default_value_t = 120)]
@@ -41,10 +42,10 @@ pub struct ServeBenchArgs {
     #[arg(long, default_value_t = 4)]
     pub adapters: usize,
     /// Their rank.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least(1))]
     pub rank: usize,
     /// The in-process server's batch size.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = at_least(1))]
     pub max_batch: usize,
     #[command(flatten)]
     pub load: crate::load_args::LoadArgs,
@@ -110,7 +111,8 @@ pub fn run(a: ServeBenchArgs) -> Result<()> {
                 report,
             });
         }
-        return print(&rows);
+        print(&rows)?;
+        return none_failed_wholly(&rows);
     }
     let Some(model) = &a.model else {
         bail!("give --model PATH or --url URL");
@@ -128,5 +130,24 @@ pub fn run(a: ServeBenchArgs) -> Result<()> {
             max_batch: a.max_batch,
         },
     )?;
-    print(&rows)
+    print(&rows)?;
+    none_failed_wholly(&rows)
+}
+
+/// A measurement in which no request succeeded (nothing listening, a wrong key or model) is
+/// an error after the table, naming the first failure: a script must not read its zeros as
+/// a result.
+fn none_failed_wholly(rows: &[ServeBenchRow]) -> Result<()> {
+    match rows.iter().find(|r| r.report.ok == 0) {
+        Some(r) => bail!(
+            "no request succeeded ({}, concurrency {}): {}",
+            r.scenario,
+            r.report.concurrency,
+            r.report
+                .first_error
+                .as_deref()
+                .unwrap_or("none was sent in time")
+        ),
+        None => Ok(()),
+    }
 }

@@ -163,22 +163,32 @@ pub fn run(a: TrainArgs) -> Result<()> {
         |lm, t, n_train, n_eval| {
             let total = t.total_steps(n_train);
             eprintln!(
-                "training a rank-{} LoRA ({} parameters) on {}: {n_train} examples, {n_eval} for eval, {total} steps",
+                "training a rank-{} LoRA ({} parameters) on {}: {}, {n_eval} for eval, {}",
                 cfg.rank,
                 t.trainable_params(),
                 lm.source.display(),
+                count(n_train, "example"),
+                count(total, "step"),
             );
             bar.set_length(total as u64);
             bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
             bar.set_style(
-                ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
-                    .expect("static template"),
+                ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+                )
+                .expect("static template"),
             );
         },
         |r| {
-            let eval = r.eval_loss.map(|e| format!(" eval {e:.4}")).unwrap_or_default();
+            let eval = r
+                .eval_loss
+                .map(|e| format!(" eval {e:.4}"))
+                .unwrap_or_default();
             bar.set_position(r.step as u64);
-            bar.set_message(format!("loss {:.4}{eval} lr {:.2e} {:.0} tok/s", r.loss, r.lr, r.tokens_per_s));
+            bar.set_message(format!(
+                "loss {:.4}{eval} lr {:.2e} {:.0} tok/s",
+                r.loss, r.lr, r.tokens_per_s
+            ));
         },
     )
     .context("training")?;
@@ -200,4 +210,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         report.out.display()
     );
     Ok(())
+}
+
+/// `1 step`, `2 steps`.
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }

@@ -1,7 +1,8 @@
 //! How the binary reports failure: one line whatever the environment says about backtraces,
 //! no cause printed twice, a mistyped local path told apart from a Hub id, a closed output
-//! pipe ending the process quietly instead of a panic, and `generate` / `chat` flags and
-//! commands that used to be ignored or misread.
+//! pipe ending the process quietly instead of a panic, `generate` / `chat` flags and
+//! commands that used to be ignored or misread, and benchmarks that reported nothing as a
+//! result.
 
 mod common;
 
@@ -168,5 +169,51 @@ fn chat_commands_do_what_they_say() {
     assert!(
         !o.status.success() && e.contains("--max-tokens must be at least 1"),
         "{e}"
+    );
+}
+
+/// A benchmark count below what it can measure is refused by name before anything loads
+/// (zero decode tokens had silently run two, a zero batch failed in a tensor op), and a
+/// load test in which no request succeeded exits non-zero naming the first failure instead
+/// of printing a table of zeros as its result.
+#[test]
+fn bench_counts_too_small_and_a_dead_server_are_errors() {
+    for (args, flag, min) in [
+        (vec!["generate", "--gen-tokens", "1"], "--gen-tokens", 2),
+        (vec!["adapters", "--batch", "0"], "--batch", 1),
+        (vec!["train", "--steps", "0"], "--steps", 1),
+        (vec!["serve", "--concurrency", "4,0"], "--concurrency", 1),
+    ] {
+        let mut all = vec!["bench"];
+        all.extend(&args);
+        all.extend(["--model", "no-such-model"]);
+        let o = tern(&all);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{args:?}");
+        let want = format!("at least {min}");
+        assert!(err.contains(flag) && err.contains(&want), "{args:?}: {err}");
+    }
+    // A port nothing listens on: bound, then let go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let o = tern(&[
+        "bench",
+        "serve",
+        "--url",
+        &url,
+        "--concurrency",
+        "1",
+        "--requests",
+        "2",
+    ]);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("no request succeeded") && err.contains(&url),
+        "{err}"
     );
 }
