@@ -196,6 +196,47 @@ fn force_never_replaces_what_merge_reads() {
     merge_checkpoint(&base, &adapter, &parent.join("merged"), &force).unwrap();
 }
 
+/// An adapter holding a NaN (a diverged run's output) is refused by module name before a
+/// merge writes anything.
+#[test]
+fn merge_refuses_an_adapter_holding_nan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = tmp.path().join("adapter");
+    copy_dir(&adapter_dir("qwen2_qv_bf16"), &adapter);
+    let file = adapter.join("adapter_model.safetensors");
+    let mut tensors: Vec<(String, Tensor)> =
+        candle_core::safetensors::load(&file, &candle_core::Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let (name, t) = tensors
+        .iter_mut()
+        .find(|(n, _)| n.contains("lora_B"))
+        .unwrap();
+    let module = name.split(".lora_B").next().unwrap().to_string();
+    let mut v: Vec<f32> = t
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    v[1] = f32::NAN;
+    *t = Tensor::from_vec(v, t.shape(), t.device())
+        .unwrap()
+        .to_dtype(t.dtype())
+        .unwrap();
+    tern::checkpoint::safetensors::write_atomic(&file, &tensors).unwrap();
+    let out = tmp.path().join("merged");
+    let e = merge_checkpoint(&fixture("qwen2"), &adapter, &out, &MergeOptions::default())
+        .unwrap_err()
+        .to_string();
+    let module = module.trim_start_matches("base_model.model.");
+    assert!(e.contains(module) && e.contains("NaN"), "{e}");
+    assert!(!out.exists());
+}
+
 #[test]
 fn in_memory_merge_and_unmerge() {
     let r = adapter_ref("llama_rslora_all");

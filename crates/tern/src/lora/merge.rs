@@ -103,6 +103,25 @@ pub fn slots_from_headers<'a>(
     slots
 }
 
+/// Refuses an adapter holding NaN or infinite values, naming the first module: folded in,
+/// they would spread through every output of its layer, and the written checkpoint would
+/// look whole until it generated garbage.
+fn refuse_non_finite(lora: &LoraAdapter, dir: &Path) -> Result<()> {
+    for (module, p) in lora.modules() {
+        for (half, t) in [("lora_A", &p.a), ("lora_B", &p.bt)] {
+            let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            if let Some(x) = v.iter().find(|x| !x.is_finite()) {
+                return Err(TernError::InvalidArgument(format!(
+                    "{}: `{module}.{half}` holds {x}: the adapter is corrupt or its training \
+                     diverged; merge a good checkpoint of it instead",
+                    dir.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Folds the adapter at `adapter` into the Hugging Face checkpoint at `model` and writes the
 /// result to `out`.
 pub fn merge_checkpoint(
@@ -138,6 +157,7 @@ pub fn merge_checkpoint(
             .flat_map(|f| f.entries().iter().map(|(k, e)| (k, e.shape.as_slice()))),
     );
     let lora = LoraAdapter::load(adapter, "merge", &slots, DType::F32, &Device::Cpu)?;
+    refuse_non_finite(&lora, adapter)?;
 
     // Plan: specs in name order, split into shards.
     let specs: Vec<TensorSpec> = tensors
