@@ -113,6 +113,16 @@ pub(crate) fn one_line(e: &anyhow::Error) -> String {
     text
 }
 
+/// Ctrl-C removes the temp files and directories the atomic writers have in flight before
+/// the process ends (each had left a `.NAME.tmp-*` beside its output), and exits 130 as a
+/// shell expects. Not for `chat` (its own handler stops a reply) or `serve` (tokio's).
+fn clean_up_on_interrupt() {
+    let _ = ctrlc::set_handler(|| {
+        tern::checkpoint::pending::remove_pending();
+        std::process::exit(130);
+    });
+}
+
 fn main() -> ExitCode {
     // candle attaches a backtrace to every error it makes when RUST_BACKTRACE is set (dozens
     // of lines inside a one-line message, and a capture per error even when it is handled);
@@ -128,6 +138,16 @@ fn main() -> ExitCode {
         tune_allocator();
     }
     init_logging(cli.verbose);
+    if matches!(
+        cli.command,
+        Command::Generate(_)
+            | Command::Merge(_)
+            | Command::Train(_)
+            | Command::Convert(_)
+            | Command::Quantize(_)
+    ) {
+        clean_up_on_interrupt();
+    }
     // Single-threaded here, before any model code: see the function's doc for why.
     if matches!(
         cli.command,

@@ -6,6 +6,7 @@ pub mod gguf;
 pub mod gguf_write;
 pub mod hf_dir;
 pub mod hub;
+pub mod pending;
 pub mod pickle;
 pub mod safetensors;
 pub mod tensor_file;

@@ -3,6 +3,7 @@
 //! a half file behind. Tensors can be handed over whole or streamed one at a time (a merge
 //! never holds a second copy of the model).
 
+use super::pending::Pending;
 use crate::error::{Result, TernError};
 use candle_core::{DType, Device, Tensor};
 use std::io::Write;
@@ -17,6 +18,8 @@ pub struct StagedDir {
     out: PathBuf,
     parent: PathBuf,
     name: String,
+    /// Registers the temp directory for an interrupt to remove (dropped after `tmp`).
+    _pending: Pending,
 }
 
 impl StagedDir {
@@ -46,6 +49,7 @@ impl StagedDir {
             .tempdir_in(&parent)
             .map_err(|e| TernError::io(&parent, e))?;
         Ok(Self {
+            _pending: Pending::new(tmp.path()),
             tmp,
             out: out.to_path_buf(),
             parent,
@@ -272,6 +276,7 @@ pub fn write_file_atomic<T>(
     body: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<T>,
 ) -> Result<T> {
     let tmp = temp_beside(path);
+    let _pending = Pending::new(&tmp);
     let result = (|| -> Result<T> {
         let io = |e| TernError::io(path, e);
         // As the directory writers do: a missing parent is made, not an error.
