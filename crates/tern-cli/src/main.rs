@@ -138,16 +138,6 @@ fn main() -> ExitCode {
         tune_allocator();
     }
     init_logging(cli.verbose);
-    if matches!(
-        cli.command,
-        Command::Generate(_)
-            | Command::Merge(_)
-            | Command::Train(_)
-            | Command::Convert(_)
-            | Command::Quantize(_)
-    ) {
-        clean_up_on_interrupt();
-    }
     // Single-threaded here, before any model code: see the function's doc for why.
     if matches!(
         cli.command,
@@ -159,6 +149,17 @@ fn main() -> ExitCode {
             | Command::Chat(_)
     ) {
         tern::device::pin_cpu_threads();
+    }
+    // After that: the handler is a thread of its own.
+    if matches!(
+        cli.command,
+        Command::Generate(_)
+            | Command::Merge(_)
+            | Command::Train(_)
+            | Command::Convert(_)
+            | Command::Quantize(_)
+    ) {
+        clean_up_on_interrupt();
     }
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
