@@ -39,10 +39,13 @@ fn lock() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
 /// instead of leaving a new one behind.
 pub fn remove_pending() {
     let v = lock();
-    for p in v.iter() {
-        let _ = std::fs::remove_dir_all(p).or_else(|_| std::fs::remove_file(p));
-    }
+    v.iter().for_each(|p| remove(p));
     std::mem::forget(v);
+}
+
+/// Removes a temp directory or file, whichever `p` is (or nothing, if it is gone).
+fn remove(p: &Path) {
+    let _ = std::fs::remove_dir_all(p).or_else(|_| std::fs::remove_file(p));
 }
 
 #[cfg(test)]
@@ -64,9 +67,10 @@ mod tests {
         drop(Pending::new(&done));
         std::fs::write(&done, b"x").unwrap();
         // As the handler would, but without keeping the registry locked for the other tests.
-        for p in lock().iter().filter(|p| p.starts_with(d.path())) {
-            let _ = std::fs::remove_dir_all(p).or_else(|_| std::fs::remove_file(p));
-        }
+        lock()
+            .iter()
+            .filter(|p| p.starts_with(d.path()))
+            .for_each(|p| remove(p));
         assert!(!f.exists() && !g.exists() && done.exists());
     }
 }
