@@ -50,9 +50,11 @@ pub struct BatchAdapters {
     train: bool,
     /// LoRA dropout on the adapter's input while training: probability and mask seed.
     dropout: Option<(f32, u64)>,
-    /// Set when layers are recomputed in backward (gradient checkpointing): where the
-    /// recomputations leave the adapter variables' gradients.
-    checkpoint: Option<Arc<GradSink>>,
+    /// Where ops that compute the adapter variables' gradients outside candle's graph
+    /// (fused decoder layers, checkpointed layers' recomputations) leave them.
+    sink: Option<Arc<GradSink>>,
+    /// Layers are recomputed in backward (gradient checkpointing; needs `sink`).
+    checkpoint: bool,
     /// Rows are the positions of a flattened `[1, tokens, ..]` batch (several sequences'
     /// prompts run as one), not its first dimension.
     tokens: bool,
@@ -70,8 +72,8 @@ pub enum HalfProducts {
     F16,
 }
 
-/// Gradients of variables collected outside the main backward pass (by checkpointed layers
-/// that recompute themselves), summed by tensor id.
+/// Gradients of variables collected outside the main backward pass (by fused decoder layers,
+/// and checkpointed layers that recompute themselves), summed by tensor id.
 #[derive(Debug, Default)]
 pub struct GradSink(std::sync::Mutex<std::collections::HashMap<candle_core::TensorId, Tensor>>);
 
@@ -108,7 +110,8 @@ impl BatchAdapters {
         Self {
             train: false,
             dropout: None,
-            checkpoint: None,
+            sink: None,
+            checkpoint: false,
             tokens: false,
             half_base: None,
             groups: adapter
@@ -145,7 +148,8 @@ impl BatchAdapters {
             groups,
             train: false,
             dropout: None,
-            checkpoint: None,
+            sink: None,
+            checkpoint: false,
             tokens: false,
             half_base: None,
         })
@@ -187,22 +191,35 @@ impl BatchAdapters {
         self.half_base.filter(|_| self.train)
     }
 
+    /// Lets a training step's ops leave the adapter variables' gradients in `sink` instead
+    /// of candle's gradient store (the caller adds both): on the CPU each decoder layer then
+    /// runs as one op.
+    pub fn with_grad_sink(mut self, sink: Arc<GradSink>) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
+    /// The gradient sink, while training.
+    pub fn grad_sink(&self) -> Option<&Arc<GradSink>> {
+        self.sink.as_ref().filter(|_| self.train)
+    }
+
     /// Recompute each decoder layer in backward instead of keeping its activations; the
     /// adapter variables' gradients from those recomputations go to `sink`.
     pub fn with_checkpointing(mut self, sink: Arc<GradSink>) -> Self {
-        self.checkpoint = Some(sink);
-        self
+        self.checkpoint = true;
+        self.with_grad_sink(sink)
     }
 
     /// The gradient sink when checkpointing.
     pub fn checkpoint_sink(&self) -> Option<&Arc<GradSink>> {
-        self.checkpoint.as_ref()
+        self.grad_sink().filter(|_| self.checkpoint)
     }
 
     /// The same adapters without checkpointing (what a recomputed layer runs with).
     pub fn without_checkpointing(&self) -> Self {
         Self {
-            checkpoint: None,
+            checkpoint: false,
             ..self.clone()
         }
     }

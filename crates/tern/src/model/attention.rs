@@ -11,6 +11,9 @@ use crate::lora::BatchAdapters;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::kv_cache::KvCache;
 
+/// [`Attention::train_parts`]: q, k, v, o, `(heads, kv heads, head size)`, the window.
+pub(crate) type TrainParts<'a> = ([&'a Linear; 4], (usize, usize, usize), Option<usize>);
+
 /// One attention block.
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -379,6 +382,16 @@ impl Attention {
         [&self.q, &self.k, &self.v, &self.o]
             .iter()
             .any(|l| l.is_quantized())
+    }
+
+    /// What a fused training layer takes: q, k, v, o and `(heads, kv heads, head size)`,
+    /// with the window. `None` with per-head q/k norms (those run as candle-graph ops).
+    pub(crate) fn train_parts(&self) -> Option<TrainParts<'_>> {
+        if self.q_norm.is_some() || self.k_norm.is_some() {
+            return None;
+        }
+        let heads = (self.heads, self.kv_heads, self.head_dim);
+        Some(([&self.q, &self.k, &self.v, &self.o], heads, self.window))
     }
 
     /// Its four projections.

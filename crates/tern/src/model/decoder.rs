@@ -38,6 +38,13 @@ impl Block {
         ad: &BatchAdapters,
     ) -> Result<Tensor> {
         let train = ad.is_training();
+        if train && offset == 0 {
+            let norms = [&self.attn_norm, &self.mlp_norm];
+            if let Some(y) = super::train_layer::forward(norms, &self.attn, &self.mlp, x, rope, ad)?
+            {
+                return Ok(y);
+            }
+        }
         let h = self.attn.forward(
             &self.attn_norm.forward_with(x, train)?,
             rope,

@@ -215,20 +215,42 @@ impl Linear {
     /// for the whole batch); `None` where the candle-op path must run.
     fn forward_train(&self, x: &Tensor, adapters: &BatchAdapters) -> Result<Option<Tensor>> {
         use super::train_ops::linear::{Frozen, Lora};
+        let in_dim = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / in_dim.max(1);
+        let Some(proj) = self.train_proj(rows, adapters)? else {
+            return Ok(None);
+        };
+        // The ops take `x` at any rank: no reshapes (graph nodes) around them.
+        let x2 = x.contiguous()?;
+        let (w, half) = (proj.w, proj.half);
+        let y = match proj.pair {
+            None => x2.apply_op1(Frozen { w, half })?,
+            Some(p) => x2.apply_op3(&p.a, &p.bt, Lora::new(w, half, p.scale, p.mask))?,
+        };
+        Ok(Some(self.add_bias(y)?))
+    }
+
+    /// This layer as a training op takes it, over `rows` input rows: the frozen weight and
+    /// the adapter's pair (contiguous f32 variables) with its dropout mask. `None` where rows
+    /// have different adapters or the pair is not f32 (the candle-op path runs instead).
+    /// The bias is the caller's.
+    pub(crate) fn train_proj(
+        &self,
+        rows: usize,
+        adapters: &BatchAdapters,
+    ) -> Result<Option<super::train_ops::layer::Proj>> {
+        use super::train_ops::layer::{Proj, ProjPair};
         let Some(pair) = adapters.whole_batch_pair(self.slot) else {
             return Ok(None);
         };
         if pair.is_some_and(|(p, _)| p.a.dtype() != DType::F32 || p.bt.dtype() != DType::F32) {
             return Ok(None);
         }
-        let in_dim = x.dim(candle_core::D::Minus1)?;
-        let rows = x.elem_count() / in_dim.max(1);
-        // The ops take `x` at any rank: no reshapes (graph nodes) around them.
-        let x2 = x.contiguous()?;
         let (w, half) = self.train_weight(adapters)?;
-        let y = match pair {
-            None => x2.apply_op1(Frozen { w, half })?,
+        let pair = match pair {
+            None => None,
             Some((p, dropout)) => {
+                let in_dim = p.a.dim(1)?;
                 let mask = dropout.map(|(rate, seed)| {
                     crate::lora::apply::dropout_keep(
                         rows * in_dim,
@@ -237,11 +259,20 @@ impl Linear {
                         self.slot.unwrap_or(0),
                     )
                 });
-                let (a, bt) = (p.a.contiguous()?, p.bt.contiguous()?);
-                x2.apply_op3(&a, &bt, Lora::new(w, half, p.scale as f32, mask))?
+                Some(ProjPair {
+                    a: p.a.contiguous()?,
+                    bt: p.bt.contiguous()?,
+                    scale: p.scale as f32,
+                    mask,
+                })
             }
         };
-        Ok(Some(self.add_bias(y)?))
+        Ok(Some(Proj { w, half, pair }))
+    }
+
+    /// Whether the layer adds a bias.
+    pub(crate) fn has_bias(&self) -> bool {
+        self.b.is_some()
     }
 
     /// The frozen weight as a training op takes it: its f32 source (dequantizing when stored
@@ -566,6 +597,11 @@ impl Mlp {
     /// Its three linear layers.
     pub fn linears_mut(&mut self) -> [&mut Linear; 3] {
         [&mut self.gate, &mut self.up, &mut self.down]
+    }
+
+    /// Gate, up, down.
+    pub(crate) fn linears(&self) -> [&Linear; 3] {
+        [&self.gate, &self.up, &self.down]
     }
 }
 

@@ -16,6 +16,7 @@ pub mod layers;
 pub mod load;
 pub mod norm;
 pub mod rope;
+mod train_layer;
 pub(crate) mod train_ops;
 
 pub use config::{Family, ModelConfig, RopeScaling};

@@ -18,6 +18,11 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// Weight and epsilon as a fused training layer takes them (`None` unless f32).
+    pub(crate) fn train_parts(&self) -> Option<(Tensor, f32)> {
+        (self.w.dtype() == DType::F32).then(|| (self.w.clone(), self.eps))
+    }
+
     /// Loads `{name}` of shape `[dim]`.
     pub fn load(w: &crate::checkpoint::Weights, name: &str, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {

@@ -202,13 +202,28 @@ impl Rope {
         hd: usize,
         per_pos: usize,
     ) -> Result<Tensor> {
+        let (cos, sin) = self.tables(offset, seq)?;
         let op = super::train_ops::pointwise::RopeOp {
-            cos: self.cos.narrow(0, offset, seq)?.contiguous()?,
-            sin: self.sin.narrow(0, offset, seq)?.contiguous()?,
+            cos,
+            sin,
             hd,
             per_pos,
         };
         Ok(x.contiguous()?.apply_op1(op)?)
+    }
+
+    /// The `(cos, sin)` rows `[seq, hd / 2]` of positions `offset..offset + seq`.
+    fn tables(&self, offset: usize, seq: usize) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.cos.narrow(0, offset, seq)?.contiguous()?,
+            self.sin.narrow(0, offset, seq)?.contiguous()?,
+        ))
+    }
+
+    /// A training step's tables for positions `0..seq` (checked against the context).
+    pub(crate) fn train_tables(&self, seq: usize) -> Result<(Tensor, Tensor)> {
+        self.check_end(seq)?;
+        self.tables(0, seq)
     }
 
     /// Whether the tables are f32 (the training ops' rope needs them so).

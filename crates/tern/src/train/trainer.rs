@@ -291,11 +291,14 @@ impl<'a> Trainer<'a> {
             ad = ad
                 .for_training()
                 .with_dropout(self.cfg.dropout as f32, seed);
-            if self.cfg.grad_checkpointing {
-                let s = Arc::new(GradSink::default());
-                ad = ad.with_checkpointing(s.clone());
-                sink = Some(s);
-            }
+            // Fused and checkpointed layers deliver their variables' gradients on the side.
+            let s = Arc::new(GradSink::default());
+            ad = if self.cfg.grad_checkpointing {
+                ad.with_checkpointing(s.clone())
+            } else {
+                ad.with_grad_sink(s.clone())
+            };
+            sink = Some(s);
         }
         let h = model.forward_hidden_with(&ids, &mut model.new_cache(), &ad)?;
         // Position p predicts token p + 1: only target positions reach the output head.
@@ -358,7 +361,7 @@ impl<'a> Trainer<'a> {
                     // activation alive through the optimizer's moments, step after step.
                     *g = (&*g + d.detach())?;
                 }
-                // Checkpointed layers deliver their variables' gradients on the side.
+                // Fused and checkpointed layers deliver theirs on the side.
                 if let Some(d) = sink.as_ref().and_then(|s| s.take(v.as_tensor())) {
                     *g = (&*g + d)?;
                 }

@@ -34,13 +34,7 @@ pub(crate) fn causal_attention(
     (heads, kv_heads, hd): (usize, usize, usize),
     window: Option<usize>,
 ) -> candle_core::Result<Tensor> {
-    let op = CausalAttention {
-        heads,
-        hd,
-        kv_heads,
-        window,
-        probs: Mutex::new(Vec::new()),
-    };
+    let op = CausalAttention::new((heads, kv_heads, hd), window);
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
@@ -88,29 +82,33 @@ impl CausalAttention {
         Ok((q[0], q[1], h, hd))
     }
 
+    /// The op for `heads` query heads over `kv_heads`, of `hd` values each.
+    pub(super) fn new((heads, kv_heads, hd): (usize, usize, usize), window: Option<usize>) -> Self {
+        Self {
+            heads,
+            hd,
+            kv_heads,
+            window,
+            probs: Mutex::new(Vec::new()),
+        }
+    }
+
     /// First key position row `i` may see.
     fn lo(&self, i: usize) -> usize {
         self.window.map_or(0, |w| (i + 1).saturating_sub(w))
     }
-}
 
-impl CustomOp3 for CausalAttention {
-    fn name(&self) -> &'static str {
-        "causal-attention"
-    }
-
-    fn cpu_fwd(
+    /// Forward on token-major `q`, `k`, `v` of `b` sequences of `s` (sizes checked by the
+    /// caller): the output `[b, s, heads * hd]` and the probabilities `[b, heads, s, s]`.
+    pub(super) fn run(
         &self,
-        qs: &CpuStorage,
-        ql: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
-        vs: &CpuStorage,
-        vl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, s, h, hd) = self.dims(ql.dims(), kl.dims(), vl.dims())?;
-        let kv = self.kv_heads;
-        let (q, k, v) = (cpu_f32(qs, ql)?, cpu_f32(ks, kl)?, cpu_f32(vs, vl)?);
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        b: usize,
+        s: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (h, kv, hd) = (self.heads, self.kv_heads, self.hd);
         let scale = 1.0 / (hd as f32).sqrt();
         let (mut probs, mut y) = (Unfilled::new(b * h * s * s), Unfilled::new(b * s * h * hd));
         let (pp, yp) = (probs.ptr(), y.ptr());
@@ -145,28 +143,24 @@ impl CustomOp3 for CausalAttention {
         });
         // SAFETY: each task wrote its head's probabilities (the product, then every row of
         // it) and its head's output rows.
-        let (probs, y) = unsafe { (probs.written(), y.written()) };
-        *self.probs.lock().unwrap_or_else(|e| e.into_inner()) = probs;
-        Ok((CpuStorage::F32(y), Shape::from((b, s, h * hd))))
+        unsafe { (y.written(), probs.written()) }
     }
 
-    fn bwd(
+    /// Backward from the output gradient `g` and forward's `probs`: `(dq, dk, dv)`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn grads(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, s, h, hd) = self.dims(q.dims(), k.dims(), v.dims())?;
-        let kv = self.kv_heads;
+        qv: &[f32],
+        kvv: &[f32],
+        vv: &[f32],
+        probs: &[f32],
+        g: &[f32],
+        b: usize,
+        s: usize,
+    ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let (h, kv, hd) = (self.heads, self.kv_heads, self.hd);
         let rep = h / kv;
         let scale = 1.0 / (hd as f32).sqrt();
-        f32_of!(g = grad);
-        f32_of!(qv = q);
-        f32_of!(kvv = k);
-        f32_of!(vv = v);
-        let probs = std::mem::take(&mut *self.probs.lock().unwrap_or_else(|e| e.into_inner()));
         if probs.len() != b * h * s * s {
             candle_core::bail!("causal-attention: backward without its forward")
         }
@@ -216,6 +210,46 @@ impl CustomOp3 for CausalAttention {
         });
         // SAFETY: each kv group's task scattered all rows of its heads' dQ and its dK, dV.
         let (dq, dk, dv) = unsafe { (dq.written(), dk.written(), dv.written()) };
+        Ok((dq, dk, dv))
+    }
+}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, s, h, hd) = self.dims(ql.dims(), kl.dims(), vl.dims())?;
+        let (q, k, v) = (cpu_f32(qs, ql)?, cpu_f32(ks, kl)?, cpu_f32(vs, vl)?);
+        let (y, probs) = self.run(q, k, v, b, s);
+        *self.probs.lock().unwrap_or_else(|e| e.into_inner()) = probs;
+        Ok((CpuStorage::F32(y), Shape::from((b, s, h * hd))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, s, _, _) = self.dims(q.dims(), k.dims(), v.dims())?;
+        f32_of!(g = grad);
+        f32_of!(qv = q);
+        f32_of!(kv = k);
+        f32_of!(vv = v);
+        let probs = std::mem::take(&mut *self.probs.lock().unwrap_or_else(|e| e.into_inner()));
+        let (dq, dk, dv) = self.grads(qv, kv, vv, &probs, g, b, s)?;
         Ok((Some(like(q, dq)?), Some(like(k, dk)?), Some(like(v, dv)?)))
     }
 }

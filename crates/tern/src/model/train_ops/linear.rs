@@ -156,7 +156,7 @@ fn out_shape(dims: &[usize], out: usize) -> Shape {
 }
 
 /// `x∘mask`, or `x` itself.
-fn masked<'a>(x: &'a [f32], mask: &Option<Vec<f32>>, buf: &'a mut Vec<f32>) -> &'a [f32] {
+fn masked<'a>(x: &'a [f32], mask: Option<&[f32]>, buf: &'a mut Vec<f32>) -> &'a [f32] {
     match mask {
         Some(m) => {
             *buf = x.iter().zip(m).map(|(a, b)| a * b).collect();
@@ -280,12 +280,14 @@ impl CustomOp3 for Lora {
                 bl.dims()
             )
         }
-        let mut buf = Vec::new();
-        let xm = masked(x, &self.mask, &mut buf);
-        let t = bottleneck(xm, a, rows, r, self.scale);
-        let up = RankUpdate { u: &t, v: bt, r };
-        // `base` refuses a B^T that does not fit the weight's outputs.
-        let (y, _) = base(x, rows, &self.w, &self.half, Some(up))?;
+        let pair = PairRef {
+            a,
+            bt,
+            r,
+            scale: self.scale,
+            mask: self.mask.as_deref(),
+        };
+        let (y, t) = lora_forward(x, rows, &self.w, &self.half, &pair)?;
         *self.t.lock().unwrap_or_else(|e| e.into_inner()) = t;
         Ok((CpuStorage::F32(y), out_shape(xl.dims(), out)))
     }
@@ -298,45 +300,111 @@ impl CustomOp3 for Lora {
         _: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (rows, inp) = flat(x.dims())?;
-        let (r, out) = bt.dims2()?;
+        let (rows, _) = flat(x.dims())?;
+        let (r, _) = bt.dims2()?;
         f32_of!(g = grad);
         f32_of!(xv = x);
         f32_of!(av = a);
         f32_of!(bv = bt);
-        // u = scale dy B: the gradient at the rank-r bottleneck.
-        let u = product(Mat::new(g, rows, out), Mat::new(bv, r, out).t(), self.scale);
+        let pair = PairRef {
+            a: av,
+            bt: bv,
+            r,
+            scale: self.scale,
+            mask: self.mask.as_deref(),
+        };
+        let t = std::mem::take(&mut *self.t.lock().unwrap_or_else(|e| e.into_inner()));
         // The first layer's input (the frozen embedding's rows) needs no gradient: skip the
         // weight-sized product.
-        let dx = if x.track_op() {
-            let dx = match &self.mask {
-                Some(m) => {
-                    let mut dx = base_grad(g, rows, &self.w, &self.half, None)?;
-                    let ua = product(Mat::new(&u, rows, r), Mat::new(av, r, inp), 1.0);
-                    for ((d, p), k) in dx.iter_mut().zip(&ua).zip(m) {
-                        *d += p * k;
-                    }
-                    dx
-                }
-                None => {
-                    let up = RankUpdate { u: &u, v: av, r };
-                    base_grad(g, rows, &self.w, &self.half, Some(up))?
-                }
-            };
-            Some(like(x, dx)?)
-        } else {
-            None
-        };
-        let mut buf = Vec::new();
-        let xm = masked(xv, &self.mask, &mut buf);
-        let da = product(Mat::new(&u, rows, r).t(), Mat::new(xm, rows, inp), 1.0);
-        let mut t = std::mem::take(&mut *self.t.lock().unwrap_or_else(|e| e.into_inner()));
-        if t.len() != rows * r {
-            t = bottleneck(xm, av, rows, r, self.scale); // forward's was taken or never made
-        }
-        let dbt = product(Mat::new(&t, rows, r).t(), Mat::new(g, rows, out), 1.0);
+        let (dx, da, dbt) =
+            lora_backward(xv, rows, &self.w, &self.half, &pair, t, g, x.track_op())?;
+        let dx = dx.map(|dx| like(x, dx)).transpose()?;
         Ok((dx, Some(like(a, da)?), Some(like(bt, dbt)?)))
     }
+}
+
+/// A LoRA pair's values as one product takes them.
+pub(super) struct PairRef<'a> {
+    /// `A` `[r, in]`.
+    pub(super) a: &'a [f32],
+    /// `B^T` `[r, out]`.
+    pub(super) bt: &'a [f32],
+    /// The rank.
+    pub(super) r: usize,
+    /// LoRA scale.
+    pub(super) scale: f32,
+    /// Dropout keep-mask on the input, one value per element of `x`.
+    pub(super) mask: Option<&'a [f32]>,
+}
+
+/// `x W^T + scale (x∘m) A^T B^T` for `x` `[rows, in]`, and the bottleneck `scale (x∘m) A^T`
+/// (`[rows, r]`) that backward reuses.
+pub(super) fn lora_forward(
+    x: &[f32],
+    rows: usize,
+    w: &WeightFn,
+    half: &Option<Arc<HalfPacks>>,
+    p: &PairRef,
+) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+    let mut buf = Vec::new();
+    let xm = masked(x, p.mask, &mut buf);
+    let t = bottleneck(xm, p.a, rows, p.r, p.scale);
+    let up = RankUpdate {
+        u: &t,
+        v: p.bt,
+        r: p.r,
+    };
+    // `base` refuses a B^T that does not fit the weight's outputs.
+    let (y, _) = base(x, rows, w, half, Some(up))?;
+    Ok((y, t))
+}
+
+/// `(dx, dA, dB^T)` of a LoRA linear.
+pub(super) type LoraGrads = (Option<Vec<f32>>, Vec<f32>, Vec<f32>);
+
+/// Backward of [`lora_forward`] from the output gradient `g`: `(dx, dA, dB^T)`, `dx` only
+/// with `need_dx`. `t` is forward's bottleneck (recomputed when it does not fit).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn lora_backward(
+    x: &[f32],
+    rows: usize,
+    w: &WeightFn,
+    half: &Option<Arc<HalfPacks>>,
+    p: &PairRef,
+    mut t: Vec<f32>,
+    g: &[f32],
+    need_dx: bool,
+) -> candle_core::Result<LoraGrads> {
+    let r = p.r;
+    let (inp, out) = (p.a.len() / r.max(1), p.bt.len() / r.max(1));
+    // u = scale dy B: the gradient at the rank-r bottleneck.
+    let u = product(Mat::new(g, rows, out), Mat::new(p.bt, r, out).t(), p.scale);
+    let dx = if need_dx {
+        Some(match p.mask {
+            Some(m) => {
+                let mut dx = base_grad(g, rows, w, half, None)?;
+                let ua = product(Mat::new(&u, rows, r), Mat::new(p.a, r, inp), 1.0);
+                for ((d, q), k) in dx.iter_mut().zip(&ua).zip(m) {
+                    *d += q * k;
+                }
+                dx
+            }
+            None => {
+                let up = RankUpdate { u: &u, v: p.a, r };
+                base_grad(g, rows, w, half, Some(up))?
+            }
+        })
+    } else {
+        None
+    };
+    let mut buf = Vec::new();
+    let xm = masked(x, p.mask, &mut buf);
+    let da = product(Mat::new(&u, rows, r).t(), Mat::new(xm, rows, inp), 1.0);
+    if t.len() != rows * r {
+        t = bottleneck(xm, p.a, rows, r, p.scale); // forward's was taken or never made
+    }
+    let dbt = product(Mat::new(&t, rows, r).t(), Mat::new(g, rows, out), 1.0);
+    Ok((dx, da, dbt))
 }
 
 #[cfg(test)]

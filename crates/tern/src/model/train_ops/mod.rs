@@ -11,6 +11,7 @@ pub(crate) mod attention;
 pub(crate) mod bf16;
 pub(crate) mod f16;
 pub(crate) mod head_loss;
+pub(crate) mod layer;
 pub(crate) mod linear;
 pub(crate) mod pointwise;
 

@@ -2,7 +2,7 @@
 //! and the gated MLP's `silu(g) * u`. Each is one pass forward and one backward (candle's
 //! differentiable forms are 5-8 ops each way).
 
-use super::{cpu_f32, f32_of, like, par_for, Unfilled};
+use super::{cpu_f32, f32_of, like, par_for, SyncPtr, Unfilled};
 use crate::quant::vexp::sigmoid;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
@@ -47,48 +47,81 @@ impl CustomOp1 for RmsNormOp {
         if d == 0 || x.len() % d != 0 || l.dims().last() != Some(&d) {
             candle_core::bail!("rms-norm: input {:?} over a weight of {d}", l.dims())
         }
-        let mut y = Unfilled::new(x.len());
-        let yp = y.ptr();
-        par_chunks(x.len() / d, 64, |rows| {
-            for r in rows {
-                let xr = &x[r * d..][..d];
-                let inv = inv_rms(xr, self.eps);
-                // SAFETY: row r is this task's.
-                let yr = unsafe { yp.slice(r * d, d) };
-                for ((o, a), b) in yr.iter_mut().zip(xr).zip(w) {
-                    *o = a * inv * b;
-                }
-            }
-        });
-        // SAFETY: the tasks wrote every row.
-        let y = unsafe { y.written() };
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(rms_norm(x, w, self.eps)), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         f32_of!(xv = x);
         f32_of!(g = grad);
         f32_of!(w = self.w);
-        let d = w.len();
-        let mut dx = Unfilled::new(xv.len());
-        let dp = dx.ptr();
-        par_chunks(xv.len() / d, 64, |rows| {
-            for r in rows {
-                let (xr, gr) = (&xv[r * d..][..d], &g[r * d..][..d]);
-                let inv = inv_rms(xr, self.eps);
-                // d/dx of x_i * inv: inv * (gw_i - x_i * inv^2 * mean(gw * x)).
-                let dot: f32 = gr.iter().zip(w).zip(xr).map(|((g, w), x)| g * w * x).sum();
-                let c = inv * inv * dot / d as f32;
-                // SAFETY: row r is this task's.
-                let dr = unsafe { dp.slice(r * d, d) };
-                for (((o, g), w), x) in dr.iter_mut().zip(gr).zip(w).zip(xr) {
-                    *o = inv * (g * w - x * c);
-                }
-            }
-        });
-        // SAFETY: the tasks wrote every row.
-        Ok(Some(like(x, unsafe { dx.written() })?))
+        Ok(Some(like(x, rms_norm_grad(xv, g, w, self.eps, None))?))
     }
+}
+
+/// `x / rms(x) * w` for rows of `w.len()` values (which must divide `x.len()`).
+pub(super) fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    let mut y = Unfilled::new(x.len());
+    let yp = y.ptr();
+    par_chunks(x.len() / d, 64, |rows| {
+        for r in rows {
+            let xr = &x[r * d..][..d];
+            let inv = inv_rms(xr, eps);
+            // SAFETY: row r is this task's.
+            let yr = unsafe { yp.slice(r * d, d) };
+            for ((o, a), b) in yr.iter_mut().zip(xr).zip(w) {
+                *o = a * inv * b;
+            }
+        }
+    });
+    // SAFETY: the tasks wrote every row.
+    unsafe { y.written() }
+}
+
+/// The input gradient of [`rms_norm`] for its output gradient `g`, plus `acc` when given (a
+/// residual's gradient, summed in the same pass).
+pub(super) fn rms_norm_grad(
+    x: &[f32],
+    g: &[f32],
+    w: &[f32],
+    eps: f32,
+    acc: Option<&[f32]>,
+) -> Vec<f32> {
+    let d = w.len();
+    let mut dx = Unfilled::new(x.len());
+    let dp = dx.ptr();
+    par_chunks(x.len() / d, 64, |rows| {
+        for r in rows {
+            let (xr, gr) = (&x[r * d..][..d], &g[r * d..][..d]);
+            let inv = inv_rms(xr, eps);
+            // d/dx of x_i * inv: inv * (gw_i - x_i * inv^2 * mean(gw * x)).
+            let dot: f32 = gr.iter().zip(w).zip(xr).map(|((g, w), x)| g * w * x).sum();
+            let c = inv * inv * dot / d as f32;
+            // SAFETY: row r is this task's.
+            let dr = unsafe { dp.slice(r * d, d) };
+            for (((o, g), w), x) in dr.iter_mut().zip(gr).zip(w).zip(xr) {
+                *o = inv * (g * w - x * c);
+            }
+            if let Some(a) = acc {
+                dr.iter_mut()
+                    .zip(&a[r * d..][..d])
+                    .for_each(|(o, a)| *o += a);
+            }
+        }
+    });
+    // SAFETY: the tasks wrote every row.
+    unsafe { dx.written() }
+}
+
+/// `dst += src`, element-wise on the pool (a residual connection).
+pub(super) fn add_into(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len());
+    let dp = SyncPtr::new(dst);
+    par_chunks(src.len(), CHUNK, |r| {
+        // SAFETY: the range is this task's.
+        let d = unsafe { dp.slice(r.start, r.len()) };
+        d.iter_mut().zip(&src[r]).for_each(|(d, s)| *d += s);
+    });
 }
 
 /// Rope on rows of `hd` values (the halves rotated, as `rope_slow`), `cos`/`sin` `[s, hd/2]`:
@@ -108,7 +141,12 @@ pub(crate) struct RopeOp {
 impl RopeOp {
     /// Rotates every `[hd]` row of `x` by its position's angles; `sign` -1 rotates back
     /// (the backward of a rotation is its inverse).
-    fn rotate(&self, x: &[f32], dims: &[usize], sign: f32) -> candle_core::Result<Vec<f32>> {
+    pub(super) fn rotate(
+        &self,
+        x: &[f32],
+        dims: &[usize],
+        sign: f32,
+    ) -> candle_core::Result<Vec<f32>> {
         let hd = self.hd;
         f32_of!(cos = self.cos);
         f32_of!(sin = self.sin);
@@ -180,16 +218,7 @@ impl CustomOp2 for SwiGlu {
         if gl.dims() != ul.dims() {
             candle_core::bail!("swiglu: gate {:?} and up {:?} differ", gl.dims(), ul.dims())
         }
-        let mut y = Unfilled::new(g.len());
-        let yp = y.ptr();
-        par_chunks(g.len(), CHUNK, |r| {
-            // SAFETY: the range is this task's.
-            let yr = unsafe { yp.slice(r.start, r.len()) };
-            crate::quant::vexp::swiglu(yr, &g[r.clone()], &u[r]);
-        });
-        // SAFETY: the tasks wrote every value.
-        let y = unsafe { y.written() };
-        Ok((CpuStorage::F32(y), gl.shape().clone()))
+        Ok((CpuStorage::F32(swiglu(g, u)), gl.shape().clone()))
     }
 
     fn bwd(
@@ -202,23 +231,41 @@ impl CustomOp2 for SwiGlu {
         f32_of!(gv = g);
         f32_of!(uv = u);
         f32_of!(dy = grad);
-        let n = gv.len();
-        let (mut dg, mut du) = (Unfilled::new(n), Unfilled::new(n));
-        let (gp, up) = (dg.ptr(), du.ptr());
-        par_chunks(n, CHUNK, |r| {
-            // SAFETY: the range is this task's.
-            let (dgr, dur) = unsafe { (gp.slice(r.start, r.len()), up.slice(r.start, r.len())) };
-            sigmoid(dgr, &gv[r.clone()]);
-            for (i, j) in r.enumerate() {
-                let (a, b, d, sg) = (gv[j], uv[j], dy[j], dgr[i]);
-                dur[i] = d * a * sg;
-                dgr[i] = d * b * sg * (1.0 + a * (1.0 - sg));
-            }
-        });
-        // SAFETY: the tasks wrote every value (`dg` before reading it back).
-        let (dg, du) = unsafe { (dg.written(), du.written()) };
+        let (dg, du) = swiglu_grad(gv, uv, dy);
         Ok((Some(like(g, dg)?), Some(like(u, du)?)))
     }
+}
+
+/// `silu(g) * u` element-wise (`g`, `u` of one length).
+pub(super) fn swiglu(g: &[f32], u: &[f32]) -> Vec<f32> {
+    let mut y = Unfilled::new(g.len());
+    let yp = y.ptr();
+    par_chunks(g.len(), CHUNK, |r| {
+        // SAFETY: the range is this task's.
+        let yr = unsafe { yp.slice(r.start, r.len()) };
+        crate::quant::vexp::swiglu(yr, &g[r.clone()], &u[r]);
+    });
+    // SAFETY: the tasks wrote every value.
+    unsafe { y.written() }
+}
+
+/// The gradients `(dg, du)` of [`swiglu`] for its output gradient `dy`.
+pub(super) fn swiglu_grad(gv: &[f32], uv: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let n = gv.len();
+    let (mut dg, mut du) = (Unfilled::new(n), Unfilled::new(n));
+    let (gp, up) = (dg.ptr(), du.ptr());
+    par_chunks(n, CHUNK, |r| {
+        // SAFETY: the range is this task's.
+        let (dgr, dur) = unsafe { (gp.slice(r.start, r.len()), up.slice(r.start, r.len())) };
+        sigmoid(dgr, &gv[r.clone()]);
+        for (i, j) in r.enumerate() {
+            let (a, b, d, sg) = (gv[j], uv[j], dy[j], dgr[i]);
+            dur[i] = d * a * sg;
+            dgr[i] = d * b * sg * (1.0 + a * (1.0 - sg));
+        }
+    });
+    // SAFETY: the tasks wrote every value (`dg` before reading it back).
+    unsafe { (dg.written(), du.written()) }
 }
 
 #[cfg(test)]

@@ -124,7 +124,8 @@ fn half_products_track_the_f32_step(kind: HalfProducts) {
 
 /// On every fixture architecture (GQA, qkv biases, per-head q/k norms, llama3 rope, a
 /// tied head), a training step's loss and every LoRA gradient through tern's training ops
-/// equal those through candle's differentiable ops, after one step so that neither half
+/// (whole decoder layers as one op where they fit) equal those through candle's
+/// differentiable ops, after one step so that neither half
 /// of any pair is zero. (No fixture slides its attention window; the attention op's own
 /// test covers a window.)
 #[test]
@@ -141,7 +142,14 @@ fn training_ops_match_candle_ops_on_every_architecture() {
         let batch = test_batch(&lm);
         let b = std::slice::from_ref(&batch);
         t.step(b, 1e-2).unwrap();
+        let runs = || train_ops::layer::RUNS.with(|r| r.get());
+        let before = runs();
         let (l0, g0) = t.loss_and_grads(b).unwrap();
+        // Each layer ran as one op where nothing in it needs the candle-op path (qkv
+        // biases, per-head q/k norms).
+        let fused = !matches!(arch, "qwen2" | "qwen3");
+        let layers = lm.model.config().num_layers;
+        assert_eq!(runs() - before, if fused { layers } else { 0 }, "{arch}");
         let (l1, g1) = train_ops::without(|| t.loss_and_grads(b)).unwrap();
         assert!(((l0 - l1) / l1).abs() < 1e-5, "{arch}: loss {l0} vs {l1}");
         for (n, (a, w)) in t.var_names().iter().zip(g0.iter().zip(&g1)) {
