@@ -6,14 +6,21 @@
 //! reshape nodes, whose backward in candle's graph zero-fills and sums a gradient each) sit
 //! between the projections and this op. Forward keeps the probabilities (`b * heads * s * s` values, a few MB
 //! per layer) for backward, which is the textbook one: `dV = P^T dY`,
-//! `dS = P ∘ (dY V^T - rowsum(P ∘ dY V^T))`, `dQ = c dS K`, `dK = c dS^T Q`. Each (sequence,
+//! `dS = P ∘ (dY V^T - rowsum(P ∘ dY V^T))`, `dQ = c dS K`, `dK = c dS^T Q`, each product
+//! only over the causal blocks that can be non-zero. Each (sequence,
 //! head) pair is a task on candle's pool with single-threaded products; backward takes a
 //! whole kv group per task so a group's `dK`/`dV` sums need no locks.
 
-use super::{cpu_f32, f32_of, gemm1, like, par_for, Mat, SyncPtr, Unfilled};
+use super::{cpu_f32, f32_of, gemm1, gemm1_strided, like, par_for, Mat, SyncPtr, Unfilled};
 use crate::quant::vexp::softmax_exp;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use std::sync::Mutex;
+
+/// Query rows per causal block (see [`CausalAttention::blocks`]). At 128 positions and
+/// head size 64 on SmolLM2, 32 made a training step ~3% faster than full products (blocks
+/// of 32 are still large enough for the gemm crate's kernels; stacking a kv group's heads
+/// into one taller product was no faster).
+const ROW_BLOCK: usize = 32;
 
 /// The op; see the module documentation.
 pub(crate) struct CausalAttention {
@@ -93,6 +100,18 @@ impl CausalAttention {
         }
     }
 
+    /// The causal blocks of an `s x s` score matrix: `(r0, rows, c0, cols)` for each block of
+    /// query rows and the keys its rows may see (from the first row's window start to the
+    /// last row). Blocks past the diagonal are all masked, so their products are skipped:
+    /// at four row blocks, 10/16 of the full products' work.
+    fn blocks(&self, s: usize) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
+        (0..s.div_ceil(ROW_BLOCK)).map(move |rb| {
+            let (r0, rh) = (rb * ROW_BLOCK, ROW_BLOCK.min(s - rb * ROW_BLOCK));
+            let c0 = self.lo(r0);
+            (r0, rh, c0, r0 + rh - c0)
+        })
+    }
+
     /// First key position row `i` may see.
     fn lo(&self, i: usize) -> usize {
         self.window.map_or(0, |w| (i + 1).saturating_sub(w))
@@ -120,7 +139,10 @@ impl CausalAttention {
             let vg = head_of(v, bi, s, kv, g, hd);
             // SAFETY: task `task` owns probabilities `[task * s * s, +s * s)`.
             let p = unsafe { pp.slice(task * s * s, s * s) };
-            gemm1(p, qh, kg.t(), scale, false);
+            for (r0, rh, c0, w) in self.blocks(s) {
+                let scores = &mut p[r0 * s + c0..];
+                gemm1_strided(scores, s, qh.rows(r0, rh), kg.rows(c0, w).t(), scale, false);
+            }
             for i in 0..s {
                 let row = &mut p[i * s..(i + 1) * s];
                 let lo = self.lo(i);
@@ -134,7 +156,16 @@ impl CausalAttention {
                 row[i + 1..].fill(0.0);
             }
             let mut yh = vec![0f32; s * hd];
-            gemm1(&mut yh, Mat::new(p, s, s), vg, 1.0, false);
+            for (r0, rh, c0, w) in self.blocks(s) {
+                let pb = Mat::new(p, s, s).rows(r0, rh).cols(c0, w);
+                gemm1(
+                    &mut yh[r0 * hd..(r0 + rh) * hd],
+                    pb,
+                    vg.rows(c0, w),
+                    1.0,
+                    false,
+                );
+            }
             for (i, r) in yh.chunks_exact(hd).enumerate() {
                 // SAFETY: row i of head hi in sequence bi is this task's alone.
                 let dst = unsafe { yp.slice(((bi * s + i) * h + hi) * hd, hd) };
@@ -184,21 +215,26 @@ impl CausalAttention {
                     r.copy_from_slice(&g[((bi * s + i) * h + hi) * hd..][..hd]);
                 }
                 let p = &probs[head * s * s..][..s * s];
-                gemm1(
-                    &mut dvg,
-                    Mat::new(p, s, s).t(),
-                    Mat::new(&dy, s, hd),
-                    1.0,
-                    true,
-                );
-                gemm1(&mut ds, Mat::new(&dy, s, hd), vg.t(), 1.0, false);
-                for (dr, pr) in ds.chunks_exact_mut(s).zip(p.chunks_exact(s)) {
-                    let c: f32 = dr.iter().zip(pr).map(|(d, p)| d * p).sum();
-                    dr.iter_mut().zip(pr).for_each(|(d, p)| *d = p * (*d - c));
-                }
                 let qh = head_of(qv, bi, s, h, hi, hd);
-                gemm1(&mut dqh, Mat::new(&ds, s, s), kg, scale, false);
-                gemm1(&mut dkg, Mat::new(&ds, s, s).t(), qh, scale, true);
+                let dyh = Mat::new(&dy, s, hd);
+                for (r0, rh, c0, w) in self.blocks(s) {
+                    let (kb, vb) = (kg.rows(c0, w), vg.rows(c0, w));
+                    let pb = Mat::new(p, s, s).rows(r0, rh).cols(c0, w);
+                    let dvb = &mut dvg[c0 * hd..(c0 + w) * hd];
+                    gemm1(dvb, pb.t(), dyh.rows(r0, rh), 1.0, true);
+                    let dsb = &mut ds[r0 * s + c0..];
+                    gemm1_strided(dsb, s, dyh.rows(r0, rh), vb.t(), 1.0, false);
+                    for i in r0..r0 + rh {
+                        let (dr, pr) = (&mut ds[i * s + c0..][..w], &p[i * s + c0..][..w]);
+                        let c: f32 = dr.iter().zip(pr).map(|(d, p)| d * p).sum();
+                        dr.iter_mut().zip(pr).for_each(|(d, p)| *d = p * (*d - c));
+                    }
+                    let dsb = Mat::new(&ds, s, s).rows(r0, rh).cols(c0, w);
+                    let dqb = &mut dqh[r0 * hd..(r0 + rh) * hd];
+                    gemm1(dqb, dsb, kb, scale, false);
+                    let dkb = &mut dkg[c0 * hd..(c0 + w) * hd];
+                    gemm1(dkb, dsb.t(), qh.rows(r0, rh), scale, true);
+                }
                 // SAFETY: head `hi`'s dQ rows belong to its kv group's task.
                 unsafe { scatter_head(dqp, &dqh, bi * s, h, hi, hd) };
             }
@@ -293,11 +329,19 @@ mod tests {
 
     #[test]
     fn attention_matches_candle_ops_forward_and_backward() {
-        let (b, h, kv, s, hd) = (2, 6, 2, 9, 8);
+        // 70 positions: three causal row blocks, the last one partial; windows inside one
+        // block and across two.
+        for (s, windows) in [(9, [None, Some(4)]), (70, [None, Some(40)])] {
+            same_as_candle(s, windows);
+        }
+    }
+
+    fn same_as_candle(s: usize, windows: [Option<usize>; 2]) {
+        let (b, h, kv, hd) = (2, 6, 2, 8);
         let q = rand(&[b, s, h, hd], 1);
         let k = rand(&[b, s, kv, hd], 2);
         let v = rand(&[b, s, kv, hd], 3);
-        for window in [None, Some(4)] {
+        for window in windows {
             let inputs = [q.clone(), k.clone(), v.clone()];
             let (want_y, want_g) = grads(|t| reference(&t[0], &t[1], &t[2], window), &inputs, 7);
             let (y, g) = grads(
@@ -305,9 +349,9 @@ mod tests {
                 &inputs,
                 7,
             );
-            assert!(rel(&y, &want_y) < 1e-5, "window {window:?}");
+            assert!(rel(&y, &want_y) < 1e-5, "s {s}, window {window:?}");
             for (i, (g, w)) in g.iter().zip(&want_g).enumerate() {
-                assert!(rel(g, w) < 1e-5, "gradient {i}, window {window:?}");
+                assert!(rel(g, w) < 1e-5, "s {s}: gradient {i}, window {window:?}");
             }
         }
     }

@@ -176,6 +176,22 @@ pub(crate) fn gemm1(dst: &mut [f32], a: Mat, b: Mat, scale: f32, accumulate: boo
     unsafe { raw_gemm(dst.as_mut_ptr(), b.cols, a, b, scale, accumulate) }
 }
 
+/// As [`gemm1`] into a destination whose rows lie `rs` values apart (a block of a wider
+/// matrix).
+pub(crate) fn gemm1_strided(
+    dst: &mut [f32],
+    rs: usize,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+    accumulate: bool,
+) {
+    assert!(b.rows == a.cols && a.covers() && b.covers() && rs >= b.cols);
+    assert!(a.rows == 0 || (a.rows - 1) * rs + b.cols <= dst.len());
+    // SAFETY: the asserts bound every index; `dst` is exclusively borrowed.
+    unsafe { raw_gemm(dst.as_mut_ptr(), rs, a, b, scale, accumulate) }
+}
+
 /// Panics unless `a b` fits a destination of `len` values and both views lie inside their
 /// slices.
 fn check(len: usize, a: Mat, b: Mat) {
