@@ -339,11 +339,16 @@ impl<'a> Trainer<'a> {
             .iter()
             .map(|b| b.target.iter().filter(|&&t| t).count())
             .sum();
-        let mut grads: Vec<Tensor> = self
-            .vars
-            .iter()
-            .map(|v| v.as_tensor().zeros_like())
-            .collect::<candle_core::Result<_>>()?;
+        // A variable's first gradient is taken as it comes (a zero-filled start and a sum
+        // were two passes over every variable a step).
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        let add = |g: &mut Option<Tensor>, d: Tensor| -> Result<()> {
+            *g = Some(match g.take() {
+                Some(s) => (s + d)?,
+                None => d,
+            });
+            Ok(())
+        };
         let mut loss = 0f64;
         for (i, b) in batches.iter().enumerate() {
             // Dropout masks depend on (seed, step, micro-batch) only: resumable.
@@ -359,14 +364,19 @@ impl<'a> Trainer<'a> {
                 if let Some(d) = gs.get(v.as_tensor()) {
                     // Detached: a gradient still linked to this step's graph would keep every
                     // activation alive through the optimizer's moments, step after step.
-                    *g = (&*g + d.detach())?;
+                    add(g, d.detach())?;
                 }
                 // Fused and checkpointed layers deliver theirs on the side.
                 if let Some(d) = sink.as_ref().and_then(|s| s.take(v.as_tensor())) {
-                    *g = (&*g + d)?;
+                    add(g, d)?;
                 }
             }
         }
+        let grads = grads
+            .into_iter()
+            .zip(&self.vars)
+            .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?;
         Ok((loss, grads))
     }
 
