@@ -133,7 +133,17 @@ impl PackedB {
 
 /// `a b (+ up)` for a row-major f32 `a` `[m, k]`, as a new row-major `[m, n]` buffer. The
 /// update is added in f32 as each tile is stored (not in a pass of its own over the output).
-pub(crate) fn product(a: &[f32], m: usize, b: &PackedB, up: Option<RankUpdate>) -> Vec<f32> {
+///
+/// With `bound`, `a`'s values are known to lie within `±bound` (the caller's promise; NaNs
+/// aside): that sets every block's scale without a pass to find its largest value (for the
+/// LM head's `softmax - onehot`, within ±1, that pass re-read ~100 MB a step).
+pub(crate) fn product(
+    a: &[f32],
+    m: usize,
+    b: &PackedB,
+    up: Option<RankUpdate>,
+    bound: Option<f32>,
+) -> Vec<f32> {
     let (k, n, k2) = (b.k, b.n, b.k2);
     assert!(available() && a.len() == m * k);
     if let Some(up) = &up {
@@ -155,7 +165,7 @@ pub(crate) fn product(a: &[f32], m: usize, b: &PackedB, up: Option<RankUpdate>) 
     par_for(blocks, |blk| {
         let rows = MR.min(m - blk * MR);
         let src = &a[blk * MR * k..(blk * MR + rows) * k];
-        let s = scale_for(abs_max(src), A_TOP);
+        let s = scale_for(bound.unwrap_or_else(|| abs_max(src)), A_TOP);
         // SAFETY: block blk's values and scale are this task's; the CPU has the instructions.
         unsafe {
             pack_block(src.as_ptr(), rows, k, s, pp.at(blk * k2 * 2 * MR));
@@ -437,7 +447,7 @@ mod tests {
                 .collect();
             let v: Vec<f32> = (0..r * n).map(|i| f(i, 5) * (k as f32).sqrt()).collect();
             let up = (r > 0).then_some(RankUpdate { u: &u, v: &v, r });
-            let got = product(&a, m, &b, up);
+            let got = product(&a, m, &b, up, None);
             for i in 0..m {
                 let (mut err, mut norm) = (0f64, 0f64);
                 for j in 0..n {
@@ -471,9 +481,28 @@ mod tests {
         a[3] = f32::NAN;
         a[k + 4] = f32::INFINITY;
         let b = PackedB::new(k, n, |_, _| 0.25);
-        let c = product(&a, m, &b, None);
+        let c = product(&a, m, &b, None, None);
         assert!(c[..n].iter().all(|v| v.is_nan()));
         assert!(c[n..2 * n].iter().all(|v| !v.is_finite()));
         assert!(c[2 * n..].iter().all(|v| (v - 2.5).abs() < 1e-3), "{c:?}");
+    }
+
+    /// A bound on `a` stands in for each block's largest value: within it (|a| < 1 and a
+    /// bound of 1) the product is the unbounded one to the bit (power-of-two scales are
+    /// exact); a bound the values break overflows, so the bound is what set the scale.
+    #[test]
+    fn a_bound_sets_the_scale() {
+        if !available() {
+            eprintln!("no AVX512-FP16 here; skipped");
+            return;
+        }
+        let f = crate::model::train_ops::tests::spread;
+        let (m, k, n) = (21, 300, 60);
+        let a: Vec<f32> = (0..m * k).map(|i| f(i, 1)).collect();
+        let b = PackedB::new(k, n, |kk, j| f(kk * n + j, 2));
+        let free = product(&a, m, &b, None, None);
+        assert_eq!(product(&a, m, &b, None, Some(1.0)), free);
+        let broken = product(&a, m, &b, None, Some(1e-3));
+        assert!(broken.iter().any(|v| !v.is_finite()));
     }
 }

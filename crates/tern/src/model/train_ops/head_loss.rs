@@ -127,7 +127,13 @@ impl CustomOp1 for HeadNll {
             });
             if self.grad {
                 drop(logits);
-                let g = base_grad(&d[..rows * vocab], rows, &wf, &self.half, None)?;
+                let d = &d[..rows * vocab];
+                // `softmax - onehot` lies within ±1: the half-width product needs no pass to
+                // find each block's largest value.
+                let g = match &self.half {
+                    Some(p) => p.bwd.product_within(d, rows, None, Some(1.0)),
+                    None => base_grad(d, rows, &wf, &self.half, None)?,
+                };
                 dh[r0 * hidden..(r0 + rows) * hidden].copy_from_slice(&g);
             }
             r0 += rows;

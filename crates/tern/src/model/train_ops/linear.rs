@@ -56,6 +56,18 @@ impl Packed {
 
     /// `a b (+ up)` for a row-major `a` `[m, k]`, as a new row-major `[m, n]` buffer.
     pub(crate) fn product(&self, a: &[f32], m: usize, up: Option<RankUpdate>) -> Vec<f32> {
+        self.product_within(a, m, up, None)
+    }
+
+    /// [`Packed::product`] for an `a` known to lie within `±bound` (see
+    /// `f16::product`; bf16 products need no bound).
+    pub(crate) fn product_within(
+        &self,
+        a: &[f32],
+        m: usize,
+        up: Option<RankUpdate>,
+        bound: Option<f32>,
+    ) -> Vec<f32> {
         match self {
             Self::Bf16(p) => {
                 let mut c = super::bf16::product(a, m, p);
@@ -64,7 +76,7 @@ impl Packed {
                 }
                 c
             }
-            Self::F16(p) => super::f16::product(a, m, p, up),
+            Self::F16(p) => super::f16::product(a, m, p, up, bound),
         }
     }
 }
