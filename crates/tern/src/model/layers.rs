@@ -225,13 +225,16 @@ impl Linear {
         let (w, half) = (proj.w, proj.half);
         let y = match proj.pair {
             None => x2.apply_op1(Frozen { w, half })?,
-            Some(p) => x2.apply_op3(&p.a, &p.bt, Lora::new(w, half, p.scale, p.mask))?,
+            Some(p) => {
+                let (a, bt) = (p.a.contiguous()?, p.bt.contiguous()?);
+                x2.apply_op3(&a, &bt, Lora::new(w, half, p.scale, p.mask))?
+            }
         };
         Ok(Some(self.add_bias(y)?))
     }
 
     /// This layer as a training op takes it, over `rows` input rows: the frozen weight and
-    /// the adapter's pair (contiguous f32 variables) with its dropout mask. `None` where rows
+    /// the adapter's pair (f32 variables) with its dropout mask. `None` where rows
     /// have different adapters or the pair is not f32 (the candle-op path runs instead).
     /// The bias is the caller's.
     pub(crate) fn train_proj(
@@ -259,9 +262,10 @@ impl Linear {
                         self.slot.unwrap_or(0),
                     )
                 });
+                // The variables themselves: the fused layer's gradients are keyed by their ids.
                 Some(ProjPair {
-                    a: p.a.contiguous()?,
-                    bt: p.bt.contiguous()?,
+                    a: p.a.clone(),
+                    bt: p.bt.clone(),
                     scale: p.scale as f32,
                     mask,
                 })
