@@ -118,16 +118,7 @@ impl AdamW {
         type Out = (Vec<f32>, Vec<f32>, Vec<f32>);
         let slots: Vec<std::sync::Mutex<Option<Out>>> =
             (0..n).map(|_| Default::default()).collect();
-        {
-            let ts = all
-                .iter()
-                .map(|t| t.contiguous())
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-            let sl = guards
-                .iter()
-                .map(|(st, l)| crate::model::train_ops::storage_f32(st, l))
-                .collect::<candle_core::Result<Vec<&[f32]>>>()?;
+        with_f32(&all, |sl| {
             crate::model::train_ops::par_for(n, |i| {
                 let (x, g, m, v) = (sl[i], sl[n + i], sl[2 * n + i], sl[3 * n + i]);
                 let len = x.len();
@@ -146,7 +137,7 @@ impl AdamW {
                 }
                 *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some((xo, mo, vo));
             });
-        }
+        })?;
         for (i, slot) in slots.into_iter().enumerate() {
             let Some((x, m, v)) = slot.into_inner().unwrap_or_else(|e| e.into_inner()) else {
                 return Err(crate::TernError::InvalidArgument(
@@ -161,6 +152,20 @@ impl AdamW {
         }
         Ok(Some(()))
     }
+}
+
+/// Runs `f` on the values of f32 CPU tensors, each made contiguous (read-locked meanwhile).
+fn with_f32<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    let ts = tensors
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let sl = guards
+        .iter()
+        .map(|(st, l)| crate::model::train_ops::storage_f32(st, l))
+        .collect::<candle_core::Result<Vec<&[f32]>>>()?;
+    Ok(f(&sl))
 }
 
 /// The sum of the squares of every value of `tensors`: in f64 over candle's pool where all
@@ -180,20 +185,14 @@ fn sum_of_squares(tensors: &[Tensor]) -> Result<f64> {
         }
         return Ok(total);
     }
-    let ts = tensors
-        .iter()
-        .map(|t| t.contiguous())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let sl = guards
-        .iter()
-        .map(|(st, l)| crate::model::train_ops::storage_f32(st, l))
-        .collect::<candle_core::Result<Vec<&[f32]>>>()?;
-    let sums: Vec<std::sync::Mutex<f64>> = sl.iter().map(|_| Default::default()).collect();
-    crate::model::train_ops::par_for(sl.len(), |i| {
-        let s: f64 = sl[i].iter().map(|&v| (v as f64) * (v as f64)).sum();
-        *sums[i].lock().unwrap_or_else(|e| e.into_inner()) = s;
-    });
+    let sums: Vec<std::sync::Mutex<f64>> = tensors.iter().map(|_| Default::default()).collect();
+    let all: Vec<&Tensor> = tensors.iter().collect();
+    with_f32(&all, |sl| {
+        crate::model::train_ops::par_for(sl.len(), |i| {
+            let s: f64 = sl[i].iter().map(|&v| (v as f64) * (v as f64)).sum();
+            *sums[i].lock().unwrap_or_else(|e| e.into_inner()) = s;
+        })
+    })?;
     Ok(sums
         .into_iter()
         .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))

@@ -45,6 +45,24 @@ pub(crate) struct ProjPair {
     pub(crate) mask: Option<Vec<f32>>,
 }
 
+impl ProjPair {
+    /// Runs `f` on the pair's values.
+    fn values<R>(
+        &self,
+        f: impl FnOnce(&PairRef) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        f32_of!(a = self.a);
+        f32_of!(bt = self.bt);
+        f(&PairRef {
+            a,
+            bt,
+            r: self.a.dims2()?.0,
+            scale: self.scale,
+            mask: self.mask.as_deref(),
+        })
+    }
+}
+
 /// A candle error from a tern one.
 fn candle_err(e: crate::TernError) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
@@ -57,16 +75,7 @@ impl Proj {
         let Some(p) = &self.pair else {
             return Ok((base(x, rows, &self.w, &self.half, None)?.0, Vec::new()));
         };
-        f32_of!(a = p.a);
-        f32_of!(bt = p.bt);
-        let pair = PairRef {
-            a,
-            bt,
-            r: p.a.dims2()?.0,
-            scale: p.scale,
-            mask: p.mask.as_deref(),
-        };
-        lora_forward(x, rows, &self.w, &self.half, &pair)
+        p.values(|pair| lora_forward(x, rows, &self.w, &self.half, pair))
     }
 
     /// The input gradient for the output gradient `g` (with `need_dx`), the pair's
@@ -85,18 +94,8 @@ impl Proj {
                 .then(|| base_grad(g, rows, &self.w, &self.half, None))
                 .transpose();
         };
-        let (dx, da, dbt) = {
-            f32_of!(a = p.a);
-            f32_of!(bt = p.bt);
-            let pair = PairRef {
-                a,
-                bt,
-                r: p.a.dims2()?.0,
-                scale: p.scale,
-                mask: p.mask.as_deref(),
-            };
-            lora_backward(x, rows, &self.w, &self.half, &pair, t, g, need_dx)?
-        };
+        let (dx, da, dbt) =
+            p.values(|pair| lora_backward(x, rows, &self.w, &self.half, pair, t, g, need_dx))?;
         sink.add(&p.a, &like(&p.a, da)?).map_err(candle_err)?;
         sink.add(&p.bt, &like(&p.bt, dbt)?).map_err(candle_err)?;
         Ok(dx)
