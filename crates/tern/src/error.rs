@@ -195,6 +195,14 @@ pub enum TernError {
     Candle(candle_core::Error),
 }
 
+impl TernError {
+    /// The error as candle's, for code that runs inside candle (a custom op's forward or
+    /// backward) and calls into tern.
+    pub(crate) fn into_candle(self) -> candle_core::Error {
+        candle_core::Error::Msg(self.to_string())
+    }
+}
+
 impl From<candle_core::Error> for TernError {
     fn from(e: candle_core::Error) -> Self {
         TernError::Candle(without_backtrace(e))

@@ -67,13 +67,16 @@ impl CustomOp2 for Recompute {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let err = |e: crate::TernError| candle_core::Error::Msg(e.to_string());
         let xv = Var::from_tensor(&x.detach())?;
-        let y = self.run(xv.as_tensor()).map_err(err)?;
+        let y = self
+            .run(xv.as_tensor())
+            .map_err(crate::TernError::into_candle)?;
         let gs = (y * grad.detach())?.sum_all()?.backward()?;
         for t in self.adapters.tensors() {
             if let Some(g) = gs.get(&t) {
-                self.sink.add(&t, g).map_err(err)?;
+                self.sink
+                    .add(&t, g)
+                    .map_err(crate::TernError::into_candle)?;
             }
         }
         Ok((gs.get(xv.as_tensor()).map(Tensor::detach), None))

@@ -65,7 +65,7 @@ impl LinearWeight {
             LinearWeight::Candle(QMatMul::QTensor(q)) => q.dequantize(device)?.to_dtype(dtype),
             LinearWeight::Kernel(m) => m
                 .dequantize(device)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+                .map_err(crate::TernError::into_candle)?
                 .to_dtype(dtype),
         }
     }

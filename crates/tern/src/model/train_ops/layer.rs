@@ -63,11 +63,6 @@ impl ProjPair {
     }
 }
 
-/// A candle error from a tern one.
-fn candle_err(e: crate::TernError) -> candle_core::Error {
-    candle_core::Error::Msg(e.to_string())
-}
-
 impl Proj {
     /// `x W^T (+ the pair's term)` for `x` `[rows, in]`, and the pair's bottleneck (empty
     /// without a pair).
@@ -96,8 +91,10 @@ impl Proj {
         };
         let (dx, da, dbt) =
             p.values(|pair| lora_backward(x, rows, &self.w, &self.half, pair, t, g, need_dx))?;
-        sink.add(&p.a, &like(&p.a, da)?).map_err(candle_err)?;
-        sink.add(&p.bt, &like(&p.bt, dbt)?).map_err(candle_err)?;
+        sink.add(&p.a, &like(&p.a, da)?)
+            .map_err(crate::TernError::into_candle)?;
+        sink.add(&p.bt, &like(&p.bt, dbt)?)
+            .map_err(crate::TernError::into_candle)?;
         Ok(dx)
     }
 }
