@@ -205,10 +205,11 @@ impl BatchAdapters {
     }
 
     /// Recompute each decoder layer in backward instead of keeping its activations; the
-    /// adapter variables' gradients from those recomputations go to `sink`.
-    pub fn with_checkpointing(mut self, sink: Arc<GradSink>) -> Self {
+    /// adapter variables' gradients from those recomputations go to the grad sink (see
+    /// [`BatchAdapters::with_grad_sink`]; without one, layers are not checkpointed).
+    pub fn with_checkpointing(mut self) -> Self {
         self.checkpoint = true;
-        self.with_grad_sink(sink)
+        self
     }
 
     /// The gradient sink when checkpointing.

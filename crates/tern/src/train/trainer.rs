@@ -293,11 +293,10 @@ impl<'a> Trainer<'a> {
                 .with_dropout(self.cfg.dropout as f32, seed);
             // Fused and checkpointed layers deliver their variables' gradients on the side.
             let s = Arc::new(GradSink::default());
-            ad = if self.cfg.grad_checkpointing {
-                ad.with_checkpointing(s.clone())
-            } else {
-                ad.with_grad_sink(s.clone())
-            };
+            ad = ad.with_grad_sink(s.clone());
+            if self.cfg.grad_checkpointing {
+                ad = ad.with_checkpointing();
+            }
             sink = Some(s);
         }
         let h = model.forward_hidden_with(&ids, &mut model.new_cache(), &ad)?;
