@@ -98,7 +98,6 @@ impl AdamW {
         lr: f64,
         (bc1, bc2): (f64, f64),
     ) -> Result<bool> {
-        let fits = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
         let all: Vec<&Tensor> = vars
             .iter()
             .map(Var::as_tensor)
@@ -107,7 +106,7 @@ impl AdamW {
             .chain(&self.v)
             .collect();
         let n = vars.len();
-        if grads.len() != n || !all.iter().all(|t| fits(t)) {
+        if grads.len() != n || !all.iter().all(|t| cpu_f32(t)) {
             return Ok(false);
         }
         let p = self.params;
@@ -153,6 +152,11 @@ impl AdamW {
     }
 }
 
+/// Whether the one-pass updates take `t`: f32 on the CPU.
+fn cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
 /// Runs `f` on the values of f32 CPU tensors, each made contiguous (read-locked meanwhile).
 fn with_f32<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
     let ts = tensors
@@ -170,10 +174,7 @@ fn with_f32<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R>
 /// The sum of the squares of every value of `tensors`: in f64 over candle's pool where all
 /// are f32 on the CPU, else through candle's ops (four per tensor).
 fn sum_of_squares(tensors: &[Tensor]) -> Result<f64> {
-    if !tensors
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
-    {
+    if !tensors.iter().all(cpu_f32) {
         let mut total = 0f64;
         for g in tensors {
             total += g
